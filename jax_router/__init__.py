@@ -1,0 +1,15 @@
+"""jax_router: a fused Mixture-of-Experts router for JAX (CUDA and CPU XLA FFI kernels)."""
+
+from . import reference
+from .options import RouteOptions, RoutingMapFormat, ScoreFunction
+from .router import fused_topk_with_score_function, route_topk
+
+__all__ = [
+    "fused_topk_with_score_function",
+    "route_topk",
+    "reference",
+    "RouteOptions",
+    "RoutingMapFormat",
+    "ScoreFunction",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,216 @@
+"""Static routing options: argument validation (SPEC §5) and the FFI attributes.
+
+Every public function turns its keyword arguments into one frozen, hashable ``RouteOptions``
+here, before anything is traced or launched, so that each rule is checked in one place and
+each error names the argument it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ScoreFunction(enum.IntEnum):
+    """Score functions; the values are the C++ ``ScoreFn`` (ffi/router.h)."""
+
+    SOFTMAX = 0
+    SIGMOID = 1
+    SQRTSOFTPLUS = 2
+
+
+class RoutingMapFormat(enum.Enum):
+    BYTEMAP = "bytemap"
+    BITMAP_U8 = "bitmap_u8"
+
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_INDEX_DTYPES = (jnp.int16, jnp.int32, jnp.int64)
+
+
+def _enum_name(value: Any) -> str:
+    """Lower-case name of a string or an enum-like value (ours, TE's, or any other enum)."""
+    if isinstance(value, str):
+        return value.lower()
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name.lower()
+    return str(value).lower()
+
+
+def score_function_of(value: Any) -> ScoreFunction:
+    if isinstance(value, ScoreFunction):
+        return value
+    name = _enum_name(value)
+    for f in ScoreFunction:
+        if f.name.lower() == name:
+            return f
+    raise ValueError(
+        f"score_function must be 'softmax', 'sigmoid' or 'sqrtsoftplus', got {value!r}"
+    )
+
+
+def routing_map_format_of(value: Any) -> RoutingMapFormat:
+    if isinstance(value, RoutingMapFormat):
+        return value
+    name = _enum_name(value)
+    for f in RoutingMapFormat:
+        if f.value == name or f.name.lower() == name:
+            return f
+    raise ValueError(f"routing_map_format must be 'bytemap' or 'bitmap_u8', got {value!r}")
+
+
+def check_logits(logits: Any) -> None:
+    dtype = getattr(logits, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got dtype {dtype}")
+    if jnp.ndim(logits) == 0:
+        raise ValueError("logits must have at least one dimension [*lead, E], got a scalar")
+
+
+def index_dtype_of(dtype: Any, num_experts: int, argname: str) -> np.dtype:
+    """Validates an index dtype (int16 / int32 / int64) for E experts."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{argname} must be int16, int32 or int64, got {dtype!r}") from e
+    if d not in [jnp.dtype(t) for t in _INDEX_DTYPES]:
+        raise TypeError(f"{argname} must be int16, int32 or int64, got {d}")
+    if d == jnp.int16 and num_experts > 32767:
+        raise ValueError(f"{argname}=int16 cannot hold expert ids of E={num_experts} > 32767")
+    if d == jnp.int64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{argname}=int64 needs 64-bit types, which are off: enable them with "
+            "jax.config.update('jax_enable_x64', True) (or JAX_ENABLE_X64=1)"
+        )
+    return d
+
+
+def _off(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, np.integer)) and int(value) == -1)
+
+
+def _int(value: Any, argname: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argname} must be an int, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteOptions:
+    """The static options of one routing call (all hashable)."""
+
+    num_experts: int
+    topk: int
+    score_function: ScoreFunction = ScoreFunction.SOFTMAX
+    use_pre_softmax: bool = False
+    num_groups: int = 0  # 0: group-limited routing off
+    group_topk: int = 0
+    scaling_factor: float = 1.0
+    has_bias: bool = False
+
+    @property
+    def pre_softmax(self) -> bool:
+        return self.score_function == ScoreFunction.SOFTMAX and self.use_pre_softmax
+
+    def ffi_attrs(self, *, bitmap: bool = False, dense_grad: bool = False) -> dict[str, Any]:
+        """Attributes of the FFI targets, typed exactly as ``RouteAttrs`` (ffi/ffi_common.h)."""
+        return dict(
+            topk=np.int64(self.topk),
+            score_function=np.int64(int(self.score_function)),
+            use_pre_softmax=bool(self.use_pre_softmax),
+            num_groups=np.int64(self.num_groups),
+            group_topk=np.int64(self.group_topk),
+            scaling_factor=np.float32(self.scaling_factor),
+            bitmap=bool(bitmap),
+            dense_grad=bool(dense_grad),
+        )
+
+
+def make_options(
+    logits: Any,
+    topk: Any,
+    use_pre_softmax: Any = False,
+    num_groups: Any = None,
+    group_topk: Any = None,
+    scaling_factor: Any = None,
+    score_function: Any = "softmax",
+    expert_bias: Any = None,
+) -> RouteOptions:
+    """Checks every SPEC §5 rule that concerns the routing itself."""
+    check_logits(logits)
+    num_experts = int(jnp.shape(logits)[-1])
+    topk = _int(topk, "topk")
+    if not 1 <= topk <= num_experts:
+        raise ValueError(f"topk must lie in [1, E={num_experts}], got {topk}")
+    fn = score_function_of(score_function)
+    use_pre_softmax = bool(use_pre_softmax)
+    if use_pre_softmax and fn != ScoreFunction.SOFTMAX:
+        raise ValueError(
+            f"use_pre_softmax=True applies to score_function='softmax' only, got {fn.name.lower()}"
+        )
+
+    if expert_bias is not None:
+        if fn == ScoreFunction.SOFTMAX:
+            raise ValueError(
+                "expert_bias is only supported with score_function='sigmoid' or 'sqrtsoftplus'"
+            )
+        bdtype = getattr(expert_bias, "dtype", None)
+        if bdtype is None or jnp.dtype(bdtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+            raise TypeError(f"expert_bias must be float32, bfloat16 or float16, got {bdtype}")
+        if tuple(jnp.shape(expert_bias)) != (num_experts,):
+            raise ValueError(
+                f"expert_bias must have shape [E]=({num_experts},), got {tuple(jnp.shape(expert_bias))}"
+            )
+
+    groups_off, gtopk_off = _off(num_groups), _off(group_topk)
+    if groups_off != gtopk_off:
+        raise ValueError(
+            "num_groups and group_topk must be given together (or both None / -1), got "
+            f"num_groups={num_groups!r}, group_topk={group_topk!r}"
+        )
+    ng = gk = 0
+    if not groups_off:
+        ng, gk = _int(num_groups, "num_groups"), _int(group_topk, "group_topk")
+        if ng <= 0:
+            raise ValueError(f"num_groups must be positive, got {ng}")
+        if gk <= 0:
+            raise ValueError(f"group_topk must be positive, got {gk}")
+        if num_experts % ng:
+            raise ValueError(f"num_groups={ng} must divide the number of experts E={num_experts}")
+        if gk > ng:
+            raise ValueError(f"group_topk={gk} must not exceed num_groups={ng}")
+        if topk % gk:
+            raise ValueError(f"topk={topk} must be a multiple of group_topk={gk}")
+        if topk // gk > num_experts // ng:
+            raise ValueError(
+                f"topk / group_topk = {topk // gk} must not exceed the group size "
+                f"E / num_groups = {num_experts // ng}"
+            )
+
+    if scaling_factor is None:
+        scale = 1.0
+    else:
+        try:
+            scale = float(scaling_factor)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"scaling_factor must be a float, got {scaling_factor!r}") from e
+        if not math.isfinite(scale):
+            raise ValueError(f"scaling_factor must be finite, got {scaling_factor!r}")
+
+    return RouteOptions(
+        num_experts=num_experts,
+        topk=topk,
+        score_function=fn,
+        use_pre_softmax=use_pre_softmax,
+        num_groups=ng,
+        group_topk=gk,
+        scaling_factor=scale,
+        has_bias=expert_bias is not None,
+    )

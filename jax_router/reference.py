@@ -1,0 +1,194 @@
+"""Pure-JAX router: the executable form of SPEC §3 and the fallback where no kernel exists.
+
+Same public signatures as ``jax_router.fused_topk_with_score_function`` and
+``jax_router.route_topk``; gradients come from JAX autodiff, which gives SPEC §4.
+
+Order promise: the ``topk`` slots of a row hold the experts with the largest selection score
+``z``, descending, equal scores by ascending expert id (``jax.lax.top_k`` on ``z`` for NaN-free
+rows). NaN scores rank below every number, ``-0 == +0``. Selection runs on integer keys built by
+``order_key`` — the same map as ``order_key`` in ffi/router.h — so the kernels and this code order
+candidates identically. Group scores are sums of a group's top ``topk // group_topk`` scores,
+added one by one in descending order, as the kernels add them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .options import (
+    RouteOptions,
+    ScoreFunction,
+    RoutingMapFormat,
+    index_dtype_of,
+    make_options,
+    routing_map_format_of,
+)
+
+_INT32_MIN = np.int32(np.iinfo(np.int32).min)
+EPS = 1e-20
+
+
+def order_key(z: jax.Array) -> jax.Array:
+    """float32 -> int32, order-preserving; NaN -> INT32_MIN + 1, -0 -> +0 (router.h order_key)."""
+    z = jnp.where(z == 0, jnp.float32(0), z)
+    u = jax.lax.bitcast_convert_type(z, jnp.uint32)
+    key = jnp.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
+    key = jnp.where(jnp.isnan(z), np.uint32(1), key)
+    return jax.lax.bitcast_convert_type(key ^ np.uint32(0x80000000), jnp.int32)
+
+
+def activation(fn: ScoreFunction, x: jax.Array) -> jax.Array:
+    if fn == ScoreFunction.SIGMOID:
+        return 1.0 / (1.0 + jnp.exp(-x))
+    if fn == ScoreFunction.SQRTSOFTPLUS:
+        big = x > 20.0
+        soft = jnp.where(big, x, jnp.log1p(jnp.exp(jnp.where(big, 0.0, x))))
+        return jnp.sqrt(soft)
+    return x
+
+
+def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(a, idx, axis=-1)
+
+
+def _sum_in_order(vals: jax.Array) -> jax.Array:
+    """Adds the last axis left to right, as the kernels do."""
+    total = vals[..., 0]
+    for j in range(1, vals.shape[-1]):
+        total = total + vals[..., j]
+    return total
+
+
+def route_core(
+    logits: jax.Array, opts: RouteOptions, expert_bias: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (indices int32 [*lead, k], p float32 [*lead, k] before scaling, s[S])."""
+    x = logits.astype(jnp.float32)
+    fn = opts.score_function
+    if fn == ScoreFunction.SOFTMAX:
+        s = jax.nn.softmax(x, axis=-1) if opts.use_pre_softmax else x
+        z = s
+    else:
+        s = activation(fn, x)
+        z = s + expert_bias.astype(jnp.float32) if expert_bias is not None else s
+    z = jax.lax.stop_gradient(z)
+    key = order_key(z)
+
+    if opts.group_topk > 0:
+        lead, E, G = z.shape[:-1], opts.num_experts, opts.num_groups
+        gs, m = E // G, opts.topk // opts.group_topk
+        _, gi = jax.lax.top_k(key.reshape(*lead, G, gs), m)
+        gscore = _sum_in_order(_take(z.reshape(*lead, G, gs), gi))
+        _, kept = jax.lax.top_k(order_key(gscore), opts.group_topk)
+        keep = jnp.any(kept[..., :, None] == jnp.arange(G), axis=-2)
+        key = jnp.where(jnp.repeat(keep, gs, axis=-1), key, _INT32_MIN)
+
+    _, idx = jax.lax.top_k(key, opts.topk)
+    s_sel = _take(s, idx)
+    if fn == ScoreFunction.SOFTMAX and not opts.use_pre_softmax:
+        p = jax.nn.softmax(_take(x, idx), axis=-1)
+    elif fn != ScoreFunction.SOFTMAX and opts.topk > 1:
+        p = s_sel / (jnp.sum(s_sel, axis=-1, keepdims=True) + EPS)
+    else:
+        p = s_sel
+    return idx, p, s_sel
+
+
+def scatter_rows(idx: jax.Array, vals: jax.Array, num_experts: int, dtype: Any) -> jax.Array:
+    """[*lead, k] (ids, values) -> dense [*lead, E] with zeros off the ids."""
+    lead, k = idx.shape[:-1], idx.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    flat_idx = idx.reshape(rows, k)
+    out = jnp.zeros((rows, num_experts), dtype)
+    out = out.at[jnp.arange(rows)[:, None], flat_idx].set(vals.reshape(rows, k).astype(dtype))
+    return out.reshape(*lead, num_experts)
+
+
+def pack_bitmap(routing_map: jax.Array) -> jax.Array:
+    """bool [*lead, E] -> uint8 [*lead, ceil(E/8)], bit e % 8 of byte e // 8, LSB first."""
+    E = routing_map.shape[-1]
+    nbytes = (E + 7) // 8
+    pad = [(0, 0)] * (routing_map.ndim - 1) + [(0, nbytes * 8 - E)]
+    bits = jnp.pad(routing_map, pad).reshape(*routing_map.shape[:-1], nbytes, 8)
+    weights = (1 << np.arange(8)).astype(np.uint8)
+    return jnp.sum(bits.astype(jnp.uint8) * weights, axis=-1, dtype=jnp.uint8)
+
+
+def fused_topk_with_score_function(
+    logits,
+    topk,
+    use_pre_softmax=False,
+    num_groups=None,
+    group_topk=None,
+    scaling_factor=None,
+    score_function="softmax",
+    expert_bias=None,
+    routing_map_format="bytemap",
+    topk_indices=None,
+    topk_indices_dtype=None,
+):
+    """Pure-JAX ``fused_topk_with_score_function`` (see jax_router.router for the contract)."""
+    opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
+                        score_function, expert_bias)
+    fmt = routing_map_format_of(routing_map_format)
+    index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
+    idx, p, _ = route_core(logits, opts, expert_bias)
+    probs = scatter_rows(idx, opts.scaling_factor * p, opts.num_experts, logits.dtype)
+    if index_dtype is not None:
+        return probs, idx.astype(index_dtype)
+    routing_map = scatter_rows(idx, jnp.ones(idx.shape, jnp.bool_), opts.num_experts, jnp.bool_)
+    if fmt == RoutingMapFormat.BITMAP_U8:
+        routing_map = pack_bitmap(routing_map)
+    return probs, routing_map
+
+
+def route_topk(
+    logits,
+    topk,
+    *,
+    use_pre_softmax=False,
+    num_groups=None,
+    group_topk=None,
+    scaling_factor=None,
+    score_function="softmax",
+    expert_bias=None,
+    index_dtype=jnp.int32,
+):
+    """Pure-JAX ``route_topk``: (weights float32 [*lead, k], indices [*lead, k])."""
+    opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
+                        score_function, expert_bias)
+    index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
+    idx, p, _ = route_core(logits, opts, expert_bias)
+    return opts.scaling_factor * p, idx.astype(index_dtype)
+
+
+def dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype):
+    """Validates the dense-index request; returns its dtype, or None for routing-map output."""
+    if topk_indices is None and topk_indices_dtype is None:
+        return None
+    if fmt == RoutingMapFormat.BITMAP_U8:
+        raise ValueError(
+            "dense indices (topk_indices / topk_indices_dtype) cannot be combined with "
+            "routing_map_format='bitmap_u8'"
+        )
+    if topk_indices is not None:
+        d = index_dtype_of(getattr(topk_indices, "dtype", None), opts.num_experts, "topk_indices")
+        want = tuple(jnp.shape(logits)[:-1]) + (opts.topk,)
+        if tuple(jnp.shape(topk_indices)) != want:
+            raise ValueError(
+                f"topk_indices must have shape [*lead, topk]={want}, got {tuple(jnp.shape(topk_indices))}"
+            )
+        if topk_indices_dtype is not None and jnp.dtype(topk_indices_dtype) != d:
+            raise ValueError(
+                f"topk_indices_dtype={jnp.dtype(topk_indices_dtype)} disagrees with the "
+                f"topk_indices buffer's dtype {d}"
+            )
+        return d
+    return index_dtype_of(topk_indices_dtype, opts.num_experts, "topk_indices_dtype")
+
+
+__all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_core"]
