@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,4 +100,109 @@ def make_inputs(
     return logits, bias
 
 
-__all__ = ["Workload", "WORKLOADS", "get", "make_inputs"]
+def selection_scores(cfg: Workload, logits: jax.Array, bias: jax.Array | None) -> np.ndarray:
+    """The selection score ``z`` (SPEC §3 steps 1-2) as float32 numpy, to judge near-ties."""
+    from jax_router import ScoreFunction, reference
+    from jax_router.options import make_options
+
+    opts = make_options(logits, cfg.topk, expert_bias=bias, **cfg.options)
+    x = jnp.asarray(logits).astype(jnp.float32)
+    if opts.score_function == ScoreFunction.SOFTMAX:
+        z = jax.nn.softmax(x, axis=-1) if opts.use_pre_softmax else x
+    else:
+        z = reference.activation(opts.score_function, x)
+        z = z + bias.astype(jnp.float32) if bias is not None else z
+    return np.asarray(z)
+
+
+# Tolerance on weights / probs by output dtype: float32 weights differ from XLA's only by ulps
+# of exp; half-precision probs may round to the neighbouring value.
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(jnp.bfloat16): 1e-2, np.dtype(np.float16): 2e-3}
+
+
+def _selected(out: np.ndarray, E: int) -> np.ndarray:
+    """Indices [T, k] or a bool map [T, E] -> bool membership [T, E]."""
+    if out.dtype == np.bool_:
+        return out.reshape(-1, E)
+    idx = out.reshape(-1, out.shape[-1]).astype(np.int64)
+    member = np.zeros((idx.shape[0], E), np.bool_)
+    np.put_along_axis(member, idx, True, axis=-1)
+    return member
+
+
+def verify_route(
+    cfg: Workload,
+    logits: jax.Array,
+    bias: jax.Array | None,
+    fused: tuple[Any, Any],
+    ref: tuple[Any, Any],
+    *,
+    max_flip_fraction: float = 1e-3,
+) -> list[str]:
+    """Compares a fused routing result with the reference's; returns a list of problems.
+
+    ``fused`` / ``ref`` are ``(values, routing)`` as the API returns them: compact weights
+    [T, k] or probs [T, E], and indices [T, k] or a bool map [T, E]. Indices must be equal slot
+    by slot. The one excuse is a near-tie: a row may differ only among experts whose reference
+    selection scores agree to 1e-5 (ulp-level differences between the kernel's exp and XLA's
+    can order those either way), and at most ``max_flip_fraction`` of the rows may. Values
+    must agree within ``RTOL`` of their dtype on every other row.
+    """
+    problems: list[str] = []
+    vals, routing = (np.asarray(a) for a in fused)
+    ref_vals, ref_routing = (np.asarray(a) for a in ref)
+    E = cfg.E
+    if routing.shape != ref_routing.shape or routing.dtype != ref_routing.dtype:
+        return [f"routing output {routing.dtype}{routing.shape} != reference "
+                f"{ref_routing.dtype}{ref_routing.shape}"]
+    if vals.shape != ref_vals.shape or vals.dtype != ref_vals.dtype:
+        return [f"values {vals.dtype}{vals.shape} != reference {ref_vals.dtype}{ref_vals.shape}"]
+
+    if routing.dtype != np.bool_:
+        idx = routing.reshape(-1, routing.shape[-1]).astype(np.int64)
+        if not ((idx >= 0) & (idx < E)).all():
+            problems.append("index out of range [0, E)")
+        if (np.sort(idx, axis=-1)[:, 1:] == np.sort(idx, axis=-1)[:, :-1]).any():
+            problems.append("repeated index within a row")
+        bad_rows = np.nonzero((routing != ref_routing).reshape(len(idx), -1).any(-1))[0]
+    else:
+        bad_rows = np.nonzero((routing != ref_routing).reshape(-1, E).any(-1))[0]
+
+    rows = int(np.prod(routing.shape[:-1], dtype=np.int64))
+    if bad_rows.size:
+        z = selection_scores(cfg, logits, bias).reshape(-1, E).astype(np.float64)
+        mine, theirs = _selected(routing, E), _selected(ref_routing, E)
+        for r in bad_rows:
+            # Experts on either side of the disagreement (set difference, or a swapped order).
+            diff = mine[r] ^ theirs[r]
+            if not diff.any():  # same set, other order: the swapped slots
+                a = routing.reshape(rows, -1)[r]
+                b = ref_routing.reshape(rows, -1)[r]
+                diff = np.zeros(E, np.bool_)
+                diff[a[a != b]] = True
+                diff[b[a != b]] = True
+            zs = z[r, diff]
+            if not np.isclose(zs.min(), zs.max(), rtol=1e-5, atol=1e-7):
+                ids = np.nonzero(diff)[0]
+                problems.append(
+                    f"row {r}: routing differs from the reference beyond a near-tie "
+                    f"({ids.size} experts, e.g. {ids[:4].tolist()} with scores "
+                    f"{np.round(zs[:4], 6).tolist()})")
+                break
+        if bad_rows.size > max(1, max_flip_fraction * rows):
+            problems.append(f"{bad_rows.size} of {rows} rows flipped near-ties (too many)")
+
+    keep = np.ones(rows, np.bool_)
+    keep[bad_rows] = False
+    a = vals.reshape(rows, -1)[keep].astype(np.float32)
+    b = ref_vals.reshape(rows, -1)[keep].astype(np.float32)
+    rtol = RTOL[np.dtype(vals.dtype)]
+    if not np.allclose(a, b, rtol=rtol, atol=rtol * 1e-3, equal_nan=True):
+        err = np.abs(a - b) / (np.abs(b) + rtol * 1e-3)
+        problems.append(f"values differ: max relative error {float(np.nanmax(err)):.3g} "
+                        f"> rtol {rtol:g}")
+    return problems
+
+
+__all__ = ["Workload", "WORKLOADS", "RTOL", "get", "make_inputs", "selection_scores",
+           "verify_route"]
