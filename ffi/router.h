@@ -82,11 +82,11 @@ JR_HD uint32_t float_bits(float v) {
 constexpr uint32_t kExcludedKey = 0u;
 constexpr uint32_t kNanKey = 1u;
 
-// Order-preserving map float -> uint32: a larger key is a larger score. -0 and +0 map to the
-// same key (they are equal scores, so the lower expert id wins); NaN ranks below -inf.
+// Order-preserving map float -> uint32: a larger key is a larger score. NaN ranks below -inf;
+// +0 ranks above -0, as in jax.lax.top_k.
 JR_HD uint32_t order_key(float z) {
   if (z != z) return kNanKey;
-  uint32_t u = float_bits(z + 0.0f);  // -0 + 0 = +0
+  uint32_t u = float_bits(z);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -97,6 +97,20 @@ JR_HD uint64_t slot_key(uint32_t key, uint32_t expert) {
   return (static_cast<uint64_t>(key) << 32) | (0xFFFFFFFFu - expert);
 }
 JR_HD uint32_t slot_expert(uint64_t k) { return 0xFFFFFFFFu - static_cast<uint32_t>(k); }
+
+// The score a key came from (inverse of order_key on every key it returns): NaN for kNanKey,
+// +0 for the key of +-0. kExcludedKey has no score; it decodes to -inf's neighbour (unused).
+JR_HD float order_key_value(uint32_t key) {
+  if (key == kNanKey) return NAN;
+  uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
 
 // ---- sizes -------------------------------------------------------------------------------
 

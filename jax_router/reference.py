@@ -5,7 +5,7 @@ Same public signatures as ``jax_router.fused_topk_with_score_function`` and
 
 Order promise: the ``topk`` slots of a row hold the experts with the largest selection score
 ``z``, descending, equal scores by ascending expert id (``jax.lax.top_k`` on ``z`` for NaN-free
-rows). NaN scores rank below every number, ``-0 == +0``. Selection runs on integer keys built by
+rows). NaN scores rank below every number; ``+0`` ranks above ``-0`` as in ``lax.top_k``. Selection runs on integer keys built by
 ``order_key`` — the same map as ``order_key`` in ffi/router.h — so the kernels and this code order
 candidates identically. Group scores are sums of a group's top ``topk // group_topk`` scores,
 added one by one in descending order, as the kernels add them.
@@ -33,8 +33,7 @@ EPS = 1e-20
 
 
 def order_key(z: jax.Array) -> jax.Array:
-    """float32 -> int32, order-preserving; NaN -> INT32_MIN + 1, -0 -> +0 (router.h order_key)."""
-    z = jnp.where(z == 0, jnp.float32(0), z)
+    """float32 -> int32, order-preserving; NaN -> INT32_MIN + 1, -0 < +0 (router.h order_key)."""
     u = jax.lax.bitcast_convert_type(z, jnp.uint32)
     key = jnp.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
     key = jnp.where(jnp.isnan(z), np.uint32(1), key)
