@@ -98,8 +98,8 @@ JR_HD uint64_t slot_key(uint32_t key, uint32_t expert) {
 }
 JR_HD uint32_t slot_expert(uint64_t k) { return 0xFFFFFFFFu - static_cast<uint32_t>(k); }
 
-// The score a key came from (inverse of order_key on every key it returns): NaN for kNanKey,
-// +0 for the key of +-0. kExcludedKey has no score; it decodes to -inf's neighbour (unused).
+// The score a key came from (inverse of order_key on every key it returns; NaN for kNanKey).
+// kExcludedKey has no score (it decodes to a NaN payload; callers never decode it).
 JR_HD float order_key_value(uint32_t key) {
   if (key == kNanKey) return NAN;
   uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;

@@ -1,27 +1,105 @@
-// CUDA handlers for jax_router_fwd / jax_router_bwd (contract: ffi_common.h).
-// Placeholder until the kernels land: the handlers decode and check their buffers, then fail.
+// CUDA handlers for jax_router_fwd / jax_router_bwd (contract: ffi_common.h). The kernels live
+// in router_kernels.cuh, their planning and launching in router_launch.cuh.
+//
+// Handlers run on the stream XLA passes, allocate nothing, never synchronise, and query device
+// properties once per device (cached), so they are safe inside XLA command buffers.
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "ffi_common.h"
+#include "router_launch.cuh"
 
 namespace ffi = xla::ffi;
 using namespace jax_router;
 
-static ffi::Error FwdCuda(cudaStream_t, RouteAttrs attrs, ffi::AnyBuffer logits,
+namespace {
+
+cuda::Dt ToDt(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16:
+      return cuda::Dt::kBF16;
+    case ffi::DataType::F16:
+      return cuda::Dt::kF16;
+    default:
+      return cuda::Dt::kF32;
+  }
+}
+
+cuda::It ToIt(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::S16:
+      return cuda::It::kS16;
+    case ffi::DataType::S64:
+      return cuda::It::kS64;
+    default:
+      return cuda::It::kS32;
+  }
+}
+
+ffi::Error CudaError(const char* what, cudaError_t e) {
+  return ffi::Error::Internal(std::string("jax_router: ") + what + ": " + cudaGetErrorName(e) +
+                              " (" + cudaGetErrorString(e) + ")");
+}
+
+}  // namespace
+
+static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer logits,
                           ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
                           ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
                           ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act) {
   FwdProblem f;
   JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, *probs, *map, *weights, *indices, *act));
-  return ffi::Error::Internal("jax_router: CUDA forward not implemented yet");
+  if (f.rows == 0) return ffi::Error::Success();
+  cuda::FwdArgs a;
+  a.rows = f.rows;
+  a.experts = f.experts;
+  a.p = f.p;
+  a.logits = f.logits;
+  a.logits_dt = ToDt(f.logits_dtype);
+  a.bias = f.bias;
+  a.rows_per_bias = f.rows_per_bias;
+  a.probs = f.probs;
+  a.map = f.map;
+  a.bitmap = f.bitmap;
+  a.weights = f.weights;
+  a.indices = f.indices;
+  a.index_dt = ToIt(f.index_dtype);
+  a.act = f.act;
+  if (cuda::PlanForward(f.experts, f.p).path == cuda::FwdPath::kGeneral &&
+      f.experts > cuda::MaxGeneralExperts(cuda::CurrentDevice())) {
+    return ffi::Error::InvalidArgument(
+        "jax_router: E=" + std::to_string(f.experts) +
+        " needs more shared memory per block than this GPU has for the general CUDA path");
+  }
+  cudaError_t e = cuda::LaunchForward(a, stream);
+  if (e != cudaSuccess) return CudaError("forward launch failed", e);
+  return ffi::Error::Success();
 }
 
-static ffi::Error BwdCuda(cudaStream_t, RouteAttrs attrs, ffi::AnyBuffer grad,
+static ffi::Error BwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer grad,
                           ffi::AnyBuffer indices, ffi::AnyBuffer act, ffi::AnyBuffer logits,
                           ffi::Result<ffi::AnyBuffer> grad_logits) {
   BwdProblem b;
   JR_RETURN_IF_ERROR(MakeBwdProblem(b, attrs, grad, indices, act, logits, *grad_logits));
-  return ffi::Error::Internal("jax_router: CUDA backward not implemented yet");
+  if (b.rows == 0) return ffi::Error::Success();
+  cuda::BwdArgs a;
+  a.rows = b.rows;
+  a.experts = b.experts;
+  a.p = b.p;
+  a.dense_grad = b.dense_grad;
+  a.grad = b.grad;
+  a.grad_dt = ToDt(b.grad_dtype);
+  a.indices = b.indices;
+  a.index_dt = ToIt(b.index_dtype);
+  a.act = b.act;
+  a.logits = b.logits;
+  a.logits_dt = ToDt(b.logits_dtype);
+  a.grad_logits = b.grad_logits;
+  a.out_dt = ToDt(b.out_dtype);
+  cudaError_t e = cuda::LaunchBackward(a, stream);
+  if (e != cudaSuccess) return CudaError("backward launch failed", e);
+  return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterFwdCuda, FwdCuda,

@@ -1,0 +1,367 @@
+// Host-side planning and launching of the router kernels (router_kernels.cuh). No XLA headers:
+// the FFI handlers (router_cuda.cu) and the standalone self-test share this code.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "router_kernels.cuh"
+
+namespace jax_router {
+namespace cuda {
+
+// ---- cached device properties (queried once per device; safe under stream capture) ----------
+
+constexpr int kMaxDevices = 64;
+
+inline int CurrentDevice() {
+  int d = 0;
+  if (cudaGetDevice(&d) != cudaSuccess || d < 0 || d >= kMaxDevices) d = 0;
+  return d;
+}
+
+inline int CachedAttr(cudaDeviceAttr attr, std::atomic<int>* cache, int dev, int fallback) {
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
+    cudaGetLastError();
+    return fallback;
+  }
+  cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+inline int SmCount(int dev) {
+  static std::atomic<int> cache[kMaxDevices];
+  return CachedAttr(cudaDevAttrMultiProcessorCount, cache, dev, 132);
+}
+
+inline int SmemOptin(int dev) {
+  static std::atomic<int> cache[kMaxDevices];
+  return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);
+}
+
+// ---- plan ------------------------------------------------------------------------------------
+
+struct FastLayout {
+  int L, V;
+};
+constexpr FastLayout kFastLayouts[] = {{1, 8}, {4, 16}, {8, 16}, {8, 32}, {16, 32}, {32, 32}};
+constexpr int kNumFastLayouts = sizeof(kFastLayouts) / sizeof(kFastLayouts[0]);
+
+struct FwdPlan {
+  FwdPath path = FwdPath::kNone;
+  int layout = -1;  // index into kFastLayouts
+  int P = 0;
+};
+
+inline int LanesWithAtLeast(int E, int L, int V, int n) {
+  int c = 0;
+  for (int j = 0; j < L; ++j) {
+    int nv = E - j * V;
+    nv = nv < 0 ? 0 : (nv > V ? V : nv);
+    if (nv >= n) ++c;
+  }
+  return c;
+}
+
+// Chooses the kernel from (E, topk, options) alone, never from the number of rows.
+inline FwdPlan PlanForward(int64_t E64, const RouteParams& p) {
+  FwdPlan plan;
+  plan.path = FwdPath::kGeneral;
+  if (E64 > 1024) return plan;
+  const int E = static_cast<int>(E64), k = static_cast<int>(p.topk);
+  if (p.score_fn == ScoreFn::kSoftmax && p.pre_softmax) return plan;
+  const bool grouped = p.group_topk > 0;
+  for (int li = 0; li < kNumFastLayouts; ++li) {
+    const int L = kFastLayouts[li].L, V = kFastLayouts[li].V;
+    if (L * V < E) continue;
+    if (k > fast_kmax(L, V)) continue;
+    if (grouped) {
+      const int G = static_cast<int>(p.num_groups);
+      const int m = static_cast<int>(p.topk / p.group_topk);
+      if (E / G != V || G > L || m > 2) continue;
+      plan.path = FwdPath::kFast;
+      plan.layout = li;
+      plan.P = m < 1 ? 1 : m;
+      return plan;
+    }
+    // Threshold = k-th largest of the lanes' top-P keys: P = 1 when there are enough lanes,
+    // else P = 2 (a tighter threshold, fewer candidates).
+    const int P = (L >= 16 && LanesWithAtLeast(E, L, V, 1) >= k) ? 1 : 2;
+    int slots = 0;
+    for (int jl = 0; jl < L; ++jl) {
+      int nv = E - jl * V;
+      nv = nv < 0 ? 0 : (nv > V ? V : nv);
+      slots += nv < P ? nv : P;
+    }
+    if (slots >= k) {
+      plan.path = FwdPath::kFast;
+      plan.layout = li;
+      plan.P = P;
+      return plan;
+    }
+    return plan;  // the smallest layout that fits E cannot take this topk: general path
+  }
+  return plan;
+}
+
+inline int NextPow2(int v) {
+  int n = 1;
+  while (n < v) n <<= 1;
+  return n;
+}
+
+inline bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---- launches ------------------------------------------------------------------------------
+
+template <typename Kern>
+inline int CachedBlocksPerSm(Kern kernel, int threads, size_t smem, std::atomic<int>& cache) {
+  int v = cache.load(std::memory_order_relaxed);
+  if (v > 0) return v;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem) != cudaSuccess ||
+      v <= 0) {
+    cudaGetLastError();
+    v = 1;
+  }
+  cache.store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// Grid and blocks-per-SM of the last fast-forward launch (for benchmarks' diagnostics).
+inline std::atomic<long long>& LastFastLaunch() {
+  static std::atomic<long long> v{0};
+  return v;
+}
+
+template <int FN, int L, int V, int P>
+inline cudaError_t LaunchFastT(const FastArgs& fa, cudaStream_t stream, int dev) {
+  auto kernel = fwd_fast_kernel<FN, L, V, P>;
+  static std::atomic<int> occ{0};
+  const int per_sm = CachedBlocksPerSm(kernel, kFastThreads, 0, occ);
+  constexpr int TPB = kFastThreads / L;
+  const int64_t tiles = (fa.rows + TPB - 1) / TPB;
+  int64_t grid = static_cast<int64_t>(SmCount(dev)) * per_sm;
+  if (grid > tiles) grid = tiles;
+  LastFastLaunch().store(grid * 1000 + per_sm, std::memory_order_relaxed);
+  kernel<<<static_cast<unsigned>(grid), kFastThreads, 0, stream>>>(fa);
+  return cudaGetLastError();
+}
+
+template <int FN, int P>
+inline cudaError_t LaunchFastLayout(int li, const FastArgs& fa, cudaStream_t s, int dev) {
+  switch (li) {
+    case 0:
+      return LaunchFastT<FN, 1, 8, P>(fa, s, dev);
+    case 1:
+      return LaunchFastT<FN, 4, 16, P>(fa, s, dev);
+    case 2:
+      return LaunchFastT<FN, 8, 16, P>(fa, s, dev);
+    case 3:
+      return LaunchFastT<FN, 8, 32, P>(fa, s, dev);
+    case 4:
+      return LaunchFastT<FN, 16, 32, P>(fa, s, dev);
+    default:
+      return LaunchFastT<FN, 32, 32, P>(fa, s, dev);
+  }
+}
+
+template <int FN>
+inline cudaError_t LaunchFastFn(const FwdPlan& plan, const FastArgs& fa, cudaStream_t s, int dev) {
+  if (plan.P == 1) return LaunchFastLayout<FN, 1>(plan.layout, fa, s, dev);
+  return LaunchFastLayout<FN, 2>(plan.layout, fa, s, dev);
+}
+
+inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, const FastArgs& fa,
+                                 cudaStream_t s, int dev) {
+  switch (fn) {
+    case ScoreFn::kSoftmax:
+      return LaunchFastFn<0>(plan, fa, s, dev);
+    case ScoreFn::kSigmoid:
+      return LaunchFastFn<1>(plan, fa, s, dev);
+    default:
+      return LaunchFastFn<2>(plan, fa, s, dev);
+  }
+}
+
+template <typename D, int FN>
+inline cudaError_t LaunchGeneralT(const GenArgs& ga, int threads, size_t smem, cudaStream_t s,
+                                  int dev) {
+  auto kernel = fwd_general_kernel<D, FN>;
+  if (smem > 48 * 1024) {
+    static std::atomic<int> raised[kMaxDevices];
+    static std::atomic<int> static_smem{-1};
+    int st = static_smem.load(std::memory_order_relaxed);
+    if (st < 0) {
+      cudaFuncAttributes fa{};
+      if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) return cudaGetLastError();
+      st = static_cast<int>(fa.sharedSizeBytes);
+      static_smem.store(st, std::memory_order_relaxed);
+    }
+    const int want = SmemOptin(dev) - st;
+    if (static_cast<int>(smem) > want) return cudaErrorInvalidValue;
+    if (raised[dev].load(std::memory_order_relaxed) < want) {
+      cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
+      if (e != cudaSuccess) return e;
+      raised[dev].store(want, std::memory_order_relaxed);
+    }
+  }
+  int64_t grid = ga.rows < (1 << 20) ? ga.rows : (1 << 20);
+  kernel<<<static_cast<unsigned>(grid), threads, smem, s>>>(ga);
+  return cudaGetLastError();
+}
+
+template <typename D>
+inline cudaError_t LaunchGeneralD(ScoreFn fn, const GenArgs& ga, int threads, size_t smem,
+                                  cudaStream_t s, int dev) {
+  switch (fn) {
+    case ScoreFn::kSoftmax:
+      return LaunchGeneralT<D, 0>(ga, threads, smem, s, dev);
+    case ScoreFn::kSigmoid:
+      return LaunchGeneralT<D, 1>(ga, threads, smem, s, dev);
+    default:
+      return LaunchGeneralT<D, 2>(ga, threads, smem, s, dev);
+  }
+}
+
+inline size_t DtSize(Dt d) { return d == Dt::kF32 ? 4 : 2; }
+
+// The largest E the general path takes on the current device.
+inline int64_t MaxGeneralExperts(int dev) {
+  const int64_t optin = SmemOptin(dev);
+  int64_t e = 1;
+  while (e * 2 * 8 + e * 2 + 1024 <= optin) e *= 2;  // n2 keys + flags (no groups)
+  return e;
+}
+
+inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath* taken = nullptr) {
+  if (taken) *taken = FwdPath::kNone;
+  if (f.rows <= 0) return cudaSuccess;
+  if (!f.probs && !f.map && !f.weights && !f.indices && !f.act) return cudaSuccess;
+  const int dev = CurrentDevice();
+  const FwdPlan plan = PlanForward(f.experts, f.p);
+  const bool bias_used = f.bias != nullptr && uses_bias(f.p.score_fn);
+  if (plan.path == FwdPath::kFast) {
+    const FastLayout lay = kFastLayouts[plan.layout];
+    const size_t es = DtSize(f.logits_dt);
+    FastArgs fa{};
+    fa.rows = f.rows;
+    fa.E = static_cast<int>(f.experts);
+    fa.k = static_cast<int>(f.p.topk);
+    fa.logits = f.logits;
+    fa.logits_dt = f.logits_dt;
+    fa.bias = bias_used ? f.bias : nullptr;
+    fa.rows_per_bias = f.rows_per_bias > 0 ? f.rows_per_bias : f.rows;
+    fa.single_bias_row = fa.rows_per_bias >= f.rows;
+    fa.probs = f.probs;
+    fa.map = static_cast<uint8_t*>(f.map);
+    fa.bitmap = f.bitmap;
+    fa.weights = f.weights;
+    fa.indices = f.indices;
+    fa.index_dt = f.index_dt;
+    fa.act = f.act;
+    fa.scaling = f.p.scaling;
+    fa.num_groups = f.p.group_topk > 0 ? static_cast<int>(f.p.num_groups) : 0;
+    fa.group_topk = static_cast<int>(f.p.group_topk);
+    fa.m = f.p.group_topk > 0 ? static_cast<int>(f.p.topk / f.p.group_topk) : 0;
+    fa.x_vec = Aligned16(f.logits) && (f.experts * es) % 16 == 0;
+    fa.bias_vec = bias_used && Aligned16(f.bias) && f.experts % 4 == 0;
+    fa.probs_vec = f.probs && Aligned16(f.probs) && (f.experts * es) % 16 == 0;
+    const int mv = lay.V < 16 ? lay.V : 16;
+    fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
+    if (taken) *taken = FwdPath::kFast;
+    return LaunchFastAny(plan, f.p.score_fn, fa, stream, dev);
+  }
+  // General path.
+  GenArgs ga{};
+  ga.rows = f.rows;
+  ga.E = static_cast<int>(f.experts);
+  ga.k = static_cast<int>(f.p.topk);
+  ga.n2 = NextPow2(ga.E);
+  const bool grouped = f.p.group_topk > 0;
+  ga.num_groups = grouped ? static_cast<int>(f.p.num_groups) : 0;
+  ga.n2g = grouped ? NextPow2(ga.num_groups) : 0;
+  ga.group_topk = static_cast<int>(f.p.group_topk);
+  ga.m = grouped ? static_cast<int>(f.p.topk / f.p.group_topk) : 0;
+  int ib = 1;
+  while ((1ll << ib) < f.experts) ++ib;
+  ga.id_bits = ib;
+  if (f.experts > 65536) return cudaErrorInvalidValue;
+  ga.logits = f.logits;
+  ga.bias = bias_used ? f.bias : nullptr;
+  ga.rows_per_bias = f.rows_per_bias > 0 ? f.rows_per_bias : f.rows;
+  ga.probs = f.probs;
+  ga.map = static_cast<uint8_t*>(f.map);
+  ga.bitmap = f.bitmap;
+  ga.weights = f.weights;
+  ga.indices = f.indices;
+  ga.index_dt = f.index_dt;
+  ga.act = f.act;
+  ga.scaling = f.p.scaling;
+  ga.pre_softmax = f.p.score_fn == ScoreFn::kSoftmax && f.p.pre_softmax;
+  int threads = ga.n2 / 2;
+  threads = threads < 32 ? 32 : (threads > 512 ? 512 : threads);
+  size_t smem = static_cast<size_t>(ga.n2) * 8 + static_cast<size_t>(ga.n2g) * 8 +
+                ((static_cast<size_t>(ga.E) + 15) & ~size_t(15));
+  if (taken) *taken = FwdPath::kGeneral;
+  switch (f.logits_dt) {
+    case Dt::kF32:
+      return LaunchGeneralD<DF32>(f.p.score_fn, ga, threads, smem, stream, dev);
+    case Dt::kBF16:
+      return LaunchGeneralD<DBF16>(f.p.score_fn, ga, threads, smem, stream, dev);
+    default:
+      return LaunchGeneralD<DF16>(f.p.score_fn, ga, threads, smem, stream, dev);
+  }
+}
+
+inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
+  if (b.rows <= 0) return cudaSuccess;
+  const int dev = CurrentDevice();
+  BwdKArgs ka{};
+  ka.rows = b.rows;
+  ka.E = static_cast<int>(b.experts);
+  ka.k = static_cast<int>(b.p.topk);
+  ka.fn = b.p.score_fn;
+  ka.pre_softmax = b.p.pre_softmax;
+  ka.scaling = b.p.scaling;
+  ka.dense_grad = b.dense_grad;
+  ka.grad = b.grad;
+  ka.grad_dt = b.grad_dt;
+  ka.indices = b.indices;
+  ka.index_dt = b.index_dt;
+  ka.act = b.act;
+  ka.logits = b.logits;
+  ka.logits_dt = b.logits_dt;
+  ka.out = b.grad_logits;
+  ka.out_dt = b.out_dt;
+  const bool pre = b.p.score_fn == ScoreFn::kSoftmax && b.p.pre_softmax;
+  const int L = pre ? 32 : 8;
+  const int per_block = kBwdThreads / L;
+  int64_t grid = (b.rows + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(SmCount(dev)) * (2048 / kBwdThreads);
+  if (grid > cap) grid = cap;
+  const unsigned g = static_cast<unsigned>(grid);
+#define JR_BWD(DT)                                                      \
+  if (pre) bwd_kernel<DT, 32><<<g, kBwdThreads, 0, stream>>>(ka);       \
+  else bwd_kernel<DT, 8><<<g, kBwdThreads, 0, stream>>>(ka);
+  switch (b.out_dt) {
+    case Dt::kF32:
+      JR_BWD(DF32);
+      break;
+    case Dt::kBF16:
+      JR_BWD(DBF16);
+      break;
+    default:
+      JR_BWD(DF16);
+      break;
+  }
+#undef JR_BWD
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace jax_router
