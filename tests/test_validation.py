@@ -241,6 +241,13 @@ def test_minus_one_means_groups_off(fn, ng, gk):
 # ---- index dtypes ------------------------------------------------------------------------
 
 
+INDEX_REQUESTS = [(name, fn, how) for name, fn in ALL.items()
+                  for how in (("dtype", "buffer") if name in FUSED else ("dtype",))]
+over_index_requests = pytest.mark.parametrize(
+    "fn,how", [(fn, how) for _, fn, how in INDEX_REQUESTS],
+    ids=[f"{name}-{how}" for name, _, how in INDEX_REQUESTS])
+
+
 def index_kwargs(fn, how, dtype, logits, topk):
     """Requests indices of `dtype` the way `how` says (route_topk only has index_dtype)."""
     if not is_fused(fn):
@@ -251,13 +258,10 @@ def index_kwargs(fn, how, dtype, logits, topk):
     return dict(topk_indices=buf), "topk_indices"
 
 
-@over(ALL)
-@pytest.mark.parametrize("how", ["dtype", "buffer"])
+@over_index_requests
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint32, np.float32, np.bool_],
                          ids=lambda d: np.dtype(d).name)
 def test_bad_index_dtype(fn, how, dtype, ffi_calls):
-    if how == "buffer" and not is_fused(fn):
-        pytest.skip("route_topk takes no buffer")
     kw, arg = index_kwargs(fn, how, dtype, X, 2)
     err = expect(fn, TypeError, arg, X, 2, **kw)
     assert "int16" in str(err)
@@ -271,11 +275,8 @@ def test_index_dtype_not_a_dtype(fn, dtype):
     expect(fn, TypeError, arg, X, 2, **kw)
 
 
-@over(ALL)
-@pytest.mark.parametrize("how", ["dtype", "buffer"])
+@over_index_requests
 def test_int16_with_too_many_experts(fn, how, ffi_calls):
-    if how == "buffer" and not is_fused(fn):
-        pytest.skip("route_topk takes no buffer")
     logits = jnp.zeros((0, 40000), jnp.float32)
     kw, arg = index_kwargs(fn, how, np.int16, logits, 1)
     err = expect(fn, ValueError, arg, logits, 1, **kw)
@@ -283,22 +284,16 @@ def test_int16_with_too_many_experts(fn, how, ffi_calls):
     assert ffi_calls == []
 
 
-@over(ALL)
-@pytest.mark.parametrize("how", ["dtype", "buffer"])
+@over_index_requests
 def test_int16_at_the_limit_is_fine(fn, how):
-    if how == "buffer" and not is_fused(fn):
-        pytest.skip("route_topk takes no buffer")
     logits = jnp.zeros((0, 32767), jnp.float32)
     kw, _ = index_kwargs(fn, how, np.int16, logits, 1)
     out = fn(logits, 1, **kw)
     assert out[1].shape == (0, 1) and out[1].dtype == jnp.int16
 
 
-@over(ALL)
-@pytest.mark.parametrize("how", ["dtype", "buffer"])
+@over_index_requests
 def test_int64_without_x64(fn, how, ffi_calls):
-    if how == "buffer" and not is_fused(fn):
-        pytest.skip("route_topk takes no buffer")
     assert not jax.config.jax_enable_x64
     kw, arg = index_kwargs(fn, how, np.int64, X, 2)  # a numpy int64 buffer keeps its dtype
     err = expect(fn, ValueError, arg, X, 2, **kw)
@@ -306,11 +301,8 @@ def test_int64_without_x64(fn, how, ffi_calls):
     assert ffi_calls == []
 
 
-@over(ALL)
-@pytest.mark.parametrize("how", ["dtype", "buffer"])
+@over_index_requests
 def test_int64_with_x64(fn, how):
-    if how == "buffer" and not is_fused(fn):
-        pytest.skip("route_topk takes no buffer")
     with jax.enable_x64(True):
         kw, _ = index_kwargs(fn, how, np.int64, X, 2)
         if how == "buffer":
@@ -509,3 +501,24 @@ def test_valid_call_does_use_ffi(fn, ffi_calls):
     """The spy above does see the kernel path on this backend (so its silence means something)."""
     fn(X, 2)
     assert ffi_calls == ["jax_router_fwd"]
+
+
+@over(ALL)
+def test_zero_experts(fn):
+    # E = 0 leaves no valid topk
+    expect(fn, ValueError, "topk", jnp.zeros((3, 0), jnp.float32), 1)
+
+
+@over(ALL)
+@pytest.mark.parametrize("dtype", ["int16", "int32", np.int16, np.dtype("int32"), jnp.int16],
+                         ids=repr)
+def test_index_dtype_spellings_accepted(fn, dtype):
+    kw, _ = index_kwargs(fn, "dtype", dtype, X, 2)
+    _, idx = fn(X, 2, **kw)
+    assert idx.dtype == jnp.dtype(dtype)
+
+
+@over(FUSED)
+def test_topk_indices_without_dtype(fn):
+    # a plain list is no index buffer
+    expect(fn, TypeError, "topk_indices", X, 2, topk_indices=[[0, 1]] * T)
