@@ -130,7 +130,7 @@ def bench_one(cfg: Workload, T: int, dtype, mode: str, bw: float, reps: int, bud
               do_bwd: bool, do_ref: bool) -> dict[str, Any]:
     b = jnp.dtype(dtype).itemsize
     set_bytes = T * cfg.E * b
-    sets = int(min(64, max(4, math.ceil(2 * L2_BYTES / set_bytes))))
+    sets = int(min(16, max(4, math.ceil(2 * L2_BYTES / set_bytes))))
     inputs = [make_inputs(cfg, T, dtype, seed=s) for s in range(sets)]
     bias = inputs[0][1]
     fused, ref = route_fn(cfg, mode, True), route_fn(cfg, mode, False)

@@ -313,44 +313,61 @@ __device__ __forceinline__ float rcp_rn_fast(float y, bool* odd) {
   return r;
 }
 
-// Keys of one lane's chunk and its top-P keys (descending). GUARD: the chunk is partial.
-// The sigmoid is router.h's (expf, then 1/(1+e) rounded to nearest), with the reciprocal's
-// range check done once per chunk instead of once per element.
+// Keys of one lane's chunk, streamed 4 at a time into keys_sm[.][tid], and its top-P keys
+// (descending). GUARD: the chunk is partial (keys past nvalid are 0). The sigmoid is router.h's
+// (expf, then 1/(1+e) rounded to nearest), with the reciprocal's range check done once per 4
+// elements instead of once per element. Bias (nullptr: none) is read 4 floats at a time.
 template <ScoreFn F, int V, int P, bool GUARD>
-__device__ __forceinline__ void chunk_keys(const float (&x)[V], const float (&b)[V], int nvalid,
-                                           uint32_t (&key)[V], uint32_t (&top)[P]) {
+__device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bias, bool bias_vec,
+                                           int nvalid, uint4 (*keys_sm)[kFastThreads], int tid,
+                                           uint32_t (&top)[P]) {
 #pragma unroll
   for (int p = 0; p < P; ++p) top[p] = 0;
-  float s[V];
-  if (F == ScoreFn::kSigmoid) {
-    bool odd = false;
 #pragma unroll
-    for (int i = 0; i < V; ++i) s[i] = rcp_rn_fast(1.0f + expf(-x[i]), &odd);
-    if (odd) {
+  for (int q = 0; q < V / 4; ++q) {
+    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (F != ScoreFn::kSoftmax && bias != nullptr) {
+      if (!GUARD && bias_vec) {
+        const float4 w = __ldg(reinterpret_cast<const float4*>(bias) + q);
+        b[0] = w.x;
+        b[1] = w.y;
+        b[2] = w.z;
+        b[3] = w.w;
+      } else {
 #pragma unroll
-      for (int i = 0; i < V; ++i) s[i] = activation(F, x[i]);
+        for (int u = 0; u < 4; ++u) {
+          if (!GUARD || 4 * q + u < nvalid) b[u] = __ldg(bias + 4 * q + u);
+        }
+      }
     }
-  } else if (F != ScoreFn::kSoftmax) {
+    float s[4];
+    if (F == ScoreFn::kSigmoid) {
+      bool odd = false;
 #pragma unroll
-    for (int i = 0; i < V; ++i) s[i] = activation(F, x[i]);
-  }
+      for (int u = 0; u < 4; ++u) s[u] = rcp_rn_fast(1.0f + expf(-x[4 * q + u]), &odd);
+      if (odd) {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    uint32_t kk;
-    if (F == ScoreFn::kSoftmax) {
-      kk = order_key(x[i]);
-    } else {
-      kk = order_key(s[i] + b[i]);
+        for (int u = 0; u < 4; ++u) s[u] = activation(F, x[4 * q + u]);
+      }
+    } else if (F != ScoreFn::kSoftmax) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) s[u] = activation(F, x[4 * q + u]);
     }
-    if (GUARD) kk = i < nvalid ? kk : 0u;
-    key[i] = kk;
-    uint32_t v = kk;
+    uint32_t kk[4];
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      uint32_t hi = max(top[p], v);
-      v = min(top[p], v);
-      top[p] = hi;
+    for (int u = 0; u < 4; ++u) {
+      const int i = 4 * q + u;
+      kk[u] = F == ScoreFn::kSoftmax ? order_key(x[i]) : order_key(s[u] + b[u]);
+      if (GUARD) kk[u] = i < nvalid ? kk[u] : 0u;
+      uint32_t v = kk[u];
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const uint32_t hi = max(top[p], v);
+        v = min(top[p], v);
+        top[p] = hi;
+      }
     }
+    keys_sm[q][tid] = make_uint4(kk[0], kk[1], kk[2], kk[3]);
   }
 }
 
@@ -371,6 +388,7 @@ __global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a
   constexpr bool kRaw = F == ScoreFn::kSoftmax;
   static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "L must be a power of two <= 32");
   static_assert(V % 8 == 0 && V <= 32, "V must be 8, 16, 24 or 32");
+  static_assert(V % 4 == 0, "keys are streamed 4 at a time");
 
   __shared__ uint4 keys_sm[V / 4][kFastThreads];
   __shared__ __align__(16) unsigned long long list_sm[TPB][LS];
@@ -397,13 +415,9 @@ __global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a
 
     float x[V];
     load_chunk_dt<V>(a.logits, roff + base_e, dt, nv, a.x_vec, x);
-    float b[V];
+    const float* brow = nullptr;
     if (!kRaw && a.bias != nullptr) {
-      const int64_t brow = a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0);
-      load_bias<V>(a.bias + brow * E + base_e, nv, a.bias_vec, b);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) b[i] = 0.0f;
+      brow = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E + base_e;
     }
     if (nv > 0) {
       if (a.probs) {
@@ -417,12 +431,11 @@ __global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a
       if (a.map && !a.bitmap) zero_chunk<uint8_t, V>(a.map + roff + base_e, nv, a.map_vec);
     }
 
-    uint32_t key[V];
     uint32_t top[P];
     if (nv == V) {
-      chunk_keys<F, V, P, false>(x, b, nv, key, top);
+      chunk_keys<F, V, P, false>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
     } else {
-      chunk_keys<F, V, P, true>(x, b, nv, key, top);
+      chunk_keys<F, V, P, true>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
     }
 
     // Group-limited routing and the candidate threshold.
@@ -478,11 +491,13 @@ __global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a
     uint32_t cm = 0;
     if (keep) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) cm |= key[i] >= tau ? (1u << i) : 0u;
-    }
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      keys_sm[q][tid] = make_uint4(key[4 * q], key[4 * q + 1], key[4 * q + 2], key[4 * q + 3]);
+      for (int q = 0; q < V / 4; ++q) {
+        const uint4 w = keys_sm[q][tid];
+        cm |= (w.x >= tau ? 1u : 0u) << (4 * q);
+        cm |= (w.y >= tau ? 1u : 0u) << (4 * q + 1);
+        cm |= (w.z >= tau ? 1u : 0u) << (4 * q + 2);
+        cm |= (w.w >= tau ? 1u : 0u) << (4 * q + 3);
+      }
     }
     const uint32_t keptmask = __ballot_sync(0xFFFFFFFFu, keep);
     const int c = __popc(cm);

@@ -48,7 +48,8 @@ inline int SmemOptin(int dev) {
 struct FastLayout {
   int L, V;
 };
-constexpr FastLayout kFastLayouts[] = {{1, 8}, {4, 16}, {8, 16}, {8, 32}, {16, 32}, {32, 32}};
+constexpr FastLayout kFastLayouts[] = {{1, 8},   {4, 16},  {8, 16}, {8, 32},
+                                        {16, 24}, {16, 32}, {32, 32}};
 constexpr int kNumFastLayouts = sizeof(kFastLayouts) / sizeof(kFastLayouts[0]);
 
 struct FwdPlan {
@@ -163,6 +164,8 @@ inline cudaError_t LaunchFastLayout(int li, const FastArgs& fa, cudaStream_t s, 
     case 3:
       return LaunchFastT<FN, 8, 32, P>(fa, s, dev);
     case 4:
+      return LaunchFastT<FN, 16, 24, P>(fa, s, dev);
+    case 5:
       return LaunchFastT<FN, 16, 32, P>(fa, s, dev);
     default:
       return LaunchFastT<FN, 32, 32, P>(fa, s, dev);
