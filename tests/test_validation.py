@@ -231,9 +231,8 @@ def test_groups_not_int(fn, ng, gk):
 @pytest.mark.parametrize("ng,gk", [(-1, -1), (None, -1), (-1, None), (np.int64(-1), -1)],
                          ids=str)
 def test_minus_one_means_groups_off(fn, ng, gk):
-    x = random_logits(1, (5, 16))
-    want = fn(x, 3)
-    got = fn(x, 3, num_groups=ng, group_topk=gk)
+    want = fn(X, 3)
+    got = fn(X, 3, num_groups=ng, group_topk=gk)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -424,10 +423,8 @@ class UpperScore(enum.Enum):
     ids=repr,
 )
 def test_score_function_enums(fn, sf):
-    x = random_logits(3, (6, 16))
-    kw = dict(expert_bias=random_bias(3, 16))
-    want = fn(x, 4, score_function="sigmoid", **kw)
-    got = fn(x, 4, score_function=sf, **kw)
+    want = fn(X, 4, score_function="sigmoid", expert_bias=BIAS)
+    got = fn(X, 4, score_function=sf, expert_bias=BIAS)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
