@@ -3,7 +3,11 @@ in the compiled program, compact residuals, and aliasing / donation of a topk_in
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -616,3 +620,36 @@ def test_scan_and_checkpoint(config):
         np.testing.assert_array_equal(np.asarray(g), g_loop)
     np.testing.assert_allclose(float(jax.jit(scanned)(xs)), float(jax.jit(unrolled)(xs)),
                                rtol=1e-6)
+
+
+def test_export_loads_in_a_fresh_process(tmp_path):
+    """Serialised in this process, deserialised and run in another that only imports
+    jax_router (the FFI targets are registered on import)."""
+
+    kw = config_kwargs("sigmoid_bias_groups")
+    bias = kw.pop("bias")
+    f = lambda x, b: (route("compact", x, bias=b, **kw),
+                      jax.grad(lambda x: route("bytemap", x, bias=b, **kw)[0].sum())(x))
+    x = np_logits(41, (6, E))
+    exp = export.export(jax.jit(f), disabled_checks=DISABLED)(x, bias)
+    (tmp_path / "f.bin").write_bytes(exp.serialize())
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    np.save(tmp_path / "b.npy", np.asarray(bias))
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import jax
+        from jax import export
+        import jax_router  # noqa: F401  (registers the FFI targets)
+        d = sys.argv[1]
+        fn = export.deserialize(open(d + "/f.bin", "rb").read())
+        (w, i), g = fn.call(np.load(d + "/x.npy"), np.load(d + "/b.npy"))
+        np.save(d + "/w.npy", np.asarray(w)); np.save(d + "/i.npy", np.asarray(i))
+        np.save(d + "/g.npy", np.asarray(g))
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    (w, i), g = f(x, bias)
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), np.asarray(w))
+    np.testing.assert_array_equal(np.load(tmp_path / "i.npy"), np.asarray(i))
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), np.asarray(g))
