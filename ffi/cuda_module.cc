@@ -1,5 +1,5 @@
 // Python module `jax_router._cuda`: the CUDA handlers (built by nvcc in router_cuda.cu) as FFI
-// capsules, under the same target names as the CPU module.
+// capsules, under the same target names as the CPU module (cpu_module.cc).
 #include <type_traits>
 
 #include "nanobind/nanobind.h"

@@ -85,9 +85,9 @@ constexpr uint32_t kNanKey = 1u;
 // Order-preserving map float -> uint32: a larger key is a larger score. NaN ranks below -inf;
 // +0 ranks above -0, as in jax.lax.top_k.
 JR_HD uint32_t order_key(float z) {
-  if (z != z) return kNanKey;
-  uint32_t u = float_bits(z);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = float_bits(z);
+  const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return z != z ? kNanKey : key;  // a select, not a branch: the CPU loop vectorises
 }
 
 // One 64-bit key per candidate: score key high, inverted expert id low. Keys are distinct

@@ -9,15 +9,12 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
-#include "nanobind/nanobind.h"
 #include "router.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace nb = nanobind;
 namespace ffi = xla::ffi;
 
 namespace jax_router {
@@ -137,26 +134,101 @@ void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&
   state->cv.wait(lock, [&] { return state->done == chunks; });
 }
 
+// ---- scores ------------------------------------------------------------------------------
+
+// e^x for the CPU's score loops: Cody-Waite range reduction and a degree-6 polynomial, within
+// 2 ulp of expf, written branch-free so that the loops below vectorise (libm's expf does not).
+// Underflow to subnormals and zero, overflow to inf, NaN in -> NaN out.
+inline float VecExp(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n as two normal factors, so that results down to the smallest subnormal are exact.
+  const int32_t ni = static_cast<int32_t>(n == n ? n : 0.0f);
+  const int32_t n1 = ni / 2, n2 = ni - n1;
+  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127) << 23;
+  float f1, f2;
+  std::memcpy(&f1, &b1, 4);
+  std::memcpy(&f2, &b2, 4);
+  return p * f1 * f2;
+}
+
+// Softmax over a row: s = e^{x - max} / sum. A NaN anywhere makes the sum, hence the row, NaN.
+// The forward and the pre-softmax backward both call it, so they see the same s.
+inline void Softmax(const float* x, float* s, int64_t E) {
+  float m = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) m = x[e] > m ? x[e] : m;
+  float sum = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = VecExp(x[e] - m);
+    sum += s[e];
+  }
+  for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+}
+
+// Selection scores of one row (SPEC §3 steps 1-2) and their order keys: s (activation), z
+// (s + bias) and key = order_key(z).
+__attribute__((always_inline)) inline void ScoreRow(
+    ScoreFn fn, bool pre_softmax, const float* x, const float* bias, int64_t E, float* s,
+    float* z, uint32_t* key) {
+  if (fn == ScoreFn::kSoftmax) {
+    if (pre_softmax) {
+      Softmax(x, s, E);
+    } else {
+      for (int64_t e = 0; e < E; ++e) s[e] = x[e];
+    }
+  } else if (fn == ScoreFn::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + VecExp(-x[e]));
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = activation(fn, x[e]);
+  }
+  if (bias && uses_bias(fn)) {
+    for (int64_t e = 0; e < E; ++e) z[e] = s[e] + bias[e];
+  } else {
+    for (int64_t e = 0; e < E; ++e) z[e] = s[e];
+  }
+  for (int64_t e = 0; e < E; ++e) key[e] = order_key(z[e]);
+}
+
 // ---- selection ---------------------------------------------------------------------------
 
 // Writes the k largest slot keys of experts [first, first + n) (keys indexed by expert id),
-// in descending order, to out[0..k). k <= n.
-inline void SelectTopK(const uint32_t* keys, int64_t first, int64_t n, int64_t k, uint64_t* out,
-                       std::vector<uint64_t>& scratch) {
+// in descending order, to out[0..k). k <= n. Candidates arrive by ascending id, so once k are
+// held a key equal to the k-th is already beaten by its lower id: only larger keys get in, and
+// blocks of 8 with none are skipped in one vector test.
+__attribute__((always_inline)) inline void SelectTopK(const uint32_t* keys, int64_t first,
+                                                      int64_t n, int64_t k, uint64_t* out,
+                                                      std::vector<uint64_t>& scratch) {
   if (k <= 32) {
+    const int64_t end = first + n;
     int64_t cnt = 0;
-    for (int64_t e = first; e < first + n; ++e) {
-      uint64_t sk = slot_key(keys[e], static_cast<uint32_t>(e));
+    uint32_t thr = 0;
+    for (int64_t b = first; b < end; b += 8) {
+      const int64_t bend = std::min(end, b + 8);
       if (cnt == k) {
-        if (sk <= out[k - 1]) continue;
-        --cnt;
+        uint32_t any = 0;
+        for (int64_t e = b; e < bend; ++e) any |= keys[e] > thr;
+        if (!any) continue;
       }
-      int64_t j = cnt++;
-      while (j > 0 && out[j - 1] < sk) {
-        out[j] = out[j - 1];
-        --j;
+      for (int64_t e = b; e < bend; ++e) {
+        if (cnt == k && keys[e] <= thr) continue;
+        const uint64_t sk = slot_key(keys[e], static_cast<uint32_t>(e));
+        int64_t j = cnt < k ? cnt++ : k - 1;
+        while (j > 0 && out[j - 1] < sk) {
+          out[j] = out[j - 1];
+          --j;
+        }
+        out[j] = sk;
+        if (cnt == k) thr = static_cast<uint32_t>(out[k - 1] >> 32);
       }
-      out[j] = sk;
     }
     return;
   }
@@ -178,44 +250,15 @@ struct RowScratch {
         group_sel(std::max<int64_t>({groups, k, int64_t{1}})), keep(groups) {}
 };
 
-// Softmax over a row: s = e^{x - max} / sum. A NaN anywhere makes the sum, hence the row, NaN.
-inline void Softmax(const float* x, float* s, int64_t E) {
-  float m = -INFINITY;
-  for (int64_t e = 0; e < E; ++e) m = x[e] > m ? x[e] : m;
-  float sum = 0.0f;
-  for (int64_t e = 0; e < E; ++e) {
-    s[e] = expf(x[e] - m);
-    sum += s[e];
-  }
-  for (int64_t e = 0; e < E; ++e) s[e] /= sum;
-}
-
-// Routes one row (SPEC §3); sel receives the selected slot keys in slot order and p the weights
-// before scaling.
-template <typename T>
-void RouteRow(const FwdProblem& f, int64_t r, RowScratch& w, float* p) {
+// Routes one row (SPEC §3) whose float32 logits are in w.x; sel receives the selected slot keys
+// in slot order and p the weights before scaling. Two builds, dispatched at load time by the
+// CPU's features, so that the score and selection loops use 8-wide vectors where they exist.
+__attribute__((target_clones("avx2", "default"))) void RouteRow(const FwdProblem& f,
+                                                                  const float* bias,
+                                                                  RowScratch& w, float* p) {
   const RouteParams& P = f.p;
   const int64_t E = f.experts, K = P.topk;
-  const T* xr = static_cast<const T*>(f.logits) + r * E;
-  for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
-
-  if (P.score_fn == ScoreFn::kSoftmax) {
-    if (P.pre_softmax) {
-      Softmax(w.x.data(), w.s.data(), E);
-    } else {
-      std::copy(w.x.begin(), w.x.end(), w.s.begin());
-    }
-    std::copy(w.s.begin(), w.s.end(), w.z.begin());
-  } else {
-    for (int64_t e = 0; e < E; ++e) w.s[e] = activation(P.score_fn, w.x[e]);
-    if (f.bias) {
-      const float* b = f.bias + (r / f.rows_per_bias) * E;
-      for (int64_t e = 0; e < E; ++e) w.z[e] = w.s[e] + b[e];
-    } else {
-      std::copy(w.s.begin(), w.s.end(), w.z.begin());
-    }
-  }
-  for (int64_t e = 0; e < E; ++e) w.key[e] = order_key(w.z[e]);
+  ScoreRow(P.score_fn, P.pre_softmax, w.x.data(), bias, E, w.s.data(), w.z.data(), w.key.data());
 
   if (P.group_topk > 0) {
     const int64_t G = P.num_groups, gsize = E / G, m = K / P.group_topk;
@@ -260,7 +303,9 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
   std::vector<float> p(K);
   const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
   for (int64_t r = r0; r < r1; ++r) {
-    RouteRow<T>(f, r, w, p.data());
+    const T* xr = static_cast<const T*>(f.logits) + r * E;
+    for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
+    RouteRow(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
     const bool act_is_p = f.p.score_fn == ScoreFn::kSoftmax && !f.p.pre_softmax;
     if (f.probs) {
       T* pr = static_cast<T*>(f.probs) + r * E;
@@ -384,43 +429,27 @@ ffi::Error BwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer grad,
 }  // namespace
 }  // namespace jax_router
 
-XLA_FFI_DEFINE_HANDLER(kJaxRouterFwdCpu, jax_router::FwdCpu,
-                       xla::ffi::Ffi::Bind()
-                           .Ctx<xla::ffi::ThreadPool>()
-                           .Attrs<RouteAttrs>()
-                           .Arg<xla::ffi::AnyBuffer>()  // logits
-                           .Arg<xla::ffi::AnyBuffer>()  // expert_bias
-                           .RemainingArgs()             // caller's indices buffer (aliased)
-                           .Ret<xla::ffi::AnyBuffer>()  // probs
-                           .Ret<xla::ffi::AnyBuffer>()  // routing map
-                           .Ret<xla::ffi::AnyBuffer>()  // weights
-                           .Ret<xla::ffi::AnyBuffer>()  // indices
-                           .Ret<xla::ffi::AnyBuffer>()  // act (residual)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterFwdCpu, jax_router::FwdCpu,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Attrs<RouteAttrs>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // logits
+                                  .Arg<xla::ffi::AnyBuffer>()  // expert_bias
+                                  .RemainingArgs()             // caller's indices buffer (aliased)
+                                  .Ret<xla::ffi::AnyBuffer>()  // probs
+                                  .Ret<xla::ffi::AnyBuffer>()  // routing map
+                                  .Ret<xla::ffi::AnyBuffer>()  // weights
+                                  .Ret<xla::ffi::AnyBuffer>()  // indices
+                                  .Ret<xla::ffi::AnyBuffer>()  // act (residual)
 );
 
-XLA_FFI_DEFINE_HANDLER(kJaxRouterBwdCpu, jax_router::BwdCpu,
-                       xla::ffi::Ffi::Bind()
-                           .Ctx<xla::ffi::ThreadPool>()
-                           .Attrs<RouteAttrs>()
-                           .Arg<xla::ffi::AnyBuffer>()  // grad (probs or weights cotangent)
-                           .Arg<xla::ffi::AnyBuffer>()  // indices
-                           .Arg<xla::ffi::AnyBuffer>()  // act
-                           .Arg<xla::ffi::AnyBuffer>()  // logits (pre-softmax) or empty
-                           .Ret<xla::ffi::AnyBuffer>()  // grad_logits
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterBwdCpu, jax_router::BwdCpu,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Attrs<RouteAttrs>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // grad (probs or weights cotangent)
+                                  .Arg<xla::ffi::AnyBuffer>()  // indices
+                                  .Arg<xla::ffi::AnyBuffer>()  // act
+                                  .Arg<xla::ffi::AnyBuffer>()  // logits (pre-softmax) or empty
+                                  .Ret<xla::ffi::AnyBuffer>()  // grad_logits
 );
-
-template <typename T>
-static nb::capsule Capsule(T* fn) {
-  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
-                "not an XLA FFI handler");
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
-NB_MODULE(_cpu, m) {
-  m.def("registrations", [] {
-    nb::dict d;
-    d["jax_router_fwd"] = Capsule(kJaxRouterFwdCpu);
-    d["jax_router_bwd"] = Capsule(kJaxRouterBwdCpu);
-    return d;
-  });
-}

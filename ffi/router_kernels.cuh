@@ -313,21 +313,31 @@ __device__ __forceinline__ float rcp_rn_fast(float y, bool* odd) {
   return r;
 }
 
+// router.h's activation of 4 values, out of line: the rare path (a reciprocal outside the fast
+// path's exact range: x below about -87, or NaN) stays out of the hot loop's instruction stream.
+template <ScoreFn F>
+__device__ __noinline__ float4 activation4_slow(float4 x) {
+  return make_float4(activation(F, x.x), activation(F, x.y), activation(F, x.z),
+                     activation(F, x.w));
+}
+
 // Keys of one lane's chunk, streamed 4 at a time into keys_sm[.][tid], and its top-P keys
-// (descending). GUARD: the chunk is partial (keys past nvalid are 0). The sigmoid is router.h's
-// (expf, then 1/(1+e) rounded to nearest), with the reciprocal's range check done once per 4
-// elements instead of once per element. Bias (nullptr: none) is read 4 floats at a time.
-template <ScoreFn F, int V, int P, bool GUARD>
+// (descending). Keys past nvalid are 0 (the caller passes x = 0 there). The sigmoid is
+// router.h's (expf, then 1/(1+e) rounded to nearest), with the reciprocal's range check done
+// once per 4 elements instead of once per element. Bias (nullptr: none) is read 4 floats at a
+// time (16-byte loads when `bias_vec` and the chunk is whole).
+template <ScoreFn F, int V, int P>
 __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bias, bool bias_vec,
                                            int nvalid, uint4 (*keys_sm)[kFastThreads], int tid,
                                            uint32_t (&top)[P]) {
 #pragma unroll
   for (int p = 0; p < P; ++p) top[p] = 0;
+  const bool whole = nvalid == V;
 #pragma unroll
   for (int q = 0; q < V / 4; ++q) {
     float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (F != ScoreFn::kSoftmax && bias != nullptr) {
-      if (!GUARD && bias_vec) {
+      if (bias_vec && whole) {
         const float4 w = __ldg(reinterpret_cast<const float4*>(bias) + q);
         b[0] = w.x;
         b[1] = w.y;
@@ -336,7 +346,7 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
       } else {
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          if (!GUARD || 4 * q + u < nvalid) b[u] = __ldg(bias + 4 * q + u);
+          if (4 * q + u < nvalid) b[u] = __ldg(bias + 4 * q + u);
         }
       }
     }
@@ -346,8 +356,12 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
 #pragma unroll
       for (int u = 0; u < 4; ++u) s[u] = rcp_rn_fast(1.0f + expf(-x[4 * q + u]), &odd);
       if (odd) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) s[u] = activation(F, x[4 * q + u]);
+        const float4 r = activation4_slow<F>(
+            make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]));
+        s[0] = r.x;
+        s[1] = r.y;
+        s[2] = r.z;
+        s[3] = r.w;
       }
     } else if (F != ScoreFn::kSoftmax) {
 #pragma unroll
@@ -356,9 +370,14 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
     uint32_t kk[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int i = 4 * q + u;
-      kk[u] = F == ScoreFn::kSoftmax ? order_key(x[i]) : order_key(s[u] + b[u]);
-      if (GUARD) kk[u] = i < nvalid ? kk[u] : 0u;
+      kk[u] = F == ScoreFn::kSoftmax ? order_key(x[4 * q + u]) : order_key(s[u] + b[u]);
+    }
+    if (!whole) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) kk[u] = 4 * q + u < nvalid ? kk[u] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
       uint32_t v = kk[u];
 #pragma unroll
       for (int p = 0; p < P; ++p) {
@@ -378,7 +397,7 @@ __device__ __forceinline__ uint32_t sm_key(const uint4 (*keys_sm)[kFastThreads],
 }
 
 template <int FN, int L, int V, int P>
-__global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a) {
+__global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArgs a) {
   constexpr int TPB = kFastThreads / L;
   constexpr int CMAX = fast_cmax(L, V);
   constexpr int KMAX = fast_kmax(L, V);
@@ -432,11 +451,7 @@ __global__ void __launch_bounds__(kFastThreads) fwd_fast_kernel(const FastArgs a
     }
 
     uint32_t top[P];
-    if (nv == V) {
-      chunk_keys<F, V, P, false>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
-    } else {
-      chunk_keys<F, V, P, true>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
-    }
+    chunk_keys<F, V, P>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
 
     // Group-limited routing and the candidate threshold.
     bool keep = tok;

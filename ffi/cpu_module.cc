@@ -1,0 +1,28 @@
+// Python module `jax_router._cpu`: the CPU handlers (router_cpu.cc) as FFI capsules, under the
+// same target names as the CUDA module (cuda_module.cc).
+#include <type_traits>
+
+#include "nanobind/nanobind.h"
+#include "xla/ffi/api/api.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace nb = nanobind;
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterFwdCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterBwdCpu);
+
+template <typename T>
+static nb::capsule Capsule(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "not an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+NB_MODULE(_cpu, m) {
+  m.def("registrations", [] {
+    nb::dict d;
+    d["jax_router_fwd"] = Capsule(JaxRouterFwdCpu);
+    d["jax_router_bwd"] = Capsule(JaxRouterBwdCpu);
+    return d;
+  });
+}
