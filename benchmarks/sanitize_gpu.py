@@ -1,0 +1,76 @@
+"""Small driver for compute-sanitizer: runs every CUDA router kernel once through the public API.
+
+    compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
+    compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
+
+Covers the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general
+forward (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense
+indices, bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with
+small token counts (odd, so the last tile is partial) and a few non-finite logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_router as jr
+
+CASES = [
+    # (E, topk, options)
+    (8, 2, dict(score_function="softmax")),
+    (8, 8, dict(score_function="softmax")),
+    (24, 3, dict(score_function="sigmoid")),
+    (64, 4, dict(score_function="sqrtsoftplus", num_groups=4, group_topk=2)),
+    (128, 8, dict(score_function="softmax")),
+    (130, 7, dict(score_function="sqrtsoftplus", scaling_factor=1.5)),
+    (256, 8, dict(score_function="sigmoid", num_groups=8, group_topk=4, scaling_factor=2.5)),
+    (256, 40, dict(score_function="softmax")),
+    (384, 8, dict(score_function="sigmoid")),
+    (512, 10, dict(score_function="softmax")),
+    (896, 16, dict(score_function="sigmoid")),
+    (896, 16, dict(score_function="sigmoid", num_groups=8, group_topk=4)),
+    (64, 4, dict(score_function="softmax", use_pre_softmax=True)),
+    (300, 300, dict(score_function="softmax")),
+    (2000, 24, dict(score_function="sigmoid")),
+]
+
+
+def run(E, topk, opts, T=37, dtype=jnp.bfloat16):
+    x = 2.0 * jax.random.normal(jax.random.key(E * 31 + topk), (T, E), jnp.float32)
+    x = x.at[0, 0].set(jnp.nan).at[1, :].set(0.0).at[2, 1].set(-jnp.inf)
+    x = x.astype(dtype)
+    bias = None
+    if opts.get("score_function") in ("sigmoid", "sqrtsoftplus"):
+        bias = 0.1 * jax.random.normal(jax.random.key(E), (E,), jnp.float32)
+    outs = []
+    w, i = jr.route_topk(x, topk, expert_bias=bias, **opts)
+    outs += [w, i]
+    for fmt in ("bytemap", "bitmap_u8"):
+        outs += list(jr.fused_topk_with_score_function(x, topk, expert_bias=bias,
+                                                       routing_map_format=fmt, **opts))
+    outs += list(jr.fused_topk_with_score_function(x, topk, expert_bias=bias,
+                                                   topk_indices_dtype=jnp.int16, **opts))
+    r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+    g1 = jax.grad(lambda x: jnp.sum(
+        jr.route_topk(x, topk, expert_bias=bias, **opts)[0] * r))(x)
+    rd = jnp.sin(jnp.arange(E, dtype=jnp.float32))
+    g2 = jax.grad(lambda x: jnp.sum(jr.fused_topk_with_score_function(
+        x, topk, expert_bias=bias, **opts)[0].astype(jnp.float32) * rd))(x)
+    outs += [g1, g2]
+    jax.block_until_ready(outs)
+    return outs
+
+
+def main():
+    print(jax.devices())
+    for E, topk, opts in CASES:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            run(E, topk, opts, dtype=dtype)
+        print(f"ok E={E} topk={topk} {opts}", flush=True)
+    print("sanitize_gpu: all cases ran")
+
+
+if __name__ == "__main__":
+    main()
