@@ -40,13 +40,41 @@ def order_key(z: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(key ^ np.uint32(0x80000000), jnp.int32)
 
 
+@jax.custom_jvp
+def _sqrtsoftplus(x: jax.Array) -> jax.Array:
+    big = x > 20.0
+    return jnp.sqrt(jnp.where(big, x, jnp.log1p(jnp.exp(jnp.where(big, 0.0, x)))))
+
+
+@_sqrtsoftplus.defjvp
+def _sqrtsoftplus_jvp(primals, tangents):
+    # SPEC §4: ds/dx = sigmoid(x) / (2 s + eps), finite where s underflows to 0.
+    (x,), (dx,) = primals, tangents
+    s = _sqrtsoftplus(x)
+    return s, dx * (jax.nn.sigmoid(x) / (2.0 * s + EPS))  # one factor: no inf * 0 in the transpose
+
+
+@jax.custom_jvp
+def _normalize(s: jax.Array) -> jax.Array:
+    """s / (sum(s) + eps) over the last axis."""
+    return s / (jnp.sum(s, axis=-1, keepdims=True) + EPS)
+
+
+@_normalize.defjvp
+def _normalize_jvp(primals, tangents):
+    # d(s / (A + eps)) = (t - p * sum(t)) / (A + eps): no (A + eps)^2, which overflows float32
+    # when every selected score underflows to 0.
+    (s,), (t,) = primals, tangents
+    p = _normalize(s)
+    inv = 1.0 / (jnp.sum(s, axis=-1, keepdims=True) + EPS)
+    return p, inv * (t - p * jnp.sum(t, axis=-1, keepdims=True))
+
+
 def activation(fn: ScoreFunction, x: jax.Array) -> jax.Array:
     if fn == ScoreFunction.SIGMOID:
-        return 1.0 / (1.0 + jnp.exp(-x))
+        return jax.nn.sigmoid(x)  # its derivative stays finite where e^-x overflows
     if fn == ScoreFunction.SQRTSOFTPLUS:
-        big = x > 20.0
-        soft = jnp.where(big, x, jnp.log1p(jnp.exp(jnp.where(big, 0.0, x))))
-        return jnp.sqrt(soft)
+        return _sqrtsoftplus(x)
     return x
 
 
@@ -114,7 +142,7 @@ def route_core(
     if fn == ScoreFunction.SOFTMAX and not opts.use_pre_softmax:
         p = jax.nn.softmax(_take(x, idx), axis=-1)
     elif fn != ScoreFunction.SOFTMAX and opts.topk > 1:
-        p = s_sel / (jnp.sum(s_sel, axis=-1, keepdims=True) + EPS)
+        p = _normalize(s_sel)
     else:
         p = s_sel
     return idx, p, s_sel

@@ -372,12 +372,6 @@ def test_large_batch_every_row_written(kw):
                                rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reference.activation differentiates 1/(1+exp(-x)) and sqrt(log1p(exp(x))) with autodiff: "
-    "exp overflows (sigmoid, x < ~-88.7) or sqrt'(0) = inf meets exp(x) = 0 (sqrtsoftplus, "
-    "x < ~-103), so the pure-JAX path (implementation='xla', the fallback on other backends) "
-    "returns NaN gradients for finite logits, even for unselected experts; SPEC §4 gives 0 off S "
-    "and ds*s*(1-s) / ds*sigmoid(x)/(2s) on S, which the kernels return"))
 @pytest.mark.parametrize("score", ["sigmoid", "sqrtsoftplus"])
 @pytest.mark.parametrize("mode", ["compact", "bytemap"])
 def test_xla_grad_finite_for_very_negative_logits(score, mode):
