@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ref", action="store_true", help="skip the reference timings")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", help="directory for bench_gpu.json and bench_gpu.png")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop starting new rows after this much wall time")
     args = p.parse_args(argv)
 
     if args.configs or args.tokens:
@@ -263,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     print("-" * len(HEADER))
     rows = []
+    t_start = time.perf_counter()
     for c, T, d, m in plan:
+        if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
+            print(f"(stopped after {args.max_minutes:g} min; {len(plan) - len(rows)} rows not run)")
+            break
         cfg = get(c)
         row = bench_one(cfg, T, DTYPES[d], m, bw, reps, budget_s, not args.no_bwd,
                         not args.no_ref)
