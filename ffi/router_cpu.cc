@@ -200,34 +200,66 @@ __attribute__((always_inline)) inline void ScoreRow(
 
 // ---- selection ---------------------------------------------------------------------------
 
+constexpr int64_t kMaxBlocks = 1024;  // block maxima kept on the stack: E <= 8192 uses the floor
+
 // Writes the k largest slot keys of experts [first, first + n) (keys indexed by expert id),
-// in descending order, to out[0..k). k <= n. Candidates arrive by ascending id, so once k are
-// held a key equal to the k-th is already beaten by its lower id: only larger keys get in, and
-// blocks of 8 with none are skipped in one vector test.
+// in descending order, to out[0..k). k <= n.
+//
+// Small k: the maxima of blocks of 8 keys come first (vector max); the k-th largest block
+// maximum is a floor that at least k keys reach, so only blocks whose maximum reaches it are
+// scanned, and only keys at or above it enter the sorted buffer. Candidates arrive by ascending
+// id, so an equal key never displaces a held one: ties go to the lower id.
 __attribute__((always_inline)) inline void SelectTopK(const uint32_t* keys, int64_t first,
                                                       int64_t n, int64_t k, uint64_t* out,
                                                       std::vector<uint64_t>& scratch) {
   if (k <= 32) {
-    const int64_t end = first + n;
-    int64_t cnt = 0;
-    uint32_t thr = 0;
-    for (int64_t b = first; b < end; b += 8) {
-      const int64_t bend = std::min(end, b + 8);
-      if (cnt == k) {
-        uint32_t any = 0;
-        for (int64_t e = b; e < bend; ++e) any |= keys[e] > thr;
-        if (!any) continue;
+    constexpr int64_t kBlock = 8;
+    const uint32_t* kv = keys + first;
+    const int64_t nblocks = (n + kBlock - 1) / kBlock;
+    uint32_t bmax[kMaxBlocks];
+    uint32_t floor_key = 0;
+    const bool use_floor = nblocks >= k && nblocks <= kMaxBlocks;
+    if (use_floor) {
+      const int64_t full = n / kBlock;
+      for (int64_t b = 0; b < full; ++b) {
+        uint32_t m = 0;
+        for (int64_t i = 0; i < kBlock; ++i) m = kv[b * kBlock + i] > m ? kv[b * kBlock + i] : m;
+        bmax[b] = m;
       }
-      for (int64_t e = b; e < bend; ++e) {
-        if (cnt == k && keys[e] <= thr) continue;
-        const uint64_t sk = slot_key(keys[e], static_cast<uint32_t>(e));
+      if (full < nblocks) {
+        uint32_t m = 0;
+        for (int64_t e = full * kBlock; e < n; ++e) m = kv[e] > m ? kv[e] : m;
+        bmax[full] = m;
+      }
+      // k-th largest block maximum (a small insertion over nblocks values).
+      uint32_t best[32];
+      int64_t cnt = 0;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint32_t v = bmax[b];
+        if (cnt == k && v <= best[k - 1]) continue;
+        int64_t j = cnt < k ? cnt++ : k - 1;
+        while (j > 0 && best[j - 1] < v) {
+          best[j] = best[j - 1];
+          --j;
+        }
+        best[j] = v;
+      }
+      floor_key = best[k - 1];
+    }
+    int64_t cnt = 0;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      if (use_floor && bmax[b] < floor_key) continue;
+      const int64_t e0 = b * kBlock, e1 = std::min(n, e0 + kBlock);
+      for (int64_t e = e0; e < e1; ++e) {
+        if (kv[e] < floor_key) continue;
+        const uint64_t sk = slot_key(kv[e], static_cast<uint32_t>(first + e));
+        if (cnt == k && sk <= out[k - 1]) continue;
         int64_t j = cnt < k ? cnt++ : k - 1;
         while (j > 0 && out[j - 1] < sk) {
           out[j] = out[j - 1];
           --j;
         }
         out[j] = sk;
-        if (cnt == k) thr = static_cast<uint32_t>(out[k - 1] >> 32);
       }
     }
     return;
