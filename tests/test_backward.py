@@ -14,17 +14,8 @@ from jax.test_util import check_grads
 
 import jax_router as jr
 
-from .util import FLOAT_DTYPES, random_bias, random_logits
+from .util import FLOAT_DTYPES, SCORE_CONFIGS, SCORE_IDS, random_bias, random_logits
 
-SCORE_CONFIGS = [
-    ("softmax", False, False),
-    ("softmax", True, False),
-    ("sigmoid", False, False),
-    ("sigmoid", False, True),
-    ("sqrtsoftplus", False, False),
-    ("sqrtsoftplus", False, True),
-]
-SCORE_IDS = [f"{s}{'-pre' if p else ''}{'-bias' if b else ''}" for s, p, b in SCORE_CONFIGS]
 MODES = ["compact", "dense", "bytemap", "bitmap"]
 
 

@@ -13,6 +13,8 @@ import jax_router as jr
 from jax_router.reference import pack_bitmap
 
 from .util import (
+    SCORE_CONFIGS,
+    SCORE_IDS,
     FLOAT_DTYPES,
     assert_indices_match,
     compare_to_reference,
@@ -23,14 +25,6 @@ from .util import (
 )
 
 # (score_function, use_pre_softmax, with_bias)
-SCORE_CONFIGS = [
-    ("softmax", False, False),
-    ("softmax", True, False),
-    ("sigmoid", False, False),
-    ("sigmoid", False, True),
-    ("sqrtsoftplus", False, False),
-    ("sqrtsoftplus", False, True),
-]
 
 
 def _kwargs(E, score, pre, bias, groups, scaling, seed):
@@ -111,9 +105,7 @@ def _jit_all_modes(logits, bias, topk, kw, index_dtypes):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("groups", [None, (4, 2)], ids=["nogroups", "groups4-2"])
-@pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS,
-                         ids=[f"{s}{'-pre' if p else ''}{'-bias' if b else ''}"
-                              for s, p, b in SCORE_CONFIGS])
+@pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS, ids=SCORE_IDS)
 @pytest.mark.parametrize("topk", [1, 2, 4, 8])
 def test_option_grid(topk, score, pre, bias, groups, dtype):
     E, T = 32, 37

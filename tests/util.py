@@ -12,6 +12,17 @@ from jax_router.reference import route_core
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+# (score_function, use_pre_softmax, with_bias): every score configuration SPEC §3 allows.
+SCORE_CONFIGS = [
+    ("softmax", False, False),
+    ("softmax", True, False),
+    ("sigmoid", False, False),
+    ("sigmoid", False, True),
+    ("sqrtsoftplus", False, False),
+    ("sqrtsoftplus", False, True),
+]
+SCORE_IDS = [f"{s}{'-pre' if p else ''}{'-bias' if b else ''}" for s, p, b in SCORE_CONFIGS]
+
 # Relative tolerances for probs / weights by logits dtype: float32 ~1e-6; half types round
 # their output to 8 / 11 bits.
 RTOL = {jnp.dtype(jnp.float32): 2e-6, jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3}
@@ -83,5 +94,5 @@ def options_for(logits, topk, **kw):
                         kw.get("score_function", "softmax"), kw.get("expert_bias"))
 
 
-__all__ = ["random_logits", "random_bias", "assert_indices_match", "selection_scores",
+__all__ = ["SCORE_CONFIGS", "SCORE_IDS", "random_logits", "random_bias", "assert_indices_match", "selection_scores",
            "compare_to_reference", "options_for", "route_core", "FLOAT_DTYPES", "RTOL"]
