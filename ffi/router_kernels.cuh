@@ -36,6 +36,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "router.h"
@@ -186,6 +187,24 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// router.h's activation with subnormal values flushed to zero where they arise (e^x inside
+// softplus below x ~ -87.3, a sigmoid below x ~ -87.3), as XLA computes the pure-JAX reference
+// on the GPU (flush-to-zero) and as the SPEC §4 rule "s underflows to 0" reads. Equal to
+// activation() everywhere else.
+__device__ __forceinline__ float act_dev(ScoreFn f, float x) {
+  if (f == ScoreFn::kSigmoid) {
+    const float s = sigmoid(x);
+    return s < FLT_MIN ? 0.0f : s;  // s >= 0; NaN passes through
+  }
+  if (f == ScoreFn::kSqrtSoftplus) {
+    if (x > 20.0f) return sqrtf(x);
+    float e = expf(x);
+    e = e < FLT_MIN ? 0.0f : e;
+    return sqrtf(log1pf(e));
+  }
+  return x;
+}
+
 // ---- chunk helpers (V elements of one lane) -------------------------------------------------
 
 // x[i] = logits chunk, 0 past nvalid; 16-byte loads when the chunk is whole and aligned.
@@ -317,8 +336,7 @@ __device__ __forceinline__ float rcp_rn_fast(float y, bool* odd) {
 // path's exact range: x below about -87, or NaN) stays out of the hot loop's instruction stream.
 template <ScoreFn F>
 __device__ __noinline__ float4 activation4_slow(float4 x) {
-  return make_float4(activation(F, x.x), activation(F, x.y), activation(F, x.z),
-                     activation(F, x.w));
+  return make_float4(act_dev(F, x.x), act_dev(F, x.y), act_dev(F, x.z), act_dev(F, x.w));
 }
 
 // Keys of one lane's chunk, streamed 4 at a time into keys_sm[.][tid], and its top-P keys
@@ -365,7 +383,7 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
       }
     } else if (F != ScoreFn::kSoftmax) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) s[u] = activation(F, x[4 * q + u]);
+      for (int u = 0; u < 4; ++u) s[u] = act_dev(F, x[4 * q + u]);
     }
     uint32_t kk[4];
 #pragma unroll
@@ -541,7 +559,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       const int e = static_cast<int>(slot_expert(sk));
       const float xe = load_as_float(a.logits, dt, roff + e);
       sel_e[tb][rank] = e;
-      sel_v[tb][rank] = kRaw ? xe : activation(F, xe);
+      sel_v[tb][rank] = kRaw ? xe : act_dev(F, xe);
     };
     if (ctot <= CMAX) {
       for (int idx = j; idx < ctot; idx += L) {
@@ -733,7 +751,7 @@ __global__ void fwd_general_kernel(const GenArgs a) {
     // Unbiased activation s and selection score z of expert i.
     auto act_of = [&](float x) -> float {
       if (F == ScoreFn::kSoftmax) return a.pre_softmax ? expf(x - mx) / sum : x;
-      return activation(F, x);
+      return act_dev(F, x);
     };
     auto key_of = [&](int i) -> uint32_t {
       const float s = act_of(D::to_f(xr[i]));
