@@ -1,5 +1,5 @@
-// Python module `jax_router._cpu`: the CPU handlers (router_cpu.cc) as FFI capsules, under the
-// same target names as the CUDA module (cuda_module.cc).
+// Python module `jax_router._cpu`: the CPU handlers (router_cpu.cc, aux_loss_cpu.cc) as FFI
+// capsules, under the same target names as the CUDA module (cuda_module.cc).
 #include <type_traits>
 
 #include "nanobind/nanobind.h"
@@ -10,6 +10,8 @@ namespace nb = nanobind;
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterFwdCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterBwdCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterAuxScoresFwdCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterAuxScoresBwdCpu);
 
 template <typename T>
 static nb::capsule Capsule(T* fn) {
@@ -23,6 +25,8 @@ NB_MODULE(_cpu, m) {
     nb::dict d;
     d["jax_router_fwd"] = Capsule(JaxRouterFwdCpu);
     d["jax_router_bwd"] = Capsule(JaxRouterBwdCpu);
+    d["jax_router_aux_scores_fwd"] = Capsule(JaxRouterAuxScoresFwdCpu);
+    d["jax_router_aux_scores_bwd"] = Capsule(JaxRouterAuxScoresBwdCpu);
     return d;
   });
 }

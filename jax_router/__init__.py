@@ -1,12 +1,15 @@
 """jax_router: a fused Mixture-of-Experts router for JAX (CUDA and CPU XLA FFI kernels)."""
 
 from . import reference
+from .aux_loss import fused_compute_score_for_moe_aux_loss, fused_moe_aux_loss
 from .options import RouteOptions, RoutingMapFormat, ScoreFunction
 from .router import fused_topk_with_score_function, route_topk
 
 __all__ = [
     "fused_topk_with_score_function",
     "route_topk",
+    "fused_compute_score_for_moe_aux_loss",
+    "fused_moe_aux_loss",
     "reference",
     "RouteOptions",
     "RoutingMapFormat",

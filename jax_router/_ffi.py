@@ -10,6 +10,8 @@ import jax
 
 FWD_TARGET = "jax_router_fwd"
 BWD_TARGET = "jax_router_bwd"
+AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
+AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
 
 try:
     from . import _cpu
@@ -20,10 +22,15 @@ try:
 except ImportError:  # built without nvcc
     _cuda = None
 
+# Target names registered per platform ("cpu", "cuda"): not every target has every platform's
+# handler (a CUDA build may lack a target the CPU module has), so callers ask per target.
+_REGISTERED: dict[str, frozenset[str]] = {}
 for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
     if _module is not None:
-        for _name, _capsule in _module.registrations().items():
+        _names = _module.registrations()
+        for _name, _capsule in _names.items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
+        _REGISTERED[_platform.lower()] = frozenset(_names)
 
 
 def kernel_platforms() -> frozenset[str]:
@@ -31,7 +38,17 @@ def kernel_platforms() -> frozenset[str]:
     return frozenset(p for m, p in ((_cpu, "cpu"), (_cuda, "cuda")) if m is not None)
 
 
-def default_backend_has_kernels() -> bool:
+def target_platforms(target: str) -> frozenset[str]:
+    """Platforms ("cpu", "cuda") with a compiled handler for the FFI target ``target``."""
+    return frozenset(p for p, names in _REGISTERED.items() if target in names)
+
+
+def default_backend_has_target(target: str) -> bool:
+    """Whether the default backend has a compiled handler for ``target``."""
+    return _default_platform() in target_platforms(target)
+
+
+def _default_platform() -> str:
     backend = jax.default_backend()
     if backend == "gpu":
         try:
@@ -39,4 +56,8 @@ def default_backend_has_kernels() -> bool:
         except Exception:  # noqa: BLE001 - unknown clients are simply not CUDA
             version = ""
         backend = "cuda" if "cuda" in version else backend
-    return backend in kernel_platforms()
+    return backend
+
+
+def default_backend_has_kernels() -> bool:
+    return _default_platform() in kernel_platforms()

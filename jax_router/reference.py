@@ -242,3 +242,123 @@ def dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype):
 
 
 __all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_core"]
+
+
+# ---- auxiliary-loss helpers (SPEC §2.3) ----------------------------------------------------
+
+_AUX_TPE_DTYPES = (jnp.int16, jnp.int32, jnp.int64, jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def aux_scores_options(logits, topk, score_function, routing_map_format) -> tuple[
+        RouteOptions, RoutingMapFormat]:
+    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (SPEC §5 rules)."""
+    opts = make_options(logits, topk, score_function=score_function)
+    return opts, routing_map_format_of(routing_map_format)
+
+
+def aux_scores(logits: jax.Array, fn: ScoreFunction) -> jax.Array:
+    """float32 scores over all E: softmax, or act(x) / (sum_{all E} act(x) + eps)."""
+    x = logits.astype(jnp.float32)
+    if fn == ScoreFunction.SOFTMAX:
+        return jax.nn.softmax(x, axis=-1)
+    return _normalize(activation(fn, x))
+
+
+def fused_compute_score_for_moe_aux_loss(logits, topk, score_function,
+                                         routing_map_format="bytemap"):
+    """Pure-JAX ``fused_compute_score_for_moe_aux_loss``: ``(routing_map, scores)``.
+
+    ``scores`` is float32 ``[*lead, E]`` (softmax over E; sigmoid / sqrtsoftplus normalised by
+    their sum over all E plus 1e-20, whatever ``topk``); ``routing_map`` marks the ``topk``
+    largest scores (ties to the lower id), as bool ``[*lead, E]`` or LSB-first uint8 bitmap.
+    """
+    opts, fmt = aux_scores_options(logits, topk, score_function, routing_map_format)
+    scores = aux_scores(logits, opts.score_function)
+    idx = spec_top_k(jax.lax.stop_gradient(scores), opts.topk)
+    routing_map = scatter_rows(idx, jnp.ones(idx.shape, jnp.bool_), opts.num_experts, jnp.bool_)
+    if fmt == RoutingMapFormat.BITMAP_U8:
+        routing_map = pack_bitmap(routing_map)
+    return routing_map, scores
+
+
+def _is_array(v) -> bool:
+    return hasattr(v, "dtype") and hasattr(v, "shape")
+
+
+def aux_loss_scale(total_num_tokens, num_experts, topk, coeff):
+    """Validates the scalar arguments of ``fused_moe_aux_loss``; returns
+    ``C = E * coeff / (topk * T^2)`` (np.float32 when T and coeff are Python numbers, else a
+    float32 JAX scalar)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
+        raise TypeError(f"num_experts must be an int, got {num_experts!r}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk must be an int, got {topk!r}")
+    if not 1 <= topk <= num_experts:
+        raise ValueError(f"topk must lie in [1, num_experts={num_experts}], got {topk}")
+    if _is_array(total_num_tokens):
+        if jnp.ndim(total_num_tokens) != 0:
+            raise ValueError(
+                f"total_num_tokens must be a scalar, got shape {tuple(jnp.shape(total_num_tokens))}")
+        d = jnp.dtype(total_num_tokens.dtype)
+        if not (jnp.issubdtype(d, jnp.integer) or jnp.issubdtype(d, jnp.floating)):
+            raise TypeError(f"total_num_tokens must be an int or a numeric scalar, got dtype {d}")
+    elif isinstance(total_num_tokens, bool) or not isinstance(total_num_tokens, (int, np.integer)):
+        raise TypeError(f"total_num_tokens must be an int, got {total_num_tokens!r}")
+    elif total_num_tokens <= 0:
+        raise ValueError(f"total_num_tokens must be positive, got {total_num_tokens}")
+    if _is_array(coeff):
+        if jnp.ndim(coeff) != 0 or not jnp.issubdtype(coeff.dtype, jnp.floating):
+            raise TypeError(f"coeff must be a float or a floating scalar, got {jax.typeof(coeff)}")
+    else:
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float, np.integer, np.floating)):
+            raise TypeError(f"coeff must be a float, got {coeff!r}")
+        if not np.isfinite(float(coeff)):
+            raise ValueError(f"coeff must be finite, got {coeff!r}")
+    if not _is_array(total_num_tokens) and not _is_array(coeff):
+        t = float(total_num_tokens)
+        return np.float32(num_experts * float(coeff) / (topk * t * t))
+    t = jnp.asarray(total_num_tokens).astype(jnp.float32)
+    return (np.float32(num_experts) * jnp.asarray(coeff, jnp.float32)) / (np.float32(topk) * t * t)
+
+
+def check_aux_loss_arrays(probs, tokens_per_expert, num_experts) -> None:
+    """Shape / dtype rules of ``fused_moe_aux_loss``'s array arguments."""
+    pdtype = getattr(probs, "dtype", None)
+    if pdtype is None or jnp.dtype(pdtype) not in [jnp.dtype(d) for d in
+                                                   (jnp.float32, jnp.bfloat16, jnp.float16)]:
+        raise TypeError(f"probs must be float32, bfloat16 or float16, got dtype {pdtype}")
+    if jnp.ndim(probs) == 0:
+        raise ValueError("probs must have at least one dimension [*rows, cols], got a scalar")
+    cols = int(jnp.shape(probs)[-1])
+    if cols % num_experts:
+        raise ValueError(
+            f"probs' last dim (cols={cols}) must be a multiple of num_experts={num_experts}")
+    tdtype = getattr(tokens_per_expert, "dtype", None)
+    if tdtype is None or jnp.dtype(tdtype) not in [jnp.dtype(d) for d in _AUX_TPE_DTYPES]:
+        raise TypeError("tokens_per_expert must be int16/int32/int64/float32/bfloat16/float16, "
+                        f"got dtype {tdtype}")
+    if tuple(jnp.shape(tokens_per_expert)) != (cols,):
+        raise ValueError(f"tokens_per_expert must have shape [cols]=({cols},) (probs' last dim), "
+                         f"got {tuple(jnp.shape(tokens_per_expert))}")
+
+
+def fused_moe_aux_loss(probs, tokens_per_expert, total_num_tokens, num_experts, topk, coeff,
+                       *, axis_name=None):
+    """Pure-JAX ``fused_moe_aux_loss`` (the public wrapper in jax_router.aux_loss documents it).
+
+    ``E * coeff / (topk * T^2) * sum_c (sum_r probs[r, c]) * tokens_per_expert[c]`` as a float32
+    scalar; column sums accumulate in float32; ``tokens_per_expert`` gets no gradient.
+    """
+    C = aux_loss_scale(total_num_tokens, num_experts, topk, coeff)
+    check_aux_loss_arrays(probs, tokens_per_expert, num_experts)
+    p = probs.astype(jnp.float32)
+    colsum = jnp.sum(p, axis=tuple(range(p.ndim - 1)))
+    if axis_name is not None:
+        colsum = jax.lax.psum(colsum, axis_name)
+    tpe = jax.lax.stop_gradient(tokens_per_expert).astype(jnp.float32)
+    return C * jnp.sum(colsum * tpe)
+
+
+__all__ += ["fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss"]

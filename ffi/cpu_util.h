@@ -1,0 +1,228 @@
+// CPU helpers shared by the router handlers (router_cpu.cc) and the aux-loss handlers
+// (aux_loss_cpu.cc): half-float conversion, dtype dispatch, the row loop over XLA's thread
+// pool, the vectorisable exp / softmax, and the top-k selection on order keys (router.h).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "ffi_common.h"
+#include "router.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_router {
+
+namespace ffi = xla::ffi;
+
+// ---- element conversion ------------------------------------------------------------------
+
+struct BF16 {
+  uint16_t bits;
+};
+using F16 = _Float16;
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(F16 v) { return static_cast<float>(v); }
+inline float ToFloat(BF16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+inline T FromFloat(float v);
+template <>
+inline float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+inline F16 FromFloat<F16>(float v) {
+  return static_cast<F16>(v);  // round to nearest even
+}
+template <>
+inline BF16 FromFloat<BF16>(float v) {
+  uint32_t u = float_bits(v);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return BF16{static_cast<uint16_t>(u >> 16)};
+}
+
+// Calls fn(T{}) with T the C++ type of a float dtype.
+template <typename Fn>
+ffi::Error DispatchFloat(ffi::DataType t, Fn&& fn) {
+  switch (t) {
+    case ffi::DataType::F32:
+      fn(float{});
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      fn(BF16{});
+      return ffi::Error::Success();
+    case ffi::DataType::F16:
+      fn(F16{});
+      return ffi::Error::Success();
+    default:
+      return Invalid("unsupported float dtype");
+  }
+}
+
+// ---- parallel rows -----------------------------------------------------------------------
+
+// Runs fn(r0, r1) over [0, rows) in chunks on the calling thread and XLA's pool. Chunks are
+// claimed from a shared counter, so the caller never waits on a task that has not started:
+// a pool thread that starts late finds nothing left and returns.
+template <typename Fn>
+void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&& fn) {
+  constexpr int64_t kMinWorkPerChunk = 1 << 16;
+  int64_t threads = pool ? pool->num_threads() : 0;
+  int64_t chunks = std::min<int64_t>(
+      {rows, (threads + 1) * 4, std::max<int64_t>(1, rows * work_per_row / kMinWorkPerChunk)});
+  if (threads <= 0 || chunks <= 1) {
+    fn(int64_t{0}, rows);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  int64_t per_chunk = (rows + chunks - 1) / chunks;
+  auto* fn_ptr = &fn;
+  auto work = [state, chunks, per_chunk, rows, fn_ptr]() {
+    int64_t c;
+    while ((c = state->next.fetch_add(1)) < chunks) {
+      (*fn_ptr)(c * per_chunk, std::min(rows, (c + 1) * per_chunk));
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (++state->done == chunks) state->cv.notify_all();
+    }
+  };
+  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t) pool->Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == chunks; });
+}
+
+// ---- scores ------------------------------------------------------------------------------
+
+// e^x for the CPU's score loops: Cody-Waite range reduction and a degree-6 polynomial, within
+// 2 ulp of expf, written branch-free so that the loops below vectorise (libm's expf does not).
+// Underflow to subnormals and zero, overflow to inf, NaN in -> NaN out.
+inline float VecExp(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n as two normal factors, so that results down to the smallest subnormal are exact.
+  const int32_t ni = static_cast<int32_t>(n == n ? n : 0.0f);
+  const int32_t n1 = ni / 2, n2 = ni - n1;
+  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127) << 23;
+  float f1, f2;
+  std::memcpy(&f1, &b1, 4);
+  std::memcpy(&f2, &b2, 4);
+  return p * f1 * f2;
+}
+
+// Softmax over a row: s = e^{x - max} / sum. A NaN anywhere makes the sum, hence the row, NaN.
+// The forward and the pre-softmax backward both call it, so they see the same s.
+inline void Softmax(const float* x, float* s, int64_t E) {
+  float m = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) m = x[e] > m ? x[e] : m;
+  float sum = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = VecExp(x[e] - m);
+    sum += s[e];
+  }
+  for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+}
+
+// ---- selection ---------------------------------------------------------------------------
+
+constexpr int64_t kMaxBlocks = 1024;  // block maxima kept on the stack: E <= 8192 uses the floor
+
+// Writes the k largest slot keys of experts [first, first + n) (keys indexed by expert id),
+// in descending order, to out[0..k). k <= n.
+//
+// Small k: the maxima of blocks of 8 keys come first (vector max); the k-th largest block
+// maximum is a floor that at least k keys reach, so only blocks whose maximum reaches it are
+// scanned, and only keys at or above it enter the sorted buffer. Candidates arrive by ascending
+// id, so an equal key never displaces a held one: ties go to the lower id.
+__attribute__((always_inline)) inline void SelectTopK(const uint32_t* keys, int64_t first,
+                                                      int64_t n, int64_t k, uint64_t* out,
+                                                      std::vector<uint64_t>& scratch) {
+  if (k <= 32) {
+    constexpr int64_t kBlock = 8;
+    const uint32_t* kv = keys + first;
+    const int64_t nblocks = (n + kBlock - 1) / kBlock;
+    uint32_t bmax[kMaxBlocks];
+    uint32_t floor_key = 0;
+    const bool use_floor = nblocks >= k && nblocks <= kMaxBlocks;
+    if (use_floor) {
+      const int64_t full = n / kBlock;
+      for (int64_t b = 0; b < full; ++b) {
+        uint32_t m = 0;
+        for (int64_t i = 0; i < kBlock; ++i) m = kv[b * kBlock + i] > m ? kv[b * kBlock + i] : m;
+        bmax[b] = m;
+      }
+      if (full < nblocks) {
+        uint32_t m = 0;
+        for (int64_t e = full * kBlock; e < n; ++e) m = kv[e] > m ? kv[e] : m;
+        bmax[full] = m;
+      }
+      // k-th largest block maximum (a small insertion over nblocks values).
+      uint32_t best[32];
+      int64_t cnt = 0;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint32_t v = bmax[b];
+        if (cnt == k && v <= best[k - 1]) continue;
+        int64_t j = cnt < k ? cnt++ : k - 1;
+        while (j > 0 && best[j - 1] < v) {
+          best[j] = best[j - 1];
+          --j;
+        }
+        best[j] = v;
+      }
+      floor_key = best[k - 1];
+    }
+    int64_t cnt = 0;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      if (use_floor && bmax[b] < floor_key) continue;
+      const int64_t e0 = b * kBlock, e1 = std::min(n, e0 + kBlock);
+      for (int64_t e = e0; e < e1; ++e) {
+        if (kv[e] < floor_key) continue;
+        const uint64_t sk = slot_key(kv[e], static_cast<uint32_t>(first + e));
+        if (cnt == k && sk <= out[k - 1]) continue;
+        int64_t j = cnt < k ? cnt++ : k - 1;
+        while (j > 0 && out[j - 1] < sk) {
+          out[j] = out[j - 1];
+          --j;
+        }
+        out[j] = sk;
+      }
+    }
+    return;
+  }
+  scratch.resize(n);
+  for (int64_t i = 0; i < n; ++i) scratch[i] = slot_key(keys[first + i], first + i);
+  auto desc = [](uint64_t a, uint64_t b) { return a > b; };
+  if (k < n) std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), desc);
+  std::sort(scratch.begin(), scratch.begin() + k, desc);
+  std::copy(scratch.begin(), scratch.begin() + k, out);
+}
+
+}  // namespace jax_router
