@@ -1,9 +1,10 @@
 """The fused router: public functions, their ``custom_vjp`` and the FFI calls.
 
 Path to the kernel: ``route_topk`` / ``fused_topk_with_score_function`` validate (options.py),
-then ``_route`` (a ``jax.custom_vjp``) calls ``jax.ffi.ffi_call("jax_router_fwd")``, which runs
-``FwdCpu`` in ffi/router_cpu.cc or ``FwdCuda`` in ffi/router_cuda.cu; the backward calls
-``jax_router_bwd`` with the compact residuals (selected indices and their scores).
+then ``_route`` (a ``jax.custom_vjp``) calls the ``jax_router_fwd`` custom call (through
+sharding.py, which partitions it row-wise over token-sharded inputs), which runs ``FwdCpu`` in
+ffi/router_cpu.cc or ``FwdCuda`` in ffi/router_cuda.cu; the backward calls ``jax_router_bwd``
+with the compact residuals (selected indices and their scores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from . import _ffi, reference
+from . import _ffi, reference, sharding
 from .options import (
     RouteOptions,
     RoutingMapFormat,
@@ -75,22 +76,16 @@ def _forward(call: _Call, logits, bias, alias, residuals: bool):
         _aval(logits, lead + (k,), jnp.float32) if residuals else _empty(logits, jnp.float32),
     )
     bias_arg = bias.astype(jnp.float32) if bias is not None else jnp.zeros((0,), jnp.float32)
-    args = (logits, bias_arg) + ((alias,) if alias is not None else ())
-    return jax.ffi.ffi_call(
-        _ffi.FWD_TARGET,
-        out_types,
-        vmap_method="broadcast_all",
-        input_output_aliases={2: 3} if alias is not None else None,
-    )(*args, **opts.ffi_attrs(bitmap=call.bitmap))
+    return sharding.ffi_forward(out_types, logits, bias_arg, alias,
+                                opts.ffi_attrs(bitmap=call.bitmap))
 
 
 def _backward(call: _Call, g, idx, act, logits):
     opts = call.opts
     shape = act.shape[:-1] + (opts.num_experts,)
     lg = logits if opts.pre_softmax else jnp.zeros((0,), jnp.float32)
-    return jax.ffi.ffi_call(
-        _ffi.BWD_TARGET, _aval(act, shape, call.logits_dtype), vmap_method="broadcast_all"
-    )(g, idx, act, lg, **opts.ffi_attrs(dense_grad=call.mode != _COMPACT))
+    return sharding.ffi_backward(_aval(act, shape, call.logits_dtype), g, idx, act, lg,
+                                 opts.ffi_attrs(dense_grad=call.mode != _COMPACT))
 
 
 def _primal(call: _Call, outs):
@@ -184,7 +179,8 @@ def fused_topk_with_score_function(
     call = _Call(opts, _DENSE if index_dtype is not None else _MAP,
                  fmt == RoutingMapFormat.BITMAP_U8 and index_dtype is None,
                  index_dtype, jnp.dtype(logits.dtype))
-    return _route(call, logits, expert_bias, topk_indices)
+    return _route(call, sharding.whole_last_dim(logits), expert_bias,
+                  sharding.whole_last_dim(topk_indices))
 
 
 def route_topk(
@@ -222,4 +218,4 @@ def route_topk(
             group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
             expert_bias=expert_bias, index_dtype=index_dtype)
     call = _Call(opts, _COMPACT, False, idx_dtype, jnp.dtype(logits.dtype))
-    return _route(call, logits, expert_bias, None)
+    return _route(call, sharding.whole_last_dim(logits), expert_bias, None)

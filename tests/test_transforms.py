@@ -660,10 +660,6 @@ def test_export_loads_in_a_fresh_process(tmp_path):
 # ---- sharded tokens ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SPEC §7: token-sharded logits must be routed locally on each device; router.py has no "
-    "custom_partitioning / Shardy rule yet, so XLA all-gathers the token dim before "
-    "jax_router_fwd (the results are still correct)"))
 def test_token_sharded_logits_are_not_gathered():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
