@@ -1,21 +1,10 @@
-// CPU handlers for the aux-loss scores (SPEC §2.3):
-//
-// jax_router_aux_scores_fwd(logits [T,E]) -> (scores f32 [T,E], map bool[T,E] | u8[T,ceil(E/8)])
-//   attrs: topk (i64), score_function (i64, router.h ScoreFn), bitmap (bool)
-// jax_router_aux_scores_bwd(grad_scores f32 [T,E], logits [T,E]) -> grad_logits [T,E]
-//   attrs: score_function (i64)
-//
-// Per row: softmax -> scores = softmax(x) over all E; sigmoid / sqrtsoftplus -> s = act(x) and
-// scores = s / (sum_{all E} s + eps) (whatever topk). The map marks the topk largest scores in
-// SPEC order (order keys of router.h, ties to the lower id). The backward recomputes s from the
-// logits (the only residual) and applies
-//   softmax:       dx = s (g - sum_e g_e s_e)
-//   sigmoid/ssp:   ds = (g - sum_e g_e p_e) / (A + eps),  dx = ds * activation_grad(s)
-// with p = scores and A = sum_e s_e, i.e. g / (A + eps) - B / (A + eps)^2, B = sum_e g_e s_e.
+// CPU handlers for the aux-loss score targets (contract and math: aux_loss.h). One routine
+// per row, row ranges split across XLA's intra-op thread pool (cpu_util.h).
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "aux_loss.h"
 #include "cpu_util.h"
 #include "ffi_common.h"
 #include "router.h"
@@ -25,12 +14,6 @@ namespace ffi = xla::ffi;
 
 namespace jax_router {
 namespace {
-
-ffi::Error DecodeScoreFn(int64_t v, ScoreFn* out) {
-  if (v < 0 || v > 2) return Invalid("unknown score_function");
-  *out = static_cast<ScoreFn>(v);
-  return ffi::Error::Success();
-}
 
 // s = activation(x) over the whole row (softmax: the row's softmax). Returns sum_e s_e for the
 // element-wise functions (0 for softmax, which needs no normalisation).
@@ -48,15 +31,6 @@ inline float AuxActivation(ScoreFn fn, const float* x, float* s, int64_t E) {
   for (int64_t e = 0; e < E; ++e) sum += s[e];
   return sum;
 }
-
-struct AuxFwd {
-  int64_t rows, experts, topk;
-  ScoreFn fn;
-  bool bitmap;
-  const void* logits;
-  float* scores;
-  uint8_t* map;
-};
 
 template <typename T>
 void AuxForwardRows(const AuxFwd& f, int64_t r0, int64_t r1) {
@@ -90,15 +64,6 @@ void AuxForwardRows(const AuxFwd& f, int64_t r0, int64_t r1) {
   }
 }
 
-struct AuxBwd {
-  int64_t rows, experts;
-  ScoreFn fn;
-  const float* grad;
-  const void* logits;
-  ffi::DataType logits_dtype;
-  void* grad_logits;
-};
-
 template <typename T>
 void AuxBackwardRows(const AuxBwd& b, int64_t r0, int64_t r1) {
   const int64_t E = b.experts;
@@ -128,30 +93,10 @@ void AuxBackwardRows(const AuxBwd& b, int64_t r0, int64_t r1) {
 ffi::Error AuxScoresFwdCpu(ffi::ThreadPool pool, int64_t topk, int64_t score_function,
                            bool bitmap, ffi::AnyBuffer logits,
                            ffi::Result<ffi::AnyBuffer> scores, ffi::Result<ffi::AnyBuffer> map) {
-  AuxFwd f{};
-  if (!IsFloatDtype(logits.element_type())) return Invalid("logits must be f32/bf16/f16");
-  if (logits.dimensions().size() < 1) return Invalid("logits must have rank >= 1");
-  f.experts = LastDim(logits);
-  if (f.experts < 1) return Invalid("logits must have at least one expert");
-  f.rows = static_cast<int64_t>(logits.element_count()) / f.experts;
-  if (topk < 1 || topk > f.experts) return Invalid("topk must lie in [1, E]");
-  f.topk = topk;
-  JR_RETURN_IF_ERROR(DecodeScoreFn(score_function, &f.fn));
-  f.bitmap = bitmap;
-  if (scores->element_type() != ffi::DataType::F32 ||
-      static_cast<int64_t>(scores->element_count()) != f.rows * f.experts) {
-    return Invalid("aux scores must be f32 [T, E]");
-  }
-  const int64_t mbytes = bitmap ? bitmap_bytes(f.experts) : f.experts;
-  if (map->element_type() != (bitmap ? ffi::DataType::U8 : ffi::DataType::PRED) ||
-      static_cast<int64_t>(map->element_count()) != f.rows * mbytes) {
-    return Invalid("aux routing_map must be bool [T, E] (bytemap) or uint8 [T, ceil(E/8)]");
-  }
+  AuxFwd f;
+  JR_RETURN_IF_ERROR(MakeAuxFwd(f, topk, score_function, bitmap, logits, *scores, *map));
   if (f.rows == 0) return ffi::Error::Success();
-  f.logits = logits.untyped_data();
-  f.scores = static_cast<float*>(scores->untyped_data());
-  f.map = static_cast<uint8_t*>(map->untyped_data());
-  return DispatchFloat(logits.element_type(), [&](auto tag) {
+  return DispatchFloat(f.logits_dtype, [&](auto tag) {
     using T = decltype(tag);
     ParallelRows(&pool, f.rows, 8 * f.experts,
                  [&](int64_t r0, int64_t r1) { AuxForwardRows<T>(f, r0, r1); });
@@ -160,28 +105,9 @@ ffi::Error AuxScoresFwdCpu(ffi::ThreadPool pool, int64_t topk, int64_t score_fun
 
 ffi::Error AuxScoresBwdCpu(ffi::ThreadPool pool, int64_t score_function, ffi::AnyBuffer grad,
                            ffi::AnyBuffer logits, ffi::Result<ffi::AnyBuffer> grad_logits) {
-  AuxBwd b{};
-  if (!IsFloatDtype(logits.element_type())) return Invalid("logits must be f32/bf16/f16");
-  if (grad_logits->element_type() != logits.element_type()) {
-    return Invalid("grad_logits dtype must equal the logits dtype");
-  }
-  b.experts = LastDim(logits);
-  if (b.experts < 1) return Invalid("logits must have at least one expert");
-  b.rows = static_cast<int64_t>(logits.element_count()) / b.experts;
-  JR_RETURN_IF_ERROR(DecodeScoreFn(score_function, &b.fn));
-  const int64_t n = b.rows * b.experts;
-  if (grad.element_type() != ffi::DataType::F32 ||
-      static_cast<int64_t>(grad.element_count()) != n) {
-    return Invalid("aux grad_scores must be f32 [T, E]");
-  }
-  if (static_cast<int64_t>(grad_logits->element_count()) != n) {
-    return Invalid("grad_logits must be [T, E]");
-  }
+  AuxBwd b;
+  JR_RETURN_IF_ERROR(MakeAuxBwd(b, score_function, grad, logits, *grad_logits));
   if (b.rows == 0) return ffi::Error::Success();
-  b.grad = static_cast<const float*>(grad.untyped_data());
-  b.logits = logits.untyped_data();
-  b.logits_dtype = logits.element_type();
-  b.grad_logits = grad_logits->untyped_data();
   return DispatchFloat(b.logits_dtype, [&](auto tag) {
     using T = decltype(tag);
     ParallelRows(&pool, b.rows, 8 * b.experts,

@@ -1,5 +1,6 @@
-// Python module `jax_router._cuda`: the CUDA handlers (built by nvcc in router_cuda.cu) as FFI
-// capsules, under the same target names as the CPU module (cpu_module.cc).
+// Python module `jax_router._cuda`: the CUDA handlers (built by nvcc in router_cuda.cu and
+// aux_loss_cuda.cu) as FFI capsules, under the same target names as the CPU module
+// (cpu_module.cc).
 #include <type_traits>
 
 #include "nanobind/nanobind.h"
@@ -10,6 +11,8 @@ namespace nb = nanobind;
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterFwdCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterBwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterAuxScoresFwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxRouterAuxScoresBwdCuda);
 
 template <typename T>
 static nb::capsule Capsule(T* fn) {
@@ -23,6 +26,8 @@ NB_MODULE(_cuda, m) {
     nb::dict d;
     d["jax_router_fwd"] = Capsule(JaxRouterFwdCuda);
     d["jax_router_bwd"] = Capsule(JaxRouterBwdCuda);
+    d["jax_router_aux_scores_fwd"] = Capsule(JaxRouterAuxScoresFwdCuda);
+    d["jax_router_aux_scores_bwd"] = Capsule(JaxRouterAuxScoresBwdCuda);
     return d;
   });
 }

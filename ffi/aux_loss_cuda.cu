@@ -1,0 +1,251 @@
+// CUDA handlers for the aux-loss score targets (contract and math: aux_loss.h).
+//
+// One warp per row (grid-stride over rows), no shared memory. Lane l owns experts l, l + 32,
+// ... of its row in every pass, so it only ever reads back scores it wrote itself.
+// Forward: reductions for the normalisation, then the scores; the map is the top-k of the
+// scores' order keys (router.h), found by a radix search for the k-th largest key (32 passes
+// of warp counts) and one ordered pass that takes the ties at that key by ascending id.
+// Handlers run on XLA's stream, allocate nothing and never synchronise (command-buffer safe).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "aux_loss.h"
+#include "ffi_common.h"
+#include "router.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_router {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxBlocks = 8192;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+__device__ __forceinline__ float LoadF(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float LoadF(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ float LoadF(const __half* p, int64_t i) { return __half2float(p[i]); }
+
+template <typename T>
+__device__ __forceinline__ T StoreF(float v);
+template <>
+__device__ __forceinline__ float StoreF<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 StoreF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half StoreF<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ int WarpSumInt(int v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// Row statistics for the activation: softmax -> (max, sum e^{x - max}); element-wise functions
+// -> (0, sum s). A NaN in the row makes the sum NaN, hence every score of the row.
+template <typename T>
+__device__ __forceinline__ void RowStats(ScoreFn fn, const T* x, int64_t E, int lane, float* m,
+                                         float* sum) {
+  float acc = 0.0f;
+  if (fn == ScoreFn::kSoftmax) {
+    float mx = -INFINITY;  // fmaxf skips NaN; a NaN logit still makes its e^{x - max} NaN
+    for (int64_t e = lane; e < E; e += 32) mx = fmaxf(mx, LoadF(x, e));
+    *m = WarpMax(mx);
+    for (int64_t e = lane; e < E; e += 32) acc += expf(LoadF(x, e) - *m);
+  } else {
+    *m = 0.0f;
+    for (int64_t e = lane; e < E; e += 32) acc += activation(fn, LoadF(x, e));
+  }
+  *sum = WarpSum(acc);
+}
+
+// s_e of one element, given the row statistics.
+__device__ __forceinline__ float Act(ScoreFn fn, float x, float m, float sum) {
+  return fn == ScoreFn::kSoftmax ? expf(x - m) / sum : activation(fn, x);
+}
+
+template <typename T>
+__global__ void AuxScoresFwdKernel(AuxFwd f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t E = f.experts;
+  const int K = static_cast<int>(f.topk);
+  const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
+  for (int64_t r = warp; r < f.rows; r += nwarps) {
+    const T* x = static_cast<const T*>(f.logits) + r * E;
+    float* out = f.scores + r * E;
+    float m, sum;
+    RowStats(f.fn, x, E, lane, &m, &sum);
+    for (int64_t e = lane; e < E; e += 32) {
+      const float s = Act(f.fn, LoadF(x, e), m, sum);
+      out[e] = f.fn == ScoreFn::kSoftmax ? s : s / (sum + kEps);
+    }
+    // The k-th largest order key T: the largest t with #{key >= t} >= k.
+    uint32_t thr = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+      const uint32_t cand = thr | (1u << bit);
+      int cnt = 0;
+      for (int64_t e = lane; e < E; e += 32) cnt += order_key(out[e]) >= cand;
+      if (WarpSumInt(cnt) >= K) thr = cand;
+    }
+    int above = 0;
+    for (int64_t e = lane; e < E; e += 32) above += order_key(out[e]) > thr;
+    // Experts at the threshold key are taken by ascending id until k are marked.
+    int ties_left = K - WarpSumInt(above);
+    uint8_t* mr = f.map + r * mbytes;
+    for (int64_t base = 0; base < E; base += 32) {
+      const int64_t e = base + lane;
+      const uint32_t key = e < E ? order_key(out[e]) : 0u;
+      const bool tie = e < E && key == thr;
+      const unsigned tie_mask = __ballot_sync(kFull, tie);
+      const int rank = __popc(tie_mask & ((1u << lane) - 1u));
+      const bool sel = e < E && (key > thr || (tie && rank < ties_left));
+      ties_left -= __popc(tie_mask);
+      if (f.bitmap) {
+        const unsigned sel_mask = __ballot_sync(kFull, sel);
+        const int64_t byte = base / 8 + lane;
+        if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
+      } else if (e < E) {
+        mr[e] = sel ? 1 : 0;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void AuxScoresBwdKernel(AuxBwd b) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t E = b.experts;
+  for (int64_t r = warp; r < b.rows; r += nwarps) {
+    const T* x = static_cast<const T*>(b.logits) + r * E;
+    const float* g = b.grad + r * E;
+    T* out = static_cast<T*>(b.grad_logits) + r * E;
+    float m, sum;
+    RowStats(b.fn, x, E, lane, &m, &sum);
+    float acc = 0.0f;
+    if (b.fn == ScoreFn::kSoftmax) {
+      for (int64_t e = lane; e < E; e += 32) acc += g[e] * Act(b.fn, LoadF(x, e), m, sum);
+      const float D = WarpSum(acc);
+      for (int64_t e = lane; e < E; e += 32) {
+        const float s = Act(b.fn, LoadF(x, e), m, sum);
+        out[e] = StoreF<T>(s * (g[e] - D));
+      }
+    } else {
+      for (int64_t e = lane; e < E; e += 32) {
+        acc += g[e] * (Act(b.fn, LoadF(x, e), m, sum) / (sum + kEps));
+      }
+      const float Bp = WarpSum(acc);  // sum_e g_e p_e
+      const float inv = 1.0f / (sum + kEps);
+      for (int64_t e = lane; e < E; e += 32) {
+        const float s = Act(b.fn, LoadF(x, e), m, sum);
+        out[e] = StoreF<T>((g[e] - Bp) * inv * activation_grad(b.fn, s));
+      }
+    }
+  }
+}
+
+int Blocks(int64_t rows) {
+  const int64_t need = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<int>(need < kMaxBlocks ? need : kMaxBlocks);
+}
+
+template <template <typename> class Launch>
+cudaError_t DispatchCuda(ffi::DataType t, cudaStream_t stream, int blocks, const void* args) {
+  switch (t) {
+    case ffi::DataType::BF16:
+      return Launch<__nv_bfloat16>::Run(stream, blocks, args);
+    case ffi::DataType::F16:
+      return Launch<__half>::Run(stream, blocks, args);
+    default:
+      return Launch<float>::Run(stream, blocks, args);
+  }
+}
+
+template <typename T>
+struct LaunchFwd {
+  static cudaError_t Run(cudaStream_t stream, int blocks, const void* args) {
+    AuxScoresFwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        *static_cast<const AuxFwd*>(args));
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct LaunchBwd {
+  static cudaError_t Run(cudaStream_t stream, int blocks, const void* args) {
+    AuxScoresBwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        *static_cast<const AuxBwd*>(args));
+    return cudaGetLastError();
+  }
+};
+
+ffi::Error LaunchError(const char* what, cudaError_t e) {
+  return ffi::Error::Internal(std::string("jax_router: ") + what + ": " + cudaGetErrorName(e) +
+                              " (" + cudaGetErrorString(e) + ")");
+}
+
+ffi::Error AuxScoresFwdCuda(cudaStream_t stream, int64_t topk, int64_t score_function,
+                            bool bitmap, ffi::AnyBuffer logits,
+                            ffi::Result<ffi::AnyBuffer> scores, ffi::Result<ffi::AnyBuffer> map) {
+  AuxFwd f;
+  JR_RETURN_IF_ERROR(MakeAuxFwd(f, topk, score_function, bitmap, logits, *scores, *map));
+  if (f.rows == 0) return ffi::Error::Success();
+  cudaError_t e = DispatchCuda<LaunchFwd>(f.logits_dtype, stream, Blocks(f.rows), &f);
+  if (e != cudaSuccess) return LaunchError("aux scores forward launch failed", e);
+  return ffi::Error::Success();
+}
+
+ffi::Error AuxScoresBwdCuda(cudaStream_t stream, int64_t score_function, ffi::AnyBuffer grad,
+                            ffi::AnyBuffer logits, ffi::Result<ffi::AnyBuffer> grad_logits) {
+  AuxBwd b;
+  JR_RETURN_IF_ERROR(MakeAuxBwd(b, score_function, grad, logits, *grad_logits));
+  if (b.rows == 0) return ffi::Error::Success();
+  cudaError_t e = DispatchCuda<LaunchBwd>(b.logits_dtype, stream, Blocks(b.rows), &b);
+  if (e != cudaSuccess) return LaunchError("aux scores backward launch failed", e);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_router
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterAuxScoresFwdCuda, jax_router::AuxScoresFwdCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Attr<int64_t>("topk")
+                                  .Attr<int64_t>("score_function")
+                                  .Attr<bool>("bitmap")
+                                  .Arg<xla::ffi::AnyBuffer>()   // logits
+                                  .Ret<xla::ffi::AnyBuffer>()   // scores
+                                  .Ret<xla::ffi::AnyBuffer>(),  // routing map
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterAuxScoresBwdCuda, jax_router::AuxScoresBwdCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Attr<int64_t>("score_function")
+                                  .Arg<xla::ffi::AnyBuffer>()   // grad_scores (f32)
+                                  .Arg<xla::ffi::AnyBuffer>()   // logits
+                                  .Ret<xla::ffi::AnyBuffer>(),  // grad_logits
+                              {xla::ffi::Traits::kCmdBufferCompatible});
