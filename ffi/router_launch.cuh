@@ -342,14 +342,17 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   ka.out = b.grad_logits;
   ka.out_dt = b.out_dt;
   const bool pre = b.p.score_fn == ScoreFn::kSoftmax && b.p.pre_softmax;
-  const int L = pre ? 32 : 8;
+  // Lanes per row: a whole warp for pre-softmax (it computes the full row), 2 for rows of at
+  // most 16 experts (Mixtral: 16 rows per warp instead of 4), 8 otherwise.
+  const int L = pre ? 32 : (b.experts <= 16 ? 2 : 8);
   const int per_block = kBwdThreads / L;
   int64_t grid = (b.rows + per_block - 1) / per_block;
   const int64_t cap = static_cast<int64_t>(SmCount(dev)) * (2048 / kBwdThreads);
   if (grid > cap) grid = cap;
   const unsigned g = static_cast<unsigned>(grid);
 #define JR_BWD(DT)                                                      \
-  if (pre) bwd_kernel<DT, 32><<<g, kBwdThreads, 0, stream>>>(ka);       \
+  if (L == 32) bwd_kernel<DT, 32><<<g, kBwdThreads, 0, stream>>>(ka);   \
+  else if (L == 2) bwd_kernel<DT, 2><<<g, kBwdThreads, 0, stream>>>(ka); \
   else bwd_kernel<DT, 8><<<g, kBwdThreads, 0, stream>>>(ka);
   switch (b.out_dt) {
     case Dt::kF32:
