@@ -153,7 +153,8 @@ inline void Softmax(const float* x, float* s, int64_t E) {
 
 // ---- selection ---------------------------------------------------------------------------
 
-constexpr int64_t kMaxBlocks = 1024;  // block maxima kept on the stack: E <= 8192 uses the floor
+constexpr int64_t kMaxBlocks = 1024;    // block maxima kept on the stack: E <= 8192 uses the floor
+constexpr int64_t kMaxCandidates = 72;  // ranked by counting; more fall back to a sorted buffer
 
 // Writes the k largest slot keys of experts [first, first + n) (keys indexed by expert id),
 // in descending order, to out[0..k). k <= n.
@@ -199,21 +200,44 @@ __attribute__((always_inline)) inline void SelectTopK(const uint32_t* keys, int6
       }
       floor_key = best[k - 1];
     }
-    int64_t cnt = 0;
+    // Candidates (keys at or above the floor) gathered without branches, then each placed by
+    // counting the candidates that beat it: slot keys are distinct, so ranks are too. Data-
+    // dependent branches cost more than these few compares.
+    uint64_t cand[kMaxCandidates];
+    int64_t nc = 0;
+    int32_t blocks[kMaxBlocks];
+    int64_t nb = 0;
     for (int64_t b = 0; b < nblocks; ++b) {
-      if (use_floor && bmax[b] < floor_key) continue;
-      const int64_t e0 = b * kBlock, e1 = std::min(n, e0 + kBlock);
+      blocks[nb] = static_cast<int32_t>(b);
+      nb += !use_floor || bmax[b] >= floor_key;
+    }
+    for (int64_t ib = 0; ib < nb && nc <= kMaxCandidates - kBlock; ++ib) {
+      const int64_t e0 = blocks[ib] * kBlock, e1 = std::min(n, e0 + kBlock);
       for (int64_t e = e0; e < e1; ++e) {
-        if (kv[e] < floor_key) continue;
-        const uint64_t sk = slot_key(kv[e], static_cast<uint32_t>(first + e));
-        if (cnt == k && sk <= out[k - 1]) continue;
-        int64_t j = cnt < k ? cnt++ : k - 1;
-        while (j > 0 && out[j - 1] < sk) {
-          out[j] = out[j - 1];
-          --j;
-        }
-        out[j] = sk;
+        cand[nc] = slot_key(kv[e], static_cast<uint32_t>(first + e));
+        nc += kv[e] >= floor_key;
       }
+    }
+    if (nc <= kMaxCandidates - kBlock) {
+      for (int64_t i = 0; i < nc; ++i) {
+        int64_t rank = 0;
+        for (int64_t j = 0; j < nc; ++j) rank += cand[j] > cand[i];
+        if (rank < k) out[rank] = cand[i];
+      }
+      return;
+    }
+    // Many keys tie at the floor (constant rows, say): a sorted buffer instead.
+    int64_t cnt = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      if (kv[e] < floor_key) continue;
+      const uint64_t sk = slot_key(kv[e], static_cast<uint32_t>(first + e));
+      if (cnt == k && sk <= out[k - 1]) continue;
+      int64_t j = cnt < k ? cnt++ : k - 1;
+      while (j > 0 && out[j - 1] < sk) {
+        out[j] = out[j - 1];
+        --j;
+      }
+      out[j] = sk;
     }
     return;
   }
