@@ -364,3 +364,24 @@ def test_export_round_trip():
     rm, rs = f(x)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_non_finite_logits(fn):
+    # NaN / +-inf in some rows: every row still marks exactly topk distinct experts, the same
+    # ones as the reference (NaN scores rank last, ties to the lower id).
+    x = np.array(random_logits(17, (6, 12)))
+    x[0, 3] = np.nan
+    x[1, 5] = np.inf
+    x[2, 7] = -np.inf
+    x[3, [1, 8]] = np.inf
+    x[4, :] = -np.inf
+    x[5, 2] = np.nan
+    x[5, 9] = np.inf
+    x = jnp.asarray(x)
+    for k in (1, 4):
+        m, s = scores_and_map(x, k, fn, impl="ffi")
+        rm, rs = reference.fused_compute_score_for_moe_aux_loss(x, k, fn)
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
+        np.testing.assert_array_equal(np.isnan(np.asarray(s)), np.isnan(np.asarray(rs)))
+        np.testing.assert_allclose(np.asarray(s), np.asarray(rs), rtol=2e-5, atol=1e-9)
