@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import config as jax_config
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -210,6 +211,59 @@ def test_sharded_indices_buffer_and_vmapped_bias(kind):
     np.testing.assert_array_equal(np.asarray(got_gv), np.asarray(want_gv))
     assert_local(cv.as_text(), 4, "vmap forward")
     assert_local(cg.as_text(), 4, "vmap grad")
+
+
+def test_router_inside_shard_map():
+    """The same custom calls under shard_map (manual axes): local rows, vma-typed outputs,
+    gradients equal to one device."""
+    mesh = make_mesh("explicit")
+    x = logits(6, (16, 2, E))
+    b = random_bias(6, E)
+    f, g = router("compact")
+    body = jax.shard_map(lambda x, b: (f(x, b), g(x, b)), mesh=mesh,
+                         in_specs=(P(("x", "y")), P()), out_specs=(P(("x", "y")), P(("x", "y"))))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(("x", "y"))))
+        c = jax.jit(body).lower(xs, b).compile()
+        (got, (gx, gb)) = c(xs, b)
+    # the bias gradient is summed over the 8 devices by shard_map's out_specs (zeros anyway)
+    assert_equal_outputs(got, jax.jit(f)(x, b))
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(jax.jit(g)(x, b)[0]))
+    np.testing.assert_array_equal(np.asarray(gb), 0)
+    assert not [m for m in MOVES_ROWS if m in c.as_text()]
+
+
+def test_gspmd_partitioner():
+    """Without Shardy (GSPMD), XLA's batch partitioner alone gives the same local program."""
+    mesh = make_mesh("auto")
+    x = logits(7, (8, 4, E))
+    b = random_bias(7, E)
+    f, g = router("bitmap")
+    with jax_config.use_shardy_partitioner(False), jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("x", "y")))
+        fc, gc = jax.jit(f).lower(xs, b).compile(), jax.jit(g).lower(xs, b).compile()
+        got, got_grad = fc(xs, b), gc(xs, b)
+    assert_equal_outputs(got, jax.jit(f)(x, b))
+    assert_equal_outputs(got_grad, jax.jit(g)(x, b))
+    assert_local(fc.as_text(), 4, "forward")
+    assert_local(gc.as_text(), 4, "grad")
+
+
+def test_one_device_lowering_is_the_plain_custom_call():
+    """Unsharded programs (and so jax.export of them) carry no partitioning annotations; a
+    partitioned one carries num_batch_dims and a Shardy rule."""
+    x = logits(8, (6, E))
+    f, g = router("dense")
+    for fn in (f, g):
+        text = jax.jit(fn).lower(x, random_bias(8, E)).as_text()
+        assert "jax_router_fwd" in text
+        assert "num_batch_dims" not in text and "sdy.sharding_rule" not in text
+    mesh = make_mesh("auto")
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("y")))
+        text = jax.jit(g).lower(xs, random_bias(8, E)).as_text()
+    assert text.count('num_batch_dims = "2"') == 2  # fwd and bwd, 2-D widened to [T, 1, X]
+    assert text.count("sdy.sharding_rule") == 2
 
 
 # ---- data-parallel training of a tiny MoE layer ------------------------------------------

@@ -48,7 +48,10 @@ def is_fused(fn):
 
 @pytest.fixture
 def ffi_calls(monkeypatch):
-    """Records every jax.ffi.ffi_call made while the test runs (nothing may be launched)."""
+    """Records every FFI custom call made while the test runs (nothing may be launched): any
+    jax.ffi.ffi_call, and the router's own calls (jax_router/sharding.py binds them)."""
+    from jax_router import _ffi, sharding
+
     calls = []
     real = jax.ffi.ffi_call
 
@@ -56,7 +59,18 @@ def ffi_calls(monkeypatch):
         calls.append(target)
         return real(target, *a, **kw)
 
+    def spy_entry(name, target):
+        real_entry = getattr(sharding, name)
+
+        def entry(*a, **kw):
+            calls.append(target)
+            return real_entry(*a, **kw)
+
+        monkeypatch.setattr(sharding, name, entry)
+
     monkeypatch.setattr(jax.ffi, "ffi_call", spy)
+    spy_entry("ffi_forward", _ffi.FWD_TARGET)
+    spy_entry("ffi_backward", _ffi.BWD_TARGET)
     return calls
 
 
