@@ -58,6 +58,17 @@ for _name in (_ffi.FWD_TARGET, _ffi.BWD_TARGET):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
+def _reshape(ctx, op, aval):
+    """MLIR reshape of one value to ``aval``'s shape (a free bitcast after compilation)."""
+    if hasattr(_mlir, "reshape"):
+        return _mlir.reshape(ctx, op, aval)
+    # Releases whose private lowering helpers lack reshape: the StableHLO op itself.
+    from jax._src.lib.mlir.dialects import hlo
+
+    out_type = mlir.ir.RankedTensorType.get(aval.shape, mlir.dtype_to_ir_type(aval.dtype))
+    return hlo.reshape(out_type, op)
+
+
 def _num_devices(ctx) -> int:
     axis_context = ctx.module_context.axis_context
     if isinstance(axis_context, sharding_impls.ShardingContext):
@@ -79,7 +90,7 @@ def _lowering(target: str, ctx, *operands, target_name, out_types, aliases, attr
         return plain(ctx, *operands, **dict(attrs))
     unit = n == 1
     if unit:  # [T, X] -> [T, 1, X]: rank-1 buffers (bias, placeholders) then have rank < n
-        operands = tuple(_mlir.reshape(ctx, op, _widen(a)) if a.ndim == 2 else op
+        operands = tuple(_reshape(ctx, op, _widen(a)) if a.ndim == 2 else op
                          for op, a in zip(operands, avals_in))
         avals_in = [_widen(a) if a.ndim == 2 else a for a in avals_in]
         wide_out = [_widen(a) if a.ndim == 2 else a for a in avals_out]
@@ -99,7 +110,7 @@ def _lowering(target: str, ctx, *operands, target_name, out_types, aliases, attr
     if config.use_shardy_partitioner.value:
         _attach_sharding_rule(results[0].owner, n, avals_in, wide_out)
     if unit:
-        results = [_mlir.reshape(ctx, r, a) if a.ndim == 2 else r
+        results = [_reshape(ctx, r, a) if a.ndim == 2 else r
                    for r, a in zip(results, avals_out)]
     return results
 
