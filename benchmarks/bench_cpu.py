@@ -34,10 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_router as jr
-from jax_router import reference
 
-from workloads import WORKLOADS, Workload, get, make_inputs, verify_route
+from workloads import WORKLOADS, Workload, get, grad_fn, make_inputs, route_fn, verify_route
 
 # Default rows: the headline workload at a realistic per-device token count, the others smaller.
 DEFAULT_TOKENS = {"deepseek-v3": 16384}
@@ -47,32 +45,6 @@ MODES = ("compact", "dense", "map")
 TARGET = ("deepseek-v3", 16384, 10.0)  # fused fwd at least 10x the reference's speed
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
           "f32": jnp.float32, "float16": jnp.float16, "f16": jnp.float16}
-
-
-def route_fn(cfg: Workload, mode: str, fused: bool) -> Callable[[jax.Array, Any], tuple]:
-    """``f(logits, bias) -> (values, routing)`` for one mode, fused FFI or reference."""
-    opts = cfg.options
-    if mode == "compact":
-        if fused:
-            return lambda x, b: jr.route_topk(x, cfg.topk, expert_bias=b,
-                                              implementation="ffi", **opts)
-        return lambda x, b: reference.route_topk(x, cfg.topk, expert_bias=b, **opts)
-    extra = {"topk_indices_dtype": jnp.int32} if mode == "dense" else {}
-    if fused:
-        return lambda x, b: jr.fused_topk_with_score_function(
-            x, cfg.topk, expert_bias=b, implementation="ffi", **extra, **opts)
-    return lambda x, b: reference.fused_topk_with_score_function(
-        x, cfg.topk, expert_bias=b, **extra, **opts)
-
-
-def grad_fn(f: Callable) -> Callable:
-    """d/d logits of ``sum(values * r)``."""
-
-    def loss(x, b, r):
-        values, _ = f(x, b)
-        return jnp.sum(values.astype(jnp.float32) * r)
-
-    return jax.grad(loss)
 
 
 def paired_median_times(f: Callable, g: Callable, args: tuple, repeats: int,

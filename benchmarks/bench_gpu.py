@@ -40,37 +40,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax_router as jr  # noqa: E402
-from jax_router import reference  # noqa: E402
-from workloads import WORKLOADS, Workload, get, make_inputs, verify_route  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS, Workload, get, grad_fn, make_inputs, route_fn, verify_route)
 
 MODES = ("compact", "dense", "map")
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32,
           "float32": jnp.float32, "f16": jnp.float16, "float16": jnp.float16}
 L2_BYTES = 50 << 20
-
-
-def route_fn(cfg: Workload, mode: str, fused: bool) -> Callable:
-    opts = cfg.options
-    if mode == "compact":
-        if fused:
-            return lambda x, b: jr.route_topk(x, cfg.topk, expert_bias=b, implementation="ffi",
-                                              **opts)
-        return lambda x, b: reference.route_topk(x, cfg.topk, expert_bias=b, **opts)
-    extra = {"topk_indices_dtype": jnp.int32} if mode == "dense" else {}
-    if fused:
-        return lambda x, b: jr.fused_topk_with_score_function(
-            x, cfg.topk, expert_bias=b, implementation="ffi", **extra, **opts)
-    return lambda x, b: reference.fused_topk_with_score_function(
-        x, cfg.topk, expert_bias=b, **extra, **opts)
-
-
-def grad_fn(f: Callable) -> Callable:
-    def loss(x, b, r):
-        values, _ = f(x, b)
-        return jnp.sum(values.astype(jnp.float32) * r)
-
-    return jax.grad(loss)
 
 
 def floor_bytes(cfg: Workload, T: int, b: int, mode: str, bwd: bool) -> float:

@@ -21,11 +21,14 @@ Usage (scripts in benchmarks/ import it as ``workloads``; others put benchmarks/
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jax_router as jr
+from jax_router import reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,3 +209,29 @@ def verify_route(
 
 __all__ = ["Workload", "WORKLOADS", "RTOL", "get", "make_inputs", "selection_scores",
            "verify_route"]
+
+
+def route_fn(cfg: Workload, mode: str, fused: bool) -> Callable[[jax.Array, Any], tuple]:
+    """``f(logits, bias) -> (values, routing)`` for one mode, fused FFI or reference."""
+    opts = cfg.options
+    if mode == "compact":
+        if fused:
+            return lambda x, b: jr.route_topk(x, cfg.topk, expert_bias=b,
+                                              implementation="ffi", **opts)
+        return lambda x, b: reference.route_topk(x, cfg.topk, expert_bias=b, **opts)
+    extra = {"topk_indices_dtype": jnp.int32} if mode == "dense" else {}
+    if fused:
+        return lambda x, b: jr.fused_topk_with_score_function(
+            x, cfg.topk, expert_bias=b, implementation="ffi", **extra, **opts)
+    return lambda x, b: reference.fused_topk_with_score_function(
+        x, cfg.topk, expert_bias=b, **extra, **opts)
+
+
+def grad_fn(f: Callable) -> Callable:
+    """d/d logits of ``sum(values * r)``."""
+
+    def loss(x, b, r):
+        values, _ = f(x, b)
+        return jnp.sum(values.astype(jnp.float32) * r)
+
+    return jax.grad(loss)
