@@ -61,3 +61,20 @@ def _default_platform() -> str:
 
 def default_backend_has_kernels() -> bool:
     return _default_platform() in kernel_platforms()
+
+
+def use_kernels(implementation: str | None, targets: tuple[str, ...], kernels: str) -> bool:
+    """Resolves ``implementation`` (None | "ffi" | "xla") for an op built from ``targets``.
+
+    None picks the kernels where the default backend has every target, else pure JAX; "ffi"
+    insists on kernels (``kernels`` names them in the error when the build lacks them).
+    """
+    if implementation is None:
+        return all(default_backend_has_target(t) for t in targets)
+    if implementation == "ffi":
+        if not all(target_platforms(t) for t in targets):
+            raise ValueError(f"implementation='ffi' but jax_router was built without {kernels}")
+        return True
+    if implementation == "xla":
+        return False
+    raise ValueError(f"implementation must be None, 'ffi' or 'xla', got {implementation!r}")

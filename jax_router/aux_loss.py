@@ -73,17 +73,9 @@ _aux_scores.defvjp(_scores_fwd, _scores_bwd)
 
 
 def _use_aux_kernels(implementation: str | None) -> bool:
-    targets = (_ffi.AUX_SCORES_FWD_TARGET, _ffi.AUX_SCORES_BWD_TARGET)
-    if implementation is None:
-        return all(_ffi.default_backend_has_target(t) for t in targets)
-    if implementation == "ffi":
-        if not all(_ffi.target_platforms(t) for t in targets):
-            raise ValueError(
-                "implementation='ffi' but jax_router was built without the aux-score kernels")
-        return True
-    if implementation == "xla":
-        return False
-    raise ValueError(f"implementation must be None, 'ffi' or 'xla', got {implementation!r}")
+    return _ffi.use_kernels(implementation,
+                            (_ffi.AUX_SCORES_FWD_TARGET, _ffi.AUX_SCORES_BWD_TARGET),
+                            "the aux-score kernels")
 
 
 def fused_compute_score_for_moe_aux_loss(

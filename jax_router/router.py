@@ -116,15 +116,7 @@ _route.defvjp(_route_fwd, _route_bwd)
 
 
 def _use_kernels(implementation: str | None) -> bool:
-    if implementation is None:
-        return _ffi.default_backend_has_kernels()
-    if implementation == "ffi":
-        if not _ffi.kernel_platforms():
-            raise ValueError("implementation='ffi' but jax_router was built without its kernels")
-        return True
-    if implementation == "xla":
-        return False
-    raise ValueError(f"implementation must be None, 'ffi' or 'xla', got {implementation!r}")
+    return _ffi.use_kernels(implementation, (_ffi.FWD_TARGET, _ffi.BWD_TARGET), "its kernels")
 
 
 def fused_topk_with_score_function(
