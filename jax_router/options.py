@@ -56,14 +56,30 @@ def score_function_of(value: Any) -> ScoreFunction:
     )
 
 
+# TransformerEngine also accepts its enum's integer values for the map format (its score
+# functions take no integers, and their values differ from ours, so those stay names only).
+_TE_FORMAT_INTS = {0: RoutingMapFormat.BYTEMAP, 1: RoutingMapFormat.BITMAP_U8}
+
+
 def routing_map_format_of(value: Any) -> RoutingMapFormat:
+    """``RoutingMapFormat`` of a string, an enum member with that name, or TE's ints 0 / 1.
+
+    Raises:
+      ValueError: anything else (False, 8, "bitmap", ...).
+    """
     if isinstance(value, RoutingMapFormat):
         return value
+    plain_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, enum.Enum))
+    if plain_int and int(value) in _TE_FORMAT_INTS:
+        return _TE_FORMAT_INTS[int(value)]
     name = _enum_name(value)
     for f in RoutingMapFormat:
         if f.value == name or f.name.lower() == name:
             return f
-    raise ValueError(f"routing_map_format must be 'bytemap' or 'bitmap_u8', got {value!r}")
+    raise ValueError(
+        "routing_map_format must be 'bytemap' or 'bitmap_u8' (or TransformerEngine's 0 / 1), "
+        f"got {value!r}"
+    )
 
 
 def check_logits(logits: Any) -> None:
