@@ -15,14 +15,14 @@ its own partitioning rule and an explicit all-reduce to get the same.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _ffi, reference
-from .options import RoutingMapFormat, ScoreFunction
+from .options import RoutingMapFormat, RoutingMapFormatLike, ScoreFunction, ScoreFunctionLike
 from .router import _aval
 
 
@@ -81,8 +81,8 @@ def _use_aux_kernels(implementation: str | None) -> bool:
 def fused_compute_score_for_moe_aux_loss(
     logits: jax.Array,
     topk: int,
-    score_function: Any,
-    routing_map_format: Any = "bytemap",
+    score_function: ScoreFunctionLike,
+    routing_map_format: RoutingMapFormatLike = "bytemap",
     *,
     implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -91,9 +91,11 @@ def fused_compute_score_for_moe_aux_loss(
     Args:
       logits: ``[*lead, E]`` float32 / bfloat16 / float16 router logits.
       topk: experts marked per token, ``1 <= topk <= E``.
-      score_function: "softmax" | "sigmoid" | "sqrtsoftplus" (or an enum with that name).
+      score_function: "softmax" | "sigmoid" | "sqrtsoftplus", or an enum member with one of
+        those names (matched by name, as in ``fused_topk_with_score_function``).
       routing_map_format: "bytemap" (``bool[*lead, E]``) or "bitmap_u8"
-        (``uint8[*lead, ceil(E/8)]``, bit ``e % 8`` of byte ``e // 8``, padding bits 0).
+        (``uint8[*lead, ceil(E/8)]``, bit ``e % 8`` of byte ``e // 8``, padding bits 0); a
+        ``RoutingMapFormat``, an enum member of that name, or 0 / 1 also work.
       implementation: None (kernels where this backend has them, else pure JAX), "ffi", "xla".
 
     Returns:
@@ -107,8 +109,10 @@ def fused_compute_score_for_moe_aux_loss(
     all E, then the activation's derivative. It is returned in the logits dtype.
 
     Raises:
-      TypeError / ValueError naming the argument (bad logits dtype or rank, topk outside
-      ``[1, E]``, unknown score_function or routing_map_format).
+      TypeError / ValueError naming the argument, at trace time: bad logits dtype or rank, a
+      non-int ``topk`` or one outside ``[1, E]``, an unknown score_function,
+      routing_map_format or implementation, ``implementation="ffi"`` in a build without the
+      aux-score kernels.
     """
     opts, fmt = reference.aux_scores_options(logits, topk, score_function, routing_map_format)
     if not _use_aux_kernels(implementation):
@@ -122,12 +126,12 @@ def fused_compute_score_for_moe_aux_loss(
 def fused_moe_aux_loss(
     probs: jax.Array,
     tokens_per_expert: jax.Array,
-    total_num_tokens: Any,
+    total_num_tokens: int | jax.Array,
     num_experts: int,
     topk: int,
-    coeff: Any,
+    coeff: float | jax.Array,
     *,
-    axis_name: Any = None,
+    axis_name: Hashable | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
     """Load-balancing auxiliary loss (TransformerEngine's ``fused_moe_aux_loss``).
@@ -164,7 +168,8 @@ def fused_moe_aux_loss(
     Raises:
       TypeError / ValueError naming the argument: bad dtypes, ``cols % num_experts != 0``,
       ``tokens_per_expert`` not of shape ``[cols]``, ``topk`` outside ``[1, num_experts]``,
-      ``total_num_tokens <= 0``, a non-finite ``coeff``.
+      ``total_num_tokens <= 0``, a non-finite ``coeff``, a non-int ``num_experts`` / ``topk`` /
+      ``total_num_tokens``, an unknown ``implementation``.
     """
     if implementation not in (None, "ffi", "xla"):
         raise ValueError(f"implementation must be None, 'ffi' or 'xla', got {implementation!r}")

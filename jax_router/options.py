@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,16 @@ import numpy as np
 
 
 class ScoreFunction(enum.IntEnum):
-    """Score functions; the values are the C++ ``ScoreFn`` (ffi/router.h)."""
+    """The router's score functions (``score_function=`` of every public function).
+
+    Members: ``SOFTMAX`` (``softmax(x)`` with ``use_pre_softmax``, else the raw logits, then a
+    softmax over the selected ones), ``SIGMOID`` (``1 / (1 + exp(-x))``) and ``SQRTSOFTPLUS``
+    (``sqrt(log1p(exp(x)))``). Wherever a score function is taken, the strings "softmax",
+    "sigmoid", "sqrtsoftplus" (any case) and members of any other enum with those names
+    (TransformerEngine's, for one) work too; they are matched by name, never by integer value,
+    because the integer values are those of the C++ ``ScoreFn`` (ffi/router.h) and differ from
+    TransformerEngine's.
+    """
 
     SOFTMAX = 0
     SIGMOID = 1
@@ -26,8 +35,21 @@ class ScoreFunction(enum.IntEnum):
 
 
 class RoutingMapFormat(enum.Enum):
+    """Layout of the routing map (``routing_map_format=``).
+
+    ``BYTEMAP``: ``bool[*lead, E]``, True at the selected experts. ``BITMAP_U8``:
+    ``uint8[*lead, ceil(E/8)]``, bit ``e % 8`` of byte ``e // 8`` set for selected expert ``e``
+    (LSB first), padding bits 0. Also accepted: the strings "bytemap" / "bitmap_u8" (any case),
+    any enum member with one of those names, and TransformerEngine's integers 0 / 1.
+    """
+
     BYTEMAP = "bytemap"
     BITMAP_U8 = "bitmap_u8"
+
+
+# What the public functions accept for these two options (see the enums above).
+ScoreFunctionLike = Union[str, enum.Enum]
+RoutingMapFormatLike = Union[str, enum.Enum, int]
 
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -45,6 +67,11 @@ def _enum_name(value: Any) -> str:
 
 
 def score_function_of(value: Any) -> ScoreFunction:
+    """``ScoreFunction`` of a string or an enum member with a score function's name.
+
+    Raises:
+      ValueError: any other value, bare integers included.
+    """
     if isinstance(value, ScoreFunction):
         return value
     name = _enum_name(value)
@@ -83,6 +110,7 @@ def routing_map_format_of(value: Any) -> RoutingMapFormat:
 
 
 def check_logits(logits: Any) -> None:
+    """Raises TypeError unless ``logits`` is float32 / bfloat16 / float16, ValueError if rank 0."""
     dtype = getattr(logits, "dtype", None)
     if dtype is None or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got dtype {dtype}")
@@ -91,7 +119,12 @@ def check_logits(logits: Any) -> None:
 
 
 def index_dtype_of(dtype: Any, num_experts: int, argname: str) -> np.dtype:
-    """Validates an index dtype (int16 / int32 / int64) for E experts."""
+    """Validates an index dtype for ``num_experts`` experts; returns it as ``np.dtype``.
+
+    Raises:
+      TypeError: not int16 / int32 / int64 (``argname`` names the argument in the message).
+      ValueError: int16 with ``num_experts > 32767``; int64 while ``jax_enable_x64`` is off.
+    """
     try:
         d = jnp.dtype(dtype)
     except TypeError as e:
@@ -120,7 +153,11 @@ def _int(value: Any, argname: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RouteOptions:
-    """The static options of one routing call (all hashable)."""
+    """The static options of one routing call (all hashable), as ``make_options`` validated them.
+
+    ``num_groups`` / ``group_topk`` are 0 when group-limited routing is off; ``scaling_factor``
+    is 1.0 when None was given; ``has_bias`` says whether an ``expert_bias`` array was passed.
+    """
 
     num_experts: int
     topk: int
@@ -159,7 +196,21 @@ def make_options(
     score_function: Any = "softmax",
     expert_bias: Any = None,
 ) -> RouteOptions:
-    """Checks every SPEC §5 rule that concerns the routing itself."""
+    """Checks every SPEC §5 rule that concerns the routing itself; returns ``RouteOptions``.
+
+    Arguments are those of ``fused_topk_with_score_function`` (same order); only the shapes and
+    dtypes of ``logits`` and ``expert_bias`` are read, so tracers are fine.
+
+    Raises:
+      TypeError: logits or expert_bias of a non-float dtype; a non-int ``topk``,
+        ``num_groups`` or ``group_topk``; a ``scaling_factor`` that is not a number.
+      ValueError: rank-0 logits; ``topk`` outside ``[1, E]``; an unknown score function;
+        ``use_pre_softmax`` with sigmoid / sqrtsoftplus; ``expert_bias`` with softmax or of a
+        shape other than ``[E]``; only one of ``num_groups`` / ``group_topk`` given; the group
+        rules (``num_groups > 0``, ``E % num_groups == 0``, ``group_topk <= num_groups``,
+        ``topk % group_topk == 0``, ``topk / group_topk <= E / num_groups``); a non-finite
+        ``scaling_factor``.
+    """
     check_logits(logits)
     num_experts = int(jnp.shape(logits)[-1])
     topk = _int(topk, "topk")

@@ -13,15 +13,19 @@ added one by one in descending order, as the kernels add them.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from .options import (
     RouteOptions,
+    RoutingMapFormatLike,
     ScoreFunction,
+    ScoreFunctionLike,
     RoutingMapFormat,
     index_dtype_of,
     make_options,
@@ -71,6 +75,8 @@ def _normalize_jvp(primals, tangents):
 
 
 def activation(fn: ScoreFunction, x: jax.Array) -> jax.Array:
+    """Score ``s`` of float32 logits ``x`` (SPEC §3.1): sigmoid, sqrt(softplus), or ``x`` itself
+    for softmax (whose pre-softmax is applied by the caller). Same shape and dtype as ``x``."""
     if fn == ScoreFunction.SIGMOID:
         return jax.nn.sigmoid(x)  # its derivative stays finite where e^-x overflows
     if fn == ScoreFunction.SQRTSOFTPLUS:
@@ -116,7 +122,13 @@ def spec_top_k(z: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array
 def route_core(
     logits: jax.Array, opts: RouteOptions, expert_bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (indices int32 [*lead, k], p float32 [*lead, k] before scaling, s[S])."""
+    """The routing of SPEC §3 steps 1-5 for options ``opts`` (from ``make_options``).
+
+    Returns ``(idx, p, s_sel)``: int32 ``[*lead, k]`` selected expert ids in SPEC order,
+    float32 ``[*lead, k]`` weights before ``scaling_factor``, and float32 ``[*lead, k]``
+    unbiased scores ``s`` at the selected experts. Differentiable w.r.t. ``logits`` (the
+    selection is under ``stop_gradient``).
+    """
     x = logits.astype(jnp.float32)
     fn = opts.score_function
     if fn == ScoreFunction.SOFTMAX:
@@ -169,19 +181,31 @@ def pack_bitmap(routing_map: jax.Array) -> jax.Array:
 
 
 def fused_topk_with_score_function(
-    logits,
-    topk,
-    use_pre_softmax=False,
-    num_groups=None,
-    group_topk=None,
-    scaling_factor=None,
-    score_function="softmax",
-    expert_bias=None,
-    routing_map_format="bytemap",
-    topk_indices=None,
-    topk_indices_dtype=None,
-):
-    """Pure-JAX ``fused_topk_with_score_function`` (see jax_router.router for the contract)."""
+    logits: jax.Array,
+    topk: int,
+    use_pre_softmax: bool = False,
+    num_groups: int | None = None,
+    group_topk: int | None = None,
+    scaling_factor: float | None = None,
+    score_function: ScoreFunctionLike = "softmax",
+    expert_bias: jax.Array | None = None,
+    routing_map_format: RoutingMapFormatLike = "bytemap",
+    topk_indices: jax.Array | None = None,
+    topk_indices_dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Pure-JAX ``jax_router.fused_topk_with_score_function``: same arguments (without
+    ``implementation``), same outputs, same errors; see that function for each of them.
+
+    Gradients come from JAX autodiff. A ``topk_indices`` buffer only fixes the dtype and shape
+    here (nothing is aliased).
+
+    Returns:
+      ``(probs, routing_output)``: ``probs [*lead, E]`` in the logits dtype; the routing map
+      (``bool[*lead, E]`` or ``uint8[*lead, ceil(E/8)]``) or dense ``[*lead, topk]`` indices.
+
+    Raises:
+      TypeError / ValueError naming the argument (SPEC §5).
+    """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     fmt = routing_map_format_of(routing_map_format)
@@ -197,18 +221,26 @@ def fused_topk_with_score_function(
 
 
 def route_topk(
-    logits,
-    topk,
+    logits: jax.Array,
+    topk: int,
     *,
-    use_pre_softmax=False,
-    num_groups=None,
-    group_topk=None,
-    scaling_factor=None,
-    score_function="softmax",
-    expert_bias=None,
-    index_dtype=jnp.int32,
-):
-    """Pure-JAX ``route_topk``: (weights float32 [*lead, k], indices [*lead, k])."""
+    use_pre_softmax: bool = False,
+    num_groups: int | None = None,
+    group_topk: int | None = None,
+    scaling_factor: float | None = None,
+    score_function: ScoreFunctionLike = "softmax",
+    expert_bias: jax.Array | None = None,
+    index_dtype: DTypeLike = jnp.int32,
+) -> tuple[jax.Array, jax.Array]:
+    """Pure-JAX ``jax_router.route_topk``: same arguments (without ``implementation``).
+
+    Returns:
+      ``(topk_weights, topk_indices)``: float32 ``[*lead, topk]`` and ``[*lead, topk]`` of
+      ``index_dtype``, in SPEC order.
+
+    Raises:
+      TypeError / ValueError naming the argument (SPEC §5).
+    """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
@@ -216,8 +248,21 @@ def route_topk(
     return opts.scaling_factor * p, idx.astype(index_dtype)
 
 
-def dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype):
-    """Validates the dense-index request; returns its dtype, or None for routing-map output."""
+def dense_index_dtype(
+    opts: RouteOptions,
+    logits: jax.Array,
+    fmt: RoutingMapFormat,
+    topk_indices: jax.Array | None,
+    topk_indices_dtype: DTypeLike | None,
+) -> np.dtype | None:
+    """Validates the dense-index request; returns its dtype, or None for routing-map output.
+
+    Raises:
+      ValueError: dense indices with "bitmap_u8"; a ``topk_indices`` buffer not of shape
+        ``[*lead, topk]``; ``topk_indices_dtype`` disagreeing with the buffer's dtype; the
+        int16 / int64 rules of ``options.index_dtype_of``.
+      TypeError: an index dtype other than int16 / int32 / int64.
+    """
     if topk_indices is None and topk_indices_dtype is None:
         return None
     if fmt == RoutingMapFormat.BITMAP_U8:
@@ -249,28 +294,46 @@ __all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_c
 _AUX_TPE_DTYPES = (jnp.int16, jnp.int32, jnp.int64, jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def aux_scores_options(logits, topk, score_function, routing_map_format) -> tuple[
-        RouteOptions, RoutingMapFormat]:
-    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (SPEC §5 rules)."""
+def aux_scores_options(
+    logits: jax.Array,
+    topk: int,
+    score_function: ScoreFunctionLike,
+    routing_map_format: RoutingMapFormatLike,
+) -> tuple[RouteOptions, RoutingMapFormat]:
+    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (SPEC §5 rules).
+
+    Raises:
+      TypeError / ValueError: bad logits dtype or rank, ``topk`` not an int in ``[1, E]``, an
+      unknown score function or routing map format.
+    """
     opts = make_options(logits, topk, score_function=score_function)
     return opts, routing_map_format_of(routing_map_format)
 
 
 def aux_scores(logits: jax.Array, fn: ScoreFunction) -> jax.Array:
-    """float32 scores over all E: softmax, or act(x) / (sum_{all E} act(x) + eps)."""
+    """float32 ``[*lead, E]`` scores over all E: softmax, or act(x) / (sum_{all E} act(x) + eps).
+
+    ``logits`` may be any float dtype (computed in float32); differentiable w.r.t. it.
+    """
     x = logits.astype(jnp.float32)
     if fn == ScoreFunction.SOFTMAX:
         return jax.nn.softmax(x, axis=-1)
     return _normalize(activation(fn, x))
 
 
-def fused_compute_score_for_moe_aux_loss(logits, topk, score_function,
-                                         routing_map_format="bytemap"):
+def fused_compute_score_for_moe_aux_loss(
+    logits: jax.Array,
+    topk: int,
+    score_function: ScoreFunctionLike,
+    routing_map_format: RoutingMapFormatLike = "bytemap",
+) -> tuple[jax.Array, jax.Array]:
     """Pure-JAX ``fused_compute_score_for_moe_aux_loss``: ``(routing_map, scores)``.
 
     ``scores`` is float32 ``[*lead, E]`` (softmax over E; sigmoid / sqrtsoftplus normalised by
     their sum over all E plus 1e-20, whatever ``topk``); ``routing_map`` marks the ``topk``
     largest scores (ties to the lower id), as bool ``[*lead, E]`` or LSB-first uint8 bitmap.
+    Same arguments and errors as ``jax_router.fused_compute_score_for_moe_aux_loss`` (without
+    ``implementation``).
     """
     opts, fmt = aux_scores_options(logits, topk, score_function, routing_map_format)
     scores = aux_scores(logits, opts.score_function)
@@ -285,10 +348,22 @@ def _is_array(v) -> bool:
     return hasattr(v, "dtype") and hasattr(v, "shape")
 
 
-def aux_loss_scale(total_num_tokens, num_experts, topk, coeff):
+def aux_loss_scale(
+    total_num_tokens: int | jax.Array,
+    num_experts: int,
+    topk: int,
+    coeff: float | jax.Array,
+) -> np.float32 | jax.Array:
     """Validates the scalar arguments of ``fused_moe_aux_loss``; returns
     ``C = E * coeff / (topk * T^2)`` (np.float32 when T and coeff are Python numbers, else a
-    float32 JAX scalar)."""
+    float32 JAX scalar).
+
+    Raises:
+      TypeError: a non-int ``num_experts`` / ``topk`` / ``total_num_tokens`` (or a non-numeric
+        scalar array), a ``coeff`` that is neither a number nor a floating scalar array.
+      ValueError: ``num_experts < 1``, ``topk`` outside ``[1, num_experts]``, a non-scalar or
+        (as a Python int) non-positive ``total_num_tokens``, a non-finite Python ``coeff``.
+    """
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
         raise TypeError(f"num_experts must be an int, got {num_experts!r}")
     if num_experts < 1:
@@ -323,8 +398,16 @@ def aux_loss_scale(total_num_tokens, num_experts, topk, coeff):
     return (np.float32(num_experts) * jnp.asarray(coeff, jnp.float32)) / (np.float32(topk) * t * t)
 
 
-def check_aux_loss_arrays(probs, tokens_per_expert, num_experts) -> None:
-    """Shape / dtype rules of ``fused_moe_aux_loss``'s array arguments."""
+def check_aux_loss_arrays(probs: jax.Array, tokens_per_expert: jax.Array,
+                          num_experts: int) -> None:
+    """Shape / dtype rules of ``fused_moe_aux_loss``'s array arguments.
+
+    Raises:
+      TypeError: ``probs`` not float32 / bfloat16 / float16; ``tokens_per_expert`` not int16 /
+        int32 / int64 / float32 / bfloat16 / float16.
+      ValueError: rank-0 ``probs``; its last dim not a multiple of ``num_experts``;
+        ``tokens_per_expert`` not of shape ``[cols]``.
+    """
     pdtype = getattr(probs, "dtype", None)
     if pdtype is None or jnp.dtype(pdtype) not in [jnp.dtype(d) for d in
                                                    (jnp.float32, jnp.bfloat16, jnp.float16)]:
@@ -344,8 +427,16 @@ def check_aux_loss_arrays(probs, tokens_per_expert, num_experts) -> None:
                          f"got {tuple(jnp.shape(tokens_per_expert))}")
 
 
-def fused_moe_aux_loss(probs, tokens_per_expert, total_num_tokens, num_experts, topk, coeff,
-                       *, axis_name=None):
+def fused_moe_aux_loss(
+    probs: jax.Array,
+    tokens_per_expert: jax.Array,
+    total_num_tokens: int | jax.Array,
+    num_experts: int,
+    topk: int,
+    coeff: float | jax.Array,
+    *,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
     """Pure-JAX ``fused_moe_aux_loss`` (the public wrapper in jax_router.aux_loss documents it).
 
     ``E * coeff / (topk * T^2) * sum_c (sum_r probs[r, c]) * tokens_per_expert[c]`` as a float32

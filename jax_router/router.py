@@ -16,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 
 from . import _ffi, reference, sharding
 from .options import (
     RouteOptions,
     RoutingMapFormat,
+    RoutingMapFormatLike,
+    ScoreFunctionLike,
     index_dtype_of,
     make_options,
     routing_map_format_of,
@@ -126,39 +129,62 @@ def fused_topk_with_score_function(
     num_groups: int | None = None,
     group_topk: int | None = None,
     scaling_factor: float | None = None,
-    score_function: Any = "softmax",
+    score_function: ScoreFunctionLike = "softmax",
     expert_bias: jax.Array | None = None,
-    routing_map_format: Any = "bytemap",
+    routing_map_format: RoutingMapFormatLike = "bytemap",
     topk_indices: jax.Array | None = None,
-    topk_indices_dtype: Any = None,
+    topk_indices_dtype: DTypeLike | None = None,
     *,
     implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fused MoE routing with TransformerEngine's signature; returns ``(probs, routing_output)``.
 
+    Per token row ``x``: scores ``s`` (softmax / sigmoid / sqrtsoftplus), selection scores
+    ``z = s + expert_bias``, optional group-limited routing, the ``topk`` largest ``z``, and
+    weights from the unbiased ``s`` (SPEC §3), all in float32.
+
     Args:
-      logits: ``[*lead, E]`` float32 / bfloat16 / float16 router logits.
-      topk: experts per token, ``1 <= topk <= E``.
-      use_pre_softmax: softmax over all E before selection (softmax only).
-      num_groups, group_topk: group-limited routing (both None or -1: off).
-      scaling_factor: multiplier on the final weights (None: 1.0).
-      score_function: "softmax" | "sigmoid" | "sqrtsoftplus" (or an enum with that name).
-      expert_bias: ``[E]`` float bias added to the selection score only (sigmoid /
-        sqrtsoftplus); it never changes the weights and gets a zero gradient.
+      logits: ``[*lead, E]`` float32 / bfloat16 / float16 router logits; any number of leading
+        (token) dims, possibly empty.
+      topk: experts per token, an int with ``1 <= topk <= E``.
+      use_pre_softmax: softmax only. True: softmax over all E, select on it, weights are the
+        selected probabilities (not renormalised). False: select on the raw logits, weights are
+        a softmax over the ``topk`` selected logits.
+      num_groups: group-limited routing: experts form ``num_groups`` contiguous groups of
+        ``E / num_groups``. None or -1 (with ``group_topk`` None or -1): off.
+      group_topk: groups kept per token; a group's score is the sum of its top
+        ``topk / group_topk`` selection scores. None or -1: off.
+      scaling_factor: multiplier on the final weights; None means 1.0.
+      score_function: "softmax", "sigmoid" or "sqrtsoftplus", or an enum member with one of
+        those names (``jax_router.ScoreFunction``, TransformerEngine's, ...).
+      expert_bias: ``[E]`` float32 / bfloat16 / float16, sigmoid / sqrtsoftplus only. Added to
+        the selection score only: it never changes the weights, and gets a zero gradient.
       routing_map_format: "bytemap" (``bool[*lead, E]``) or "bitmap_u8"
-        (``uint8[*lead, ceil(E/8)]``, bit ``e % 8`` of byte ``e // 8``).
-      topk_indices: optional ``[*lead, topk]`` int16/int32/int64 buffer; requests dense indices
-        and is aliased to that output (donate it under jit to reuse its memory).
-      topk_indices_dtype: requests dense indices of this dtype without a buffer.
-      implementation: None (kernels where this backend has them, else pure JAX), "ffi", "xla".
+        (``uint8[*lead, ceil(E/8)]``, bit ``e % 8`` of byte ``e // 8``, LSB first, padding
+        bits 0); a ``RoutingMapFormat``, an enum member of that name, or 0 / 1 also work.
+      topk_indices: optional ``[*lead, topk]`` int16 / int32 / int64 array. Requests dense
+        indices of its dtype; it is aliased to that output, so donating it under ``jax.jit``
+        reuses its memory. Its contents are not read.
+      topk_indices_dtype: int16 / int32 / int64: requests dense indices of this dtype without a
+        buffer (if both are given they must agree).
+      implementation: None (the FFI kernels where this backend has them, else pure JAX),
+        "ffi" (require the kernels) or "xla" (pure JAX, ``jax_router.reference``). Keyword only.
 
     Returns:
-      ``probs [*lead, E]`` in the logits dtype (``scaling_factor * p`` on the selected experts,
-      zero elsewhere) and the routing map, or dense ``[*lead, topk]`` expert ids (no
-      ``[*lead, E]`` map is computed) ordered by selection score, ties to the lower id.
+      ``(probs, routing_output)``. ``probs``: ``[*lead, E]`` in the logits dtype,
+      ``scaling_factor * p`` at the ``topk`` selected experts, 0 elsewhere. ``routing_output``:
+      the routing map in ``routing_map_format``, or, when dense indices were requested, the
+      ``[*lead, topk]`` expert ids (no ``[*lead, E]`` map is computed), ordered by selection
+      score descending, ties to the lower id. Only ``logits`` is differentiable (through
+      ``probs``); the backward kernel reads compact ``[*lead, topk]`` residuals.
 
     Raises:
-      TypeError / ValueError naming the argument, before anything is traced (SPEC §5).
+      TypeError / ValueError naming the argument and the rule, at trace time, before anything
+      runs: every rule of ``jax_router.options.make_options``, plus an index dtype other than
+      int16 / int32 / int64, int16 with ``E > 32767``, int64 while ``jax_enable_x64`` is off,
+      a ``topk_indices`` buffer not of shape ``[*lead, topk]``, dense indices together with
+      "bitmap_u8", an unknown ``routing_map_format`` or ``implementation``, and
+      ``implementation="ffi"`` in a build without the kernels.
     """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
@@ -183,9 +209,9 @@ def route_topk(
     num_groups: int | None = None,
     group_topk: int | None = None,
     scaling_factor: float | None = None,
-    score_function: Any = "softmax",
+    score_function: ScoreFunctionLike = "softmax",
     expert_bias: jax.Array | None = None,
-    index_dtype: Any = jnp.int32,
+    index_dtype: DTypeLike = jnp.int32,
     implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Compact, dispatcher-ready routing: ``(topk_weights, topk_indices)``, no ``[*lead, E]``.
@@ -197,9 +223,27 @@ def route_topk(
         w = normalise(take_along_axis(s, idx, -1))    # softmax over selected logits / s / sum(s)
         return scaling_factor * w, idx
 
-    Args are those of ``fused_topk_with_score_function``, plus ``index_dtype`` (int16 / int32 /
-    int64) for the indices. ``topk_weights`` is float32 ``[*lead, topk]``; the gradient reaches
-    ``logits`` through a backward kernel that reads only compact ``[*lead, topk]`` residuals.
+    Args:
+      logits: ``[*lead, E]`` float32 / bfloat16 / float16 router logits.
+      topk: experts per token, an int with ``1 <= topk <= E``.
+      use_pre_softmax, num_groups, group_topk, scaling_factor, score_function, expert_bias:
+        as in ``fused_topk_with_score_function`` (keyword only here).
+      index_dtype: int16 / int32 (default) / int64, the dtype of ``topk_indices``.
+      implementation: None, "ffi" or "xla", as in ``fused_topk_with_score_function``.
+
+    Returns:
+      ``topk_weights``: float32 ``[*lead, topk]``, the values ``probs`` would hold at the
+      selected experts (``scaling_factor`` applied). ``topk_indices``: ``[*lead, topk]`` of
+      ``index_dtype``, expert ids in ``[0, E)``, distinct per row, ordered by selection score
+      descending, ties to the lower id. Nothing of shape ``[*lead, E]`` is written in the
+      forward pass; the gradient reaches ``logits`` (in its dtype) through a backward kernel
+      that reads only the compact ``[*lead, topk]`` residuals.
+
+    Raises:
+      TypeError / ValueError naming the argument, at trace time: the rules of
+      ``jax_router.options.make_options``, a bad ``index_dtype`` (not int16 / int32 / int64,
+      int16 with ``E > 32767``, int64 while ``jax_enable_x64`` is off), an unknown
+      ``implementation``, or ``implementation="ffi"`` in a build without the kernels.
     """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
