@@ -170,6 +170,7 @@ class RouteOptions:
 
     @property
     def pre_softmax(self) -> bool:
+        """Softmax over all E before selection (the one mode whose backward needs the logits)."""
         return self.score_function == ScoreFunction.SOFTMAX and self.use_pre_softmax
 
     def ffi_attrs(self, *, bitmap: bool = False, dense_grad: bool = False) -> dict[str, Any]:
