@@ -9,7 +9,7 @@ CUDA_ARCHS ?= 90
 BUILD_STAMP := $(VENV)/.jax_router-built
 SOURCES := $(wildcard ffi/*) CMakeLists.txt pyproject.toml
 
-.PHONY: all install test demo bench clean
+.PHONY: all install test demo example bench clean
 
 all: test
 
@@ -32,6 +32,10 @@ test: $(BUILD_STAMP)
 
 demo: $(BUILD_STAMP)
 	$(PY) examples/demo.py
+
+# NNX MoE block trained data-parallel; preset by backend (small on CPU), --plot writes a PNG.
+example: $(BUILD_STAMP)
+	$(PY) examples/moe_nnx.py --plot
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_cpu.py
