@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ffi, reference
+from . import _ffi, reference, sharding
 from .options import RoutingMapFormat, RoutingMapFormatLike, ScoreFunction, ScoreFunctionLike
 from .router import _aval
 
@@ -43,10 +43,10 @@ def _scores_fwd_call(call: _AuxCall, logits):
         _aval(logits, lead + (E,), jnp.float32),
         _aval(logits, map_shape, jnp.uint8 if call.bitmap else jnp.bool_),
     )
-    scores, routing_map = jax.ffi.ffi_call(
-        _ffi.AUX_SCORES_FWD_TARGET, out_types, vmap_method="broadcast_all"
-    )(logits, topk=np.int64(call.topk), score_function=np.int64(int(call.score_function)),
-      bitmap=bool(call.bitmap))
+    scores, routing_map = sharding.ffi_aux_scores_forward(
+        out_types, logits,
+        dict(topk=np.int64(call.topk), score_function=np.int64(int(call.score_function)),
+             bitmap=bool(call.bitmap)))
     return routing_map, scores
 
 
@@ -61,10 +61,9 @@ def _scores_fwd(call: _AuxCall, logits):
 
 def _scores_bwd(call: _AuxCall, logits, cotangents):
     _, g_scores = cotangents  # the map is boolean / integer: its cotangent is float0
-    grad_logits = jax.ffi.ffi_call(
-        _ffi.AUX_SCORES_BWD_TARGET, _aval(logits, logits.shape, logits.dtype),
-        vmap_method="broadcast_all",
-    )(g_scores.astype(jnp.float32), logits, score_function=np.int64(int(call.score_function)))
+    grad_logits = sharding.ffi_aux_scores_backward(
+        _aval(logits, logits.shape, logits.dtype), g_scores.astype(jnp.float32), logits,
+        dict(score_function=np.int64(int(call.score_function))))
     return (grad_logits,)
 
 
@@ -120,7 +119,7 @@ def fused_compute_score_for_moe_aux_loss(
             logits, topk, score_function, routing_map_format)
     call = _AuxCall(opts.num_experts, opts.topk, opts.score_function,
                     fmt == RoutingMapFormat.BITMAP_U8)
-    return _aux_scores(call, logits)
+    return _aux_scores(call, sharding.whole_last_dim(logits))
 
 
 def fused_moe_aux_loss(

@@ -1,6 +1,6 @@
 """Row-wise partitioning of the router's FFI calls (SPEC §7, issue 4).
 
-Each FFI target (``jax_router_fwd``, ``jax_router_bwd``) is bound through its own primitive
+Each FFI target (``jax_router_fwd``, ``jax_router_bwd`` and the aux-score pair) is bound through its own primitive
 (abstract eval = the output types router.py computes, a vmap rule, a lowering). When the
 program is partitioned over several devices, the lowering emits a batch-partitionable custom
 call: the target is registered with ``jax.ffi.register_ffi_target_as_batch_partitionable`` and
@@ -54,7 +54,8 @@ from jax.interpreters import mlir
 
 from . import _ffi
 
-for _name in (_ffi.FWD_TARGET, _ffi.BWD_TARGET):
+for _name in (_ffi.FWD_TARGET, _ffi.BWD_TARGET, _ffi.AUX_SCORES_FWD_TARGET,
+              _ffi.AUX_SCORES_BWD_TARGET):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
@@ -200,6 +201,8 @@ def _make_primitive(target: str) -> Primitive:
 
 fwd_p = _make_primitive(_ffi.FWD_TARGET)
 bwd_p = _make_primitive(_ffi.BWD_TARGET)
+aux_fwd_p = _make_primitive(_ffi.AUX_SCORES_FWD_TARGET)
+aux_bwd_p = _make_primitive(_ffi.AUX_SCORES_BWD_TARGET)
 
 
 def _hashable_attrs(attrs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -220,6 +223,21 @@ def ffi_backward(out_type, g, idx, act, logits, attrs: dict[str, Any]):
     (out,) = bwd_p.bind(g, idx, act, logits, target_name=_ffi.BWD_TARGET,
                         out_types=(out_type,), aliases=(), attrs=_hashable_attrs(attrs),
                         bias_operand=None)
+    return out
+
+
+def ffi_aux_scores_forward(out_types, logits, attrs: dict[str, Any]):
+    """``jax_router_aux_scores_fwd(logits)`` partitioned row-wise; returns (scores, map)."""
+    return tuple(aux_fwd_p.bind(logits, target_name=_ffi.AUX_SCORES_FWD_TARGET,
+                                out_types=tuple(out_types), aliases=(),
+                                attrs=_hashable_attrs(attrs), bias_operand=None))
+
+
+def ffi_aux_scores_backward(out_type, g, logits, attrs: dict[str, Any]):
+    """``jax_router_aux_scores_bwd(g, logits)`` partitioned row-wise; returns grad_logits."""
+    (out,) = aux_bwd_p.bind(g, logits, target_name=_ffi.AUX_SCORES_BWD_TARGET,
+                            out_types=(out_type,), aliases=(), attrs=_hashable_attrs(attrs),
+                            bias_operand=None)
     return out
 
 

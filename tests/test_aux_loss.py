@@ -338,20 +338,64 @@ def test_aux_loss_shard_map_axis_name():
     np.testing.assert_allclose(float(sm(probs, tpe)), float(f(probs, tpe, None)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("fn", FNS)
-def test_scores_under_token_sharding(fn):
-    mesh = _mesh()
-    x = random_logits(15, (64, 12), jnp.bfloat16)
-    xs = jax.device_put(x, NamedSharding(mesh, P("x", None)))
-    f = jax.jit(lambda x: scores_and_map(x, 3, fn, impl="ffi"))
-    m, s = f(xs)
-    rm, rs = scores_and_map(x, 3, fn, impl="ffi")
-    np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
-    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+ROW_MOVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.parametrize("fn,fmt,shape", [("softmax", "bytemap", (64, 12)),
+                                          ("sigmoid", "bitmap_u8", (16, 4, 12)),
+                                          ("sqrtsoftplus", "bytemap", (8, 2, 4, 12))])
+def test_scores_under_token_sharding(kind, fn, fmt, shape):
+    """The aux-score forward and backward run on each device's own rows: same values as one
+    device, no collective in the compiled programs, outputs keep the token sharding."""
+    from jax.sharding import AxisType
+
+    devs = _mesh().devices
+    axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit
+    mesh = Mesh(devs, ("x",), axis_types=(axis_type,))
+    x = random_logits(15, shape, jnp.bfloat16)
+    w = jnp.cos(jnp.arange(12, dtype=jnp.float32))
+    f = lambda x: scores_and_map(x, 3, fn, fmt, impl="ffi")
+    g = jax.grad(lambda x: jnp.sum(f(x)[1] * w))
+    want, want_g = jax.jit(f)(x), jax.jit(g)(x)
+    spec = P("x", *([None] * (len(shape) - 1)))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, spec))
+        fc, gc = jax.jit(f).lower(xs).compile(), jax.jit(g).lower(xs).compile()
+        (m, s), gx = fc(xs), gc(xs)
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(want_g))
+    assert np.abs(np.asarray(gx, np.float32)).max() > 0
+    local = int(np.prod(shape[:-1])) // mesh.size
+    for hlo, targets in ((fc.as_text(), {"jax_router_aux_scores_fwd"}),
+                         # the backward needs only the logits: XLA drops the forward call
+                         (gc.as_text(), {"jax_router_aux_scores_bwd"})):
+        assert not [c for c in ROW_MOVES if c in hlo], hlo
+        calls = [l for l in hlo.splitlines() if "custom_call_target=\"jax_router_aux" in l]
+        assert {l.split('custom_call_target="')[1].split('"')[0] for l in calls} == targets
+        for l in calls:  # the first operand is this device's [rows, (1,) X] block
+            dims = l.split("operand_layout_constraints={")[1].split("[")[1].split("]")[0]
+            assert int(np.prod([int(d) for d in dims.split(",")][:-1])) == local, l
+    for out in (m, s, gx):
+        assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), out.ndim), out.sharding
+    # the loss on top is the global one (XLA all-reduces the column sums)
     loss = jax.jit(lambda x: jr.fused_moe_aux_loss(
-        scores_and_map(x, 3, fn, impl="ffi")[1], jnp.arange(12, dtype=jnp.int32), 64, 12, 3,
-        0.01))
-    np.testing.assert_allclose(float(loss(xs)), float(loss(x)), rtol=1e-6)
+        f(x)[1], jnp.arange(12, dtype=jnp.int32), int(np.prod(shape[:-1])), 12, 3, 0.01))
+    with jax.set_mesh(mesh):
+        got_loss = loss(xs)
+    np.testing.assert_allclose(float(got_loss), float(loss(x)), rtol=1e-6)
+
+
+def test_scores_expert_sharded_logits_are_gathered():
+    mesh = _mesh()
+    x = random_logits(16, (8, 16), jnp.float32)
+    f = jax.jit(lambda x: scores_and_map(x, 3, "sigmoid", impl="ffi"))
+    want = f(x)
+    with jax.set_mesh(mesh):
+        got = f(jax.device_put(x, NamedSharding(mesh, P(None, "x"))))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_export_round_trip():
