@@ -649,8 +649,10 @@ def test_export_loads_in_a_fresh_process(tmp_path):
         np.save(d + "/w.npy", np.asarray(w)); np.save(d + "/i.npy", np.asarray(i))
         np.save(d + "/g.npy", np.asarray(g))
     """)
+    # the exported program is for this backend: the child runs on the same platform
+    platform = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                   env={**os.environ, "JAX_PLATFORMS": platform})
     (w, i), g = f(x, bias)
     np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), np.asarray(w))
     np.testing.assert_array_equal(np.load(tmp_path / "i.npy"), np.asarray(i))
