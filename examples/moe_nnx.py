@@ -9,11 +9,9 @@ The block, per token ``x [D]``:
 3. dispatch: the ``T * k`` (token, expert) pairs sorted by expert id, so that each expert's
    tokens are contiguous;
 4. experts: a two-layer GELU MLP per expert, its weights stacked ``[E, D, H]`` / ``[E, H, D]``.
-   With ``--capacity-factor C > 0`` (the CPU default) each expert takes up to
-   ``C * T * k / E`` of its sorted rows into an ``[E, capacity, D]`` buffer and all experts run
-   as one batched matmul; rows past capacity are dropped. With ``--capacity-factor 0`` (the
-   GPU default) nothing is dropped: the sorted rows go through grouped matmuls
-   (``jax.lax.ragged_dot``), which XLA:CPU runs far slower than the batched form;
+   Each expert takes up to ``capacity = C * T * k / E`` of its sorted rows into an
+   ``[E, capacity, D]`` buffer (``--capacity-factor C``) and all experts run as one batched
+   matmul; rows past capacity are dropped, which the load balancing below makes rare;
 5. combine: each row scaled by its routing weight and scatter-added back to its token.
 
 Load balancing is DeepSeek-V3's auxiliary-loss-free rule: after every optimizer step,
@@ -81,7 +79,7 @@ class Config:
     groups: int = 4
     group_topk: int = 2
     scaling_factor: float = 2.5
-    capacity_factor: float = 2.0  # expert buffer rows = factor * T * k / E; 0: dropless
+    capacity_factor: float = 2.0  # expert buffer rows = factor * T * k / E (per device)
     lr: float = 3e-3
     bias_rate: float = 1e-2
     input_offset: float = 1.0  # mean of the inputs: skews the untrained gate
@@ -89,10 +87,14 @@ class Config:
     log_every: int = 20
 
 
+# Adam moves every gate weight by about lr per step, so a token's logits move by up to about
+# lr * dim: much above ~0.1 per step the gate locks onto a few experts faster than the bias rule
+# (rate per step) can pull the load back (on the GPU preset, lr 1e-3 ends with max/mean load ~4,
+# lr 1e-4 with ~1.4). Hence the smaller lr for the wider model.
 PRESETS = {
     "cpu": Config(),
     "gpu": Config(steps=500, batch=32768, dim=512, hidden=1024, experts=64, topk=8, groups=8,
-                  group_topk=4, capacity_factor=0.0, lr=1e-3, log_every=50),
+                  group_topk=4, lr=1e-4, log_every=50),
 }
 
 
@@ -137,24 +139,20 @@ class MoE(nnx.Module):
         token = order // k
         rows_w = weights.reshape(-1)[order][:, None]
         counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-        if self.capacity_factor > 0:
-            # Fixed [E, C, D] buffers and batched matmuls; pairs past an expert's capacity are
-            # dropped (the token keeps its other experts), which a balanced load avoids.
-            cap = max(1, int(np.ceil(self.capacity_factor * flat.size / num_experts)))
-            expert = flat[order]
-            pos = jnp.arange(flat.size) - (jnp.cumsum(counts) - counts)[expert]
-            slot = jnp.where(pos < cap, expert * cap + pos, num_experts * cap)  # past the end
-            buf = jnp.zeros((num_experts * cap, x.shape[-1]), x.dtype)
-            buf = buf.at[slot].set(x[token], mode="drop").reshape(num_experts, cap, -1)
-            h = jax.nn.gelu(jnp.einsum("ecd,edh->ech", buf, w_in))
-            out = jnp.einsum("ech,ehd->ecd", h, w_out).reshape(num_experts * cap, -1)
-            rows = out.at[slot].get(mode="fill", fill_value=0)
-            dropped = jnp.sum(pos >= cap)
-        else:
-            # Dropless: grouped matmuls over the sorted rows (fast on GPU, slow on XLA:CPU).
-            h = jax.nn.gelu(jax.lax.ragged_dot(x[token], w_in, counts))
-            rows = jax.lax.ragged_dot(h, w_out, counts)
-            dropped = jnp.zeros((), jnp.int32)
+        # Fixed [E, capacity, D] buffers, so all experts run as one batched matmul; pairs past
+        # an expert's capacity are dropped (the token keeps its other experts), which a
+        # balanced load avoids. (jax.lax.ragged_dot would be dropless, but XLA expands it to
+        # dense per-expert products here: E times the work, and out of memory at GPU sizes.)
+        cap = max(1, int(np.ceil(self.capacity_factor * flat.size / num_experts)))
+        expert = flat[order]
+        pos = jnp.arange(flat.size) - (jnp.cumsum(counts) - counts)[expert]
+        slot = jnp.where(pos < cap, expert * cap + pos, num_experts * cap)  # past the end: drop
+        buf = jnp.zeros((num_experts * cap, x.shape[-1]), x.dtype)
+        buf = buf.at[slot].set(x[token], mode="drop").reshape(num_experts, cap, -1)
+        h = jax.nn.gelu(jnp.einsum("ecd,edh->ech", buf, w_in))
+        out = jnp.einsum("ech,ehd->ecd", h, w_out).reshape(num_experts * cap, -1)
+        rows = out.at[slot].get(mode="fill", fill_value=0)
+        dropped = jnp.sum(pos >= cap)
         y = jnp.zeros_like(x).at[token].add((rows * rows_w).astype(x.dtype))
         return y, jax.lax.psum(counts, "data"), jax.lax.psum(dropped, "data")
 
