@@ -1,4 +1,4 @@
-"""A Flax NNX Mixture-of-Experts block routed by jax_router, trained data-parallel (``make example``).
+"""A Flax NNX Mixture-of-Experts block routed by jax_router, trained data-parallel (make example).
 
 The block, per token ``x [D]``:
 
