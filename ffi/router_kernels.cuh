@@ -19,6 +19,9 @@
 //        are the selection, already in SPEC order (score descending, ties to the lower id).
 //   If a token has more than CMAX candidates (many exact ties), the ranks are counted against
 //   every expert of the token instead: slower, same result.
+// * fwd_wide_kernel<FN, L, S, P>: the same computation as fwd_fast_kernel<FN, 2L, S, P> with
+//   each lane doing the work of two of its lanes (2S experts per lane, two top-P sets), so the
+//   per-lane fixed work is shared by twice the tokens per warp. Bitwise the same outputs.
 // * fwd_general_kernel<D, FN>: any E up to the shared-memory limit (16384 on sm_80/90/100),
 //   any topk, pre-softmax. One block per row sorts the row's 64-bit slot keys in shared memory
 //   (bitonic); group-limited routing sorts (group, key) composites first, then group keys.
@@ -62,6 +65,10 @@ struct FwdArgs {
   void* indices = nullptr;
   It index_dt = It::kS32;
   float* act = nullptr;
+  // Fast-path lane layout: 0 lets the launcher choose; 1 (narrow) and 2 (wide) force one, for
+  // A/B benchmarks and for tests that check the two against each other bit for bit. Outputs
+  // are identical either way.
+  int fast_layout = 0;
 };
 
 struct BwdArgs {
@@ -81,7 +88,7 @@ struct BwdArgs {
 };
 
 // Which forward kernel a call takes (for tests and benchmarks).
-enum class FwdPath : int { kNone = 0, kFast = 1, kGeneral = 2 };
+enum class FwdPath : int { kNone = 0, kFast = 1, kGeneral = 2, kWide = 3 };
 
 // ---- element types ------------------------------------------------------------------------
 
@@ -641,6 +648,358 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
         for (int r = 0; r < k; ++r) {
           const int d = sel_e[tb][r] - base_e;
           if (d >= 0 && d < V) mask |= 1u << d;
+        }
+        const int64_t nbytes = (E + 7) / 8;
+        const int b0 = base_e / 8;
+#pragma unroll
+        for (int q = 0; q < V / 8; ++q) {
+          if (b0 + q < nbytes) a.map[t * nbytes + b0 + q] = static_cast<uint8_t>(mask >> (8 * q));
+        }
+      }
+    }
+    __syncwarp();  // shared arrays are reused by the next tile
+  }
+}
+
+// ---- wide fast forward (each lane does the work of two narrow lanes) ------------------------
+//
+// fwd_wide_kernel<FN, L, S, P> computes exactly what fwd_fast_kernel<FN, 2L, S, P> computes: its
+// lanes hold NS = 2 "virtual lanes" (sub-chunks of S experts, virtual lane j*NS + h), each with
+// its own top-P keys, so the group scores, the threshold tau, the candidate set, the ranks and
+// the weights are the narrow kernel's, operation for operation. What changes is the per-token
+// cost of the per-lane work that does not depend on V (group ranks, threshold, scan, weight loop,
+// tile prologue, index arithmetic): a warp carries twice the tokens for the same instruction
+// stream. The keys of V = 2S experts per thread need more shared memory than the 48 KB static
+// limit allows, hence dynamic shared memory, and 4 blocks per SM (128 registers) instead of 6.
+
+constexpr int kWideSub = 2;
+
+// Candidate-list capacity, trimmed where it decides the blocks per SM (228 KB of shared memory
+// on sm_90 / sm_100, 1 KB of it reserved per block): 48 for (4, 32) (DeepSeek-V3: 4 blocks, not
+// 3), 56 for (4, 16) (Qwen3: 5 blocks, not 4). A token with more candidates (exact ties) takes
+// the slower exhaustive count, with the same result.
+__host__ __device__ constexpr int wide_cmax(int L, int S) {
+  return L == 4 ? (S == 32 ? 48 : 56) : 64;
+}
+
+__host__ __device__ constexpr int wide_keys_bytes(int S) {
+  return kWideSub * S * 4 * kFastThreads;
+}
+__host__ __device__ constexpr int wide_list_bytes(int L, int S) {
+  return (kFastThreads / L) * (wide_cmax(L, S) + 2) * 8;
+}
+__host__ __device__ constexpr int wide_sel_bytes(int L, int S) {
+  return (kFastThreads / L) * (fast_kmax(kWideSub * L, S) + 1) * 4;
+}
+__host__ __device__ constexpr int wide_smem_bytes(int L, int S, bool raw) {
+  return wide_keys_bytes(S) + wide_list_bytes(L, S) + wide_sel_bytes(L, S) * (raw ? 3 : 2);
+}
+
+template <int FN, int L, int S, int P>
+__global__ void __launch_bounds__(kFastThreads, 4) fwd_wide_kernel(const FastArgs a) {
+  constexpr int NS = kWideSub;
+  constexpr int V = NS * S;
+  constexpr int TPB = kFastThreads / L;
+  constexpr int CMAX = wide_cmax(L, S);
+  constexpr int KMAX = fast_kmax(NS * L, S);
+  constexpr int LS = CMAX + 2;
+  constexpr int SS = KMAX + 1;
+  constexpr ScoreFn F = static_cast<ScoreFn>(FN);
+  constexpr bool kRaw = F == ScoreFn::kSoftmax;
+  // All V logits of the lane are loaded before its keys are computed where that still fits in
+  // 128 registers without spilling (sigmoid, on sm_80 / 90 / 100 with nvcc 13); the other score
+  // functions load one sub-chunk at a time (fewer bytes in flight, 30-40 fewer registers).
+  constexpr bool kPrefetch = F == ScoreFn::kSigmoid;
+  constexpr int XN = kPrefetch ? V : S;
+  static_assert(L >= 1 && NS * L <= 32 && (L & (L - 1)) == 0, "2L must be a power of two <= 32");
+  static_assert(S % 8 == 0 && S <= 32, "S must be 8, 16, 24 or 32");
+  static_assert(P == 1 || P == 2, "top-1 or top-2 per sub-chunk");
+  static_assert(CMAX % 2 == 0, "the rank loop reads the list two keys at a time");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint4(*keys_sm)[kFastThreads] = reinterpret_cast<uint4(*)[kFastThreads]>(smem);
+  unsigned long long(*list_sm)[LS] =
+      reinterpret_cast<unsigned long long(*)[LS]>(smem + wide_keys_bytes(S));
+  int(*sel_e)[SS] =
+      reinterpret_cast<int(*)[SS]>(smem + wide_keys_bytes(S) + wide_list_bytes(L, S));
+  float(*sel_v)[SS] = reinterpret_cast<float(*)[SS]>(smem + wide_keys_bytes(S) +
+                                                     wide_list_bytes(L, S) + wide_sel_bytes(L, S));
+  float(*sel_u)[SS] = reinterpret_cast<float(*)[SS]>(
+      smem + wide_keys_bytes(S) + wide_list_bytes(L, S) + 2 * wide_sel_bytes(L, S));
+
+  const int tid = threadIdx.x;
+  const int j = tid % L;
+  const int tb = tid / L;
+  const int E = a.E;
+  const int k = a.k;
+  const int base_e = j * V;
+  const int nvalid = max(0, min(V, E - base_e));
+  int nvh[NS];
+#pragma unroll
+  for (int h = 0; h < NS; ++h) nvh[h] = max(0, min(S, E - base_e - h * S));
+  const int gthread0 = tid - j;
+  const Dt dt = a.logits_dt;
+  const int64_t ntiles = (a.rows + TPB - 1) / TPB;
+
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t t = tile * TPB + tb;
+    const bool tok = t < a.rows;
+    const int64_t roff = t * static_cast<int64_t>(E);
+    const int nv = tok ? nvalid : 0;
+
+    float x[XN];
+    if constexpr (kPrefetch) load_chunk_dt<XN>(a.logits, roff + base_e, dt, nv, a.x_vec, x);
+    const float* brow = nullptr;
+    if (!kRaw && a.bias != nullptr) {
+      brow = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E + base_e;
+    }
+    if (nv > 0) {
+      if (a.probs) {
+        if (dt == Dt::kF32) {
+          zero_chunk<float, V>(static_cast<float*>(a.probs) + roff + base_e, nv, a.probs_vec);
+        } else {
+          zero_chunk<uint16_t, V>(static_cast<uint16_t*>(a.probs) + roff + base_e, nv,
+                                  a.probs_vec);
+        }
+      }
+      if (a.map && !a.bitmap) zero_chunk<uint8_t, V>(a.map + roff + base_e, nv, a.map_vec);
+    }
+
+    // Keys and top-P of each sub-chunk, exactly as a narrow lane computes them for its chunk.
+    uint32_t top[NS][P];
+#pragma unroll
+    for (int h = 0; h < NS; ++h) {
+      float xs[S];
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int i = 0; i < S; ++i) xs[i] = x[h * S + i];
+      } else {
+        load_chunk_dt<S>(a.logits, roff + base_e + h * S, dt, tok ? nvh[h] : 0, a.x_vec, xs);
+      }
+      chunk_keys<F, S, P>(xs, brow != nullptr ? brow + h * S : nullptr, a.bias_vec,
+                          tok ? nvh[h] : 0, keys_sm + h * (S / 4), tid, top[h]);
+    }
+
+    // Group-limited routing and the candidate threshold, over the virtual lanes j*NS + h.
+    bool keep[NS];
+    uint32_t tau;
+    if (a.num_groups > 0) {
+      const int m = a.m;
+      uint32_t gk[NS];
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+        float gs = order_key_value(top[h][0]);
+#pragma unroll
+        for (int q = 1; q < P; ++q) {
+          if (q < m) gs += order_key_value(top[h][q]);
+        }
+        const bool real = j * NS + h < a.num_groups;
+        gk[h] = (real && tok) ? order_key(gs) : 0u;
+      }
+      int rank[NS];
+#pragma unroll
+      for (int h = 0; h < NS; ++h) rank[h] = 0;
+#pragma unroll
+      for (int l = 0; l < L; ++l) {
+#pragma unroll
+        for (int h2 = 0; h2 < NS; ++h2) {
+          const uint32_t o = __shfl_sync(0xFFFFFFFFu, gk[h2], l, L);
+          const int vo = l * NS + h2;
+#pragma unroll
+          for (int h = 0; h < NS; ++h) {
+            rank[h] += (o > gk[h] || (o == gk[h] && vo < j * NS + h)) ? 1 : 0;
+          }
+        }
+      }
+      uint32_t lo = 0xFFFFFFFFu;
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+        const bool real = j * NS + h < a.num_groups;
+        keep[h] = tok && real && rank[h] < a.group_topk;
+        // The m-th key (m <= P <= 2), as a select: a loop over q becomes an indexed load from
+        // a stack copy of top (local memory, stored on every update in chunk_keys).
+        const uint32_t mine = (P > 1 && m > 1) ? top[h][P - 1] : top[h][0];
+        lo = min(lo, keep[h] ? mine : 0xFFFFFFFFu);
+      }
+      tau = group_min<L>(lo);
+    } else {
+      // tau = the k-th largest of the multiset of every virtual lane's top-P keys (0 past E).
+      int gt[NS][P], ge[NS][P];
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+#pragma unroll
+        for (int q = 0; q < P; ++q) gt[h][q] = ge[h][q] = 0;
+      }
+#pragma unroll
+      for (int l = 0; l < L; ++l) {
+#pragma unroll
+        for (int h2 = 0; h2 < NS; ++h2) {
+#pragma unroll
+          for (int p = 0; p < P; ++p) {
+            const uint32_t o = __shfl_sync(0xFFFFFFFFu, top[h2][p], l, L);
+#pragma unroll
+            for (int h = 0; h < NS; ++h) {
+#pragma unroll
+              for (int q = 0; q < P; ++q) {
+                gt[h][q] += o > top[h][q] ? 1 : 0;
+                ge[h][q] += o >= top[h][q] ? 1 : 0;
+              }
+            }
+          }
+        }
+      }
+      uint32_t mine = 0;
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+#pragma unroll
+        for (int q = 0; q < P; ++q) {
+          if (gt[h][q] < k && ge[h][q] >= k) mine = top[h][q];
+        }
+      }
+      tau = group_max<L>(mine);
+#pragma unroll
+      for (int h = 0; h < NS; ++h) keep[h] = tok;
+    }
+
+    uint32_t cm[NS];
+    int c = 0;
+#pragma unroll
+    for (int h = 0; h < NS; ++h) {
+      cm[h] = 0;
+      if (keep[h]) {
+#pragma unroll
+        for (int q = 0; q < S / 4; ++q) {
+          const uint4 w = keys_sm[h * (S / 4) + q][tid];
+          cm[h] |= (w.x >= tau ? 1u : 0u) << (4 * q);
+          cm[h] |= (w.y >= tau ? 1u : 0u) << (4 * q + 1);
+          cm[h] |= (w.z >= tau ? 1u : 0u) << (4 * q + 2);
+          cm[h] |= (w.w >= tau ? 1u : 0u) << (4 * q + 3);
+        }
+      }
+      c += __popc(cm[h]);
+    }
+    // Bit (first thread of the token + l) of keptb[h]: virtual lane l*NS + h is kept.
+    uint32_t keptb[NS];
+#pragma unroll
+    for (int h = 0; h < NS; ++h) keptb[h] = __ballot_sync(0xFFFFFFFFu, keep[h]);
+    int incl = c;
+#pragma unroll
+    for (int d = 1; d < L; d <<= 1) {
+      const int o = __shfl_up_sync(0xFFFFFFFFu, incl, d, L);
+      if (j >= d) incl += o;
+    }
+    const int ctot = __shfl_sync(0xFFFFFFFFu, incl, L - 1, L);
+    unsigned long long* lst = list_sm[tb];
+    if (ctot <= CMAX) {
+      int pos = incl - c;
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+        uint32_t mm = cm[h];
+        while (mm) {
+          const int i = __ffs(mm) - 1;
+          mm &= mm - 1;
+          lst[pos++] = slot_key(sm_key(keys_sm, tid, h * S + i),
+                                static_cast<uint32_t>(base_e + h * S + i));
+        }
+      }
+      if (j == 0 && (ctot & 1)) lst[ctot] = 0ull;
+    }
+    __syncwarp();
+
+    // Ranks: slot of a candidate = number of candidates with a larger slot key.
+    auto record = [&](int rank, unsigned long long sk) {
+      const int e = static_cast<int>(slot_expert(sk));
+      const float xe = load_as_float(a.logits, dt, roff + e);
+      sel_e[tb][rank] = e;
+      sel_v[tb][rank] = kRaw ? xe : act_dev(F, xe);
+    };
+    if (ctot <= CMAX) {
+      for (int idx = j; idx < ctot; idx += L) {
+        const unsigned long long my = lst[idx];
+        int rank = 0;
+        for (int q = 0; q < ctot; q += 2) {
+          const ulonglong2 pr = *reinterpret_cast<const ulonglong2*>(&lst[q]);
+          rank += (pr.x > my ? 1 : 0) + (pr.y > my ? 1 : 0);
+        }
+        if (rank < k) record(rank, my);
+      }
+    } else {
+      // Many candidates (exact ties): count against every kept expert of the token.
+#pragma unroll
+      for (int h = 0; h < NS; ++h) {
+        uint32_t mm = cm[h];
+        while (mm) {
+          const int i = __ffs(mm) - 1;
+          mm &= mm - 1;
+          const unsigned long long my =
+              slot_key(sm_key(keys_sm, tid, h * S + i), static_cast<uint32_t>(base_e + h * S + i));
+          int rank = 0;
+          for (int l = 0; l < L; ++l) {
+#pragma unroll
+            for (int h2 = 0; h2 < NS; ++h2) {
+              if (!((keptb[h2] >> ((gthread0 + l) & 31)) & 1u)) continue;
+#pragma unroll
+              for (int i2 = 0; i2 < S; ++i2) {
+                const unsigned long long o =
+                    slot_key(sm_key(keys_sm, gthread0 + l, h2 * S + i2),
+                             static_cast<uint32_t>(l * V + h2 * S + i2));
+                rank += o > my ? 1 : 0;
+              }
+            }
+          }
+          if (rank < k) record(rank, my);
+        }
+      }
+    }
+    __syncwarp();
+
+    // Weights, in slot order.
+    constexpr int NQ = (KMAX + L - 1) / L;
+    float u[NQ];
+    if (kRaw) {
+      const float mx = sel_v[tb][0];
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const int r = j + q * L;
+        u[q] = 0.0f;
+        if (tok && r < k) {
+          u[q] = expf(sel_v[tb][r] - mx);
+          sel_u[tb][r] = u[q];
+        }
+      }
+      __syncwarp();
+    } else {
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const int r = j + q * L;
+        u[q] = (tok && r < k) ? sel_v[tb][r] : 0.0f;
+      }
+    }
+    if (tok) {
+      const float* us = kRaw ? sel_u[tb] : sel_v[tb];
+      float sum = 0.0f;
+      for (int r = 0; r < k; ++r) sum += us[r];
+      const float denom = kRaw ? sum : sum + kEps;
+      const int64_t ko = t * static_cast<int64_t>(k);
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const int r = j + q * L;
+        if (r < k) {
+          const int e = sel_e[tb][r];
+          const float p = (kRaw || k > 1) ? u[q] / denom : u[q];
+          const float w = a.scaling * p;
+          if (a.weights) a.weights[ko + r] = w;
+          if (a.indices) store_index(a.indices, a.index_dt, ko + r, e);
+          if (a.act) a.act[ko + r] = kRaw ? p : u[q];
+          if (a.probs) store_from_float(a.probs, dt, roff + e, w);
+          if (a.map && !a.bitmap) a.map[roff + e] = 1;
+        }
+      }
+      if (a.map && a.bitmap) {
+        unsigned long long mask = 0;
+        for (int r = 0; r < k; ++r) {
+          const int d = sel_e[tb][r] - base_e;
+          if (d >= 0 && d < V) mask |= 1ull << d;
         }
         const int64_t nbytes = (E + 7) / 8;
         const int b0 = base_e / 8;
