@@ -6,14 +6,8 @@
 // Compares every forward output (probs, bytemap / bitmap, weights, indices, act) and the
 // backward against a plain host implementation of SPEC §3-4 built from ffi/router.h, on random,
 // tied and non-finite inputs, for the fast and the general paths. Outputs are poisoned first
-// so unwritten elements show. Where a fast-path call has both a narrow and a wide kernel, the
-// other one is run too and every output byte must match. --bench times the forward / backward
-// with CUDA events over rotating input sets (more bytes than L2) and prints achieved bandwidth;
-// the compact and dense forwards are timed with both kernels where both exist (mode/narrow,
-// mode/wide; `*` marks the one the launcher picks by default).
-//
-// JAX_ROUTER_FWD_LAYOUT=narrow|wide forces that fast-path kernel in the checks (default: the
-// launcher's choice; configurations marked "w-" force the wide one).
+// so unwritten elements show. --bench times the forward / backward with CUDA events over
+// rotating input sets (more bytes than L2) and prints achieved bandwidth.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -146,60 +140,8 @@ static bool close(float a, float b, float rtol, float atol) {
 enum class Fill { kNormal, kZeros, kInts, kNonFinite };
 
 static int g_fail = 0;
-// FwdArgs::fast_layout for the checks (JAX_ROUTER_FWD_LAYOUT).
-static int g_layout = 0;
 
-static const char* PathName(FwdPath p) {
-  switch (p) {
-    case FwdPath::kFast:
-      return "fast";
-    case FwdPath::kWide:
-      return "wide";
-    case FwdPath::kGeneral:
-      return "general";
-    default:
-      return "none";
-  }
-}
-
-// Every forward output of one launch, on the device, poisoned before the launch.
-struct DevOuts {
-  void *probs = nullptr, *map = nullptr, *idx = nullptr;
-  float *w = nullptr, *act = nullptr;
-  size_t probs_b = 0, map_b = 0, idx_b = 0, wk_b = 0;
-  DevOuts(size_t pb, size_t mb, size_t ib, size_t kb) : probs_b(pb), map_b(mb), idx_b(ib), wk_b(kb) {
-    CK(cudaMalloc(&probs, pb));
-    CK(cudaMalloc(&map, mb));
-    CK(cudaMalloc(&idx, ib));
-    CK(cudaMalloc(&w, kb));
-    CK(cudaMalloc(&act, kb));
-    CK(cudaMemset(probs, 0xFF, pb));
-    CK(cudaMemset(map, 0xFF, mb));
-    CK(cudaMemset(idx, 0xFF, ib));
-    CK(cudaMemset(w, 0xFF, kb));
-    CK(cudaMemset(act, 0xFF, kb));
-  }
-  ~DevOuts() {
-    cudaFree(probs);
-    cudaFree(map);
-    cudaFree(idx);
-    cudaFree(w);
-    cudaFree(act);
-  }
-  std::vector<unsigned char> Bytes() const {
-    std::vector<unsigned char> v(probs_b + map_b + idx_b + 2 * wk_b);
-    unsigned char* o = v.data();
-    CK(cudaMemcpy(o, probs, probs_b, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(o + probs_b, map, map_b, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(o + probs_b + map_b, idx, idx_b, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(o + probs_b + map_b + idx_b, w, wk_b, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(o + probs_b + map_b + idx_b + wk_b, act, wk_b, cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
-
-static void RunCase(const Cfg& c, int T, Dt dt, It it, Fill fill, bool bitmap, uint64_t seed,
-                    int layout = -1) {
+static void RunCase(const Cfg& c, int T, Dt dt, It it, Fill fill, bool bitmap, uint64_t seed) {
   const int E = c.E, k = c.k;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -274,7 +216,6 @@ static void RunCase(const Cfg& c, int T, Dt dt, It it, Fill fill, bool bitmap, u
   a.indices = d_idx;
   a.index_dt = it;
   a.act = d_act;
-  a.fast_layout = layout >= 0 ? layout : g_layout;
   FwdPath path;
   CK(LaunchForward(a, 0, &path));
   CK(cudaDeviceSynchronize());
@@ -366,45 +307,9 @@ static void RunCase(const Cfg& c, int T, Dt dt, It it, Fill fill, bool bitmap, u
   const char* fills[] = {"normal", "zeros", "ints", "nonfinite"};
   std::printf("%s %-14s T=%-5d E=%-5d k=%-4d %-4s %-9s %s path=%s idx_mismatch=%ld values_bad=%ld dense_bad=%ld invariant_bad=%ld\n",
               ok ? "PASS" : "FAIL", c.name.c_str(), T, E, k, dts, fills[static_cast<int>(fill)],
-              bitmap ? "bitmap" : "bytemap", PathName(path), idx_mis,
+              bitmap ? "bitmap" : "bytemap", path == FwdPath::kFast ? "fast" : "general", idx_mis,
               val_bad, dense_bad, invariant_bad);
   if (!ok) ++g_fail;
-
-  // The other fast-path kernel (narrow <-> wide) must write the same bytes everywhere.
-  if ((path == FwdPath::kFast || path == FwdPath::kWide) && PlanForward(E, a.p).wide >= 0) {
-    const size_t kb = static_cast<size_t>(T) * k * 4;
-    DevOuts mine(xs.size(), mapb, static_cast<size_t>(T) * k * isz, kb);
-    DevOuts other(xs.size(), mapb, static_cast<size_t>(T) * k * isz, kb);
-    CK(cudaMemcpy(mine.probs, d_probs, xs.size(), cudaMemcpyDeviceToDevice));
-    CK(cudaMemcpy(mine.map, d_map, mapb, cudaMemcpyDeviceToDevice));
-    CK(cudaMemcpy(mine.idx, d_idx, mine.idx_b, cudaMemcpyDeviceToDevice));
-    CK(cudaMemcpy(mine.w, d_w, kb, cudaMemcpyDeviceToDevice));
-    CK(cudaMemcpy(mine.act, d_act, kb, cudaMemcpyDeviceToDevice));
-    FwdArgs b = a;
-    b.fast_layout = path == FwdPath::kWide ? 1 : 2;
-    b.probs = other.probs;
-    b.map = other.map;
-    b.indices = other.idx;
-    b.weights = other.w;
-    b.act = other.act;
-    FwdPath opath;
-    CK(LaunchForward(b, 0, &opath));
-    CK(cudaDeviceSynchronize());
-    const std::vector<unsigned char> x0 = mine.Bytes(), x1 = other.Bytes();
-    long diff = 0;
-    size_t first = 0;
-    for (size_t i = 0; i < x0.size(); ++i) {
-      if (x0[i] != x1[i]) {
-        if (!diff) first = i;
-        ++diff;
-      }
-    }
-    const bool same = diff == 0 && opath != path &&
-                      (opath == FwdPath::kFast || opath == FwdPath::kWide);
-    std::printf("%s   %s vs %s: %ld bytes differ (first at %zu of %zu)\n", same ? "PASS" : "FAIL",
-                PathName(path), PathName(opath), diff, diff ? first : size_t(0), x0.size());
-    if (!same) ++g_fail;
-  }
 
   // Backward from the GPU's own indices/act: dense (dtype of logits) and compact (f32) grads.
   if (fill == Fill::kNormal || fill == Fill::kInts) {
@@ -613,41 +518,15 @@ static void Bench() {
           b.probs = dense ? probs[s] : nullptr;
           CK(LaunchForward(b, 0));
         };
-        const FwdPlan plan = PlanForward(c.E, a.p);
-        const bool has_wide = plan.path == FwdPath::kFast && plan.wide >= 0;
         for (int s = 0; s < sets; ++s) fwd(s, false);
         CK(cudaDeviceSynchronize());
         const double fl_c = (double(T) * c.E * es + double(T) * c.k * 12) / (bw * 1e12) * 1e6;
         const double fl_d = (2.0 * T * c.E * es + double(T) * c.k * 8) / (bw * 1e12) * 1e6;
         const double fl_b = (double(T) * c.k * 12 + double(T) * c.E * es) / (bw * 1e12) * 1e6;
-        // Default layout first (rows "compact" / "dense"), then each fast kernel forced.
-        FwdPath auto_path = FwdPath::kNone;
-        {
-          FwdArgs b = a;
-          b.logits = xs[0];
-          b.weights = ws[0];
-          b.indices = idx[0];
-          b.act = acts[0];
-          CK(LaunchForward(b, 0, &auto_path));
-          CK(cudaDeviceSynchronize());
-        }
         float tc = TimeIt([&](int s) { fwd(s, false); }, sets, 200);
         const long long ll = LastFastLaunch().load();
-        std::printf("  (default path %s; grid %lld, blocks/SM %lld)\n", PathName(auto_path), ll / 1000,
-                    ll % 1000);
+        std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
         float td = TimeIt([&](int s) { fwd(s, true); }, sets, 200);
-        float tcl[2] = {0, 0}, tdl[2] = {0, 0};
-        if (has_wide) {
-          for (int lay = 1; lay <= 2; ++lay) {
-            a.fast_layout = lay;
-            tcl[lay - 1] = TimeIt([&](int s) { fwd(s, false); }, sets, 200);
-            const long long l2 = LastFastLaunch().load();
-            std::printf("  (%s: grid %lld, blocks/SM %lld)\n", lay == 1 ? "narrow" : "wide",
-                        l2 / 1000, l2 % 1000);
-            tdl[lay - 1] = TimeIt([&](int s) { fwd(s, true); }, sets, 200);
-          }
-          a.fast_layout = 0;
-        }
         BwdArgs bb;
         bb.rows = T;
         bb.experts = c.E;
@@ -670,17 +549,6 @@ static void Bench() {
         const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
         std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "compact", tc, fl_c, tc / fl_c);
         std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "dense", td, fl_d, td / fl_d);
-        if (has_wide) {
-          const bool wide_default = auto_path == FwdPath::kWide;
-          const char* names[4] = {"compact/narrow", "compact/wide", "dense/narrow", "dense/wide"};
-          const float tt[4] = {tcl[0], tcl[1], tdl[0], tdl[1]};
-          const double fl[4] = {fl_c, fl_c, fl_d, fl_d};
-          for (int q = 0; q < 4; ++q) {
-            const bool star = (q % 2 == 1) == wide_default;
-            std::printf("%-12s %7d %4s %-14s%s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, names[q],
-                        star ? "*" : " ", tt[q], fl[q], tt[q] / fl[q]);
-          }
-        }
         std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "bwd", tb, fl_b, tb / fl_b);
         for (int s = 0; s < sets; ++s) {
           CK(cudaFree(xs[s]));
@@ -698,12 +566,6 @@ static void Bench() {
 
 int main(int argc, char** argv) {
   bool bench = false, only_bench = false, small = false;
-  if (const char* lay = std::getenv("JAX_ROUTER_FWD_LAYOUT")) {
-    if (!std::strcmp(lay, "narrow")) g_layout = 1;
-    if (!std::strcmp(lay, "wide")) g_layout = 2;
-    std::printf("JAX_ROUTER_FWD_LAYOUT=%s: fast-path layout %d (0 default, 1 narrow, 2 wide)\n", lay,
-                g_layout);
-  }
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--small")) small = true;
     if (!std::strcmp(argv[i], "--bench")) bench = true;
@@ -735,24 +597,6 @@ int main(int argc, char** argv) {
         {"e8192k8192", 8192, 8192, SM},
         {"e5000grp", 5000, 20, SP, false, 10, 5, true},
     };
-    // Forced onto the wide kernel (and checked against the narrow one): odd E with a partial
-    // last lane and sub-chunk, k at the fast path's limits, groups not filling the lanes, all
-    // groups kept, one expert / one group per token, groups of 16 and 24.
-    const std::vector<Cfg> wide_cfgs = {
-        {"w-e250k8", 250, 8, SG, false, 0, 0, true, 2.5f},
-        {"w-e250k16", 250, 16, SP, false, 0, 0, true},
-        {"w-e120k8", 120, 8, SM},
-        {"w-e384k32", 384, 32, SM},
-        {"w-e1000k32", 1000, 32, SG, false, 0, 0, true},
-        {"w-e500k10", 500, 10, SP, false, 0, 0, true},
-        {"w-grp192", 192, 6, SG, false, 6, 3, true, 2.5f},
-        {"w-grp-m1", 256, 4, SG, false, 8, 4, true},
-        {"w-grp-all", 256, 16, SG, false, 8, 8, true},
-        {"w-grp-k1", 256, 1, SG, false, 8, 1, true},
-        {"w-grp128", 128, 8, SP, false, 8, 4, true},
-        {"w-grp384", 384, 8, SG, false, 16, 4, true},
-        {"w-grp512", 512, 16, SM, false, 16, 8},
-    };
     uint64_t seed = 1;
     for (const Cfg& c : cfgs) {
       int T = c.E >= 4096 ? 16 : (c.E >= 896 ? 257 : 1031);
@@ -765,21 +609,6 @@ int main(int argc, char** argv) {
         RunCase(c, T, Dt::kF32, It::kS32, Fill::kNonFinite, false, seed++);
       }
     }
-    seed = 1001;  // the configurations above keep the inputs they had before these were added
-    for (const Cfg& c : wide_cfgs) {
-      const int T = small ? 37 : 1031;
-      RunCase(c, T, Dt::kBF16, It::kS32, Fill::kNormal, false, seed++, 2);
-      RunCase(c, T, Dt::kF32, It::kS64, Fill::kNormal, true, seed++, 2);
-      RunCase(c, T, Dt::kF16, It::kS16, Fill::kInts, false, seed++, 2);
-      RunCase(c, small ? 5 : 67, Dt::kBF16, It::kS32, Fill::kZeros, true, seed++, 2);
-      RunCase(c, T, Dt::kF32, It::kS32, Fill::kNonFinite, false, seed++, 2);
-      RunCase(c, T, Dt::kBF16, It::kS64, Fill::kNonFinite, true, seed++, 2);
-    }
-    // More tiles than resident blocks: each block loops over several tiles (launcher's choice).
-    const int big = small ? 3001 : 40000;
-    RunCase(cfgs[0], big, Dt::kBF16, It::kS32, Fill::kNormal, false, seed++);  // deepseek-v3
-    RunCase(cfgs[1], big, Dt::kBF16, It::kS32, Fill::kInts, false, seed++);    // qwen3
-    RunCase(cfgs[3], big, Dt::kF32, It::kS32, Fill::kNonFinite, true, seed++);  // kimi-k2
     std::printf("selftest: %s (%d failing cases)\n", g_fail ? "FAILED" : "all passed", g_fail);
   }
   if (bench) Bench();

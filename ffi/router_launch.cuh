@@ -43,11 +43,6 @@ inline int SmemOptin(int dev) {
   return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);
 }
 
-inline int SmemPerSm(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  return CachedAttr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, cache, dev, 100 * 1024);
-}
-
 // ---- plan ------------------------------------------------------------------------------------
 
 struct FastLayout {
@@ -57,31 +52,11 @@ constexpr FastLayout kFastLayouts[] = {{1, 8},   {4, 16},  {8, 16}, {8, 32},
                                         {16, 24}, {16, 32}, {32, 32}};
 constexpr int kNumFastLayouts = sizeof(kFastLayouts) / sizeof(kFastLayouts[0]);
 
-// Wide layouts (fwd_wide_kernel<FN, L, S, P>): narrow layout kFastLayouts[narrow] = (2L, S) with
-// two of its lanes per lane. `by_default`: the launcher takes it unless told otherwise (where it
-// is expected to beat the narrow kernel; the A/B in benchmarks/cuda_selftest.cu --only-bench
-// decides).
-struct WideLayout {
-  int narrow, L, S;
-  bool by_default;
-};
-constexpr WideLayout kWideLayouts[] = {
-    {2, 4, 16, true}, {3, 4, 32, true}, {4, 8, 24, true}, {5, 8, 32, true}, {6, 16, 32, true}};
-constexpr int kNumWideLayouts = sizeof(kWideLayouts) / sizeof(kWideLayouts[0]);
-
 struct FwdPlan {
   FwdPath path = FwdPath::kNone;
   int layout = -1;  // index into kFastLayouts
   int P = 0;
-  int wide = -1;  // index into kWideLayouts of the same virtual layout, -1: none
 };
-
-inline int WideLayoutOf(int narrow) {
-  for (int w = 0; w < kNumWideLayouts; ++w) {
-    if (kWideLayouts[w].narrow == narrow) return w;
-  }
-  return -1;
-}
 
 inline int LanesWithAtLeast(int E, int L, int V, int n) {
   int c = 0;
@@ -112,7 +87,6 @@ inline FwdPlan PlanForward(int64_t E64, const RouteParams& p) {
       plan.path = FwdPath::kFast;
       plan.layout = li;
       plan.P = m < 1 ? 1 : m;
-      plan.wide = WideLayoutOf(li);
       return plan;
     }
     // Threshold = k-th largest of the lanes' top-P keys: P = 1 when there are enough lanes,
@@ -128,7 +102,6 @@ inline FwdPlan PlanForward(int64_t E64, const RouteParams& p) {
       plan.path = FwdPath::kFast;
       plan.layout = li;
       plan.P = P;
-      plan.wide = WideLayoutOf(li);
       return plan;
     }
     return plan;  // the smallest layout that fits E cannot take this topk: general path
@@ -217,79 +190,6 @@ inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, const FastArgs
   }
 }
 
-template <int FN, int L, int S, int P>
-inline cudaError_t LaunchWideT(const FastArgs& fa, cudaStream_t stream, int dev) {
-  auto kernel = fwd_wide_kernel<FN, L, S, P>;
-  constexpr int smem = wide_smem_bytes(L, S, FN == 0);
-  static std::atomic<int> ready[kMaxDevices];
-  if (!ready[dev].load(std::memory_order_relaxed)) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    // A hint: the keys need most of the SM's unified L1 / shared memory as shared memory.
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             cudaSharedmemCarveoutMaxShared) != cudaSuccess) {
-      cudaGetLastError();
-    }
-    ready[dev].store(1, std::memory_order_relaxed);
-  }
-  static std::atomic<int> occ{0};
-  const int per_sm = CachedBlocksPerSm(kernel, kFastThreads, smem, occ);
-  constexpr int TPB = kFastThreads / L;
-  const int64_t tiles = (fa.rows + TPB - 1) / TPB;
-  int64_t grid = static_cast<int64_t>(SmCount(dev)) * per_sm;
-  if (grid > tiles) grid = tiles;
-  LastFastLaunch().store(grid * 1000 + per_sm, std::memory_order_relaxed);
-  kernel<<<static_cast<unsigned>(grid), kFastThreads, smem, stream>>>(fa);
-  return cudaGetLastError();
-}
-
-template <int FN, int P>
-inline cudaError_t LaunchWideLayout(int wi, const FastArgs& fa, cudaStream_t s, int dev) {
-  static_assert(kNumWideLayouts == 5, "one case per wide layout");
-  switch (wi) {
-    case 0:
-      return LaunchWideT<FN, 4, 16, P>(fa, s, dev);
-    case 1:
-      return LaunchWideT<FN, 4, 32, P>(fa, s, dev);
-    case 2:
-      return LaunchWideT<FN, 8, 24, P>(fa, s, dev);
-    case 3:
-      return LaunchWideT<FN, 8, 32, P>(fa, s, dev);
-    default:
-      return LaunchWideT<FN, 16, 32, P>(fa, s, dev);
-  }
-}
-
-template <int FN>
-inline cudaError_t LaunchWideFn(const FwdPlan& plan, const FastArgs& fa, cudaStream_t s, int dev) {
-  if (plan.P == 1) return LaunchWideLayout<FN, 1>(plan.wide, fa, s, dev);
-  return LaunchWideLayout<FN, 2>(plan.wide, fa, s, dev);
-}
-
-inline cudaError_t LaunchWideAny(const FwdPlan& plan, ScoreFn fn, const FastArgs& fa,
-                                 cudaStream_t s, int dev) {
-  switch (fn) {
-    case ScoreFn::kSoftmax:
-      return LaunchWideFn<0>(plan, fa, s, dev);
-    case ScoreFn::kSigmoid:
-      return LaunchWideFn<1>(plan, fa, s, dev);
-    default:
-      return LaunchWideFn<2>(plan, fa, s, dev);
-  }
-}
-
-// Whether a fast-path call takes the wide kernel: forced by FwdArgs::fast_layout, else the
-// layout's default, on GPUs whose SM shared memory holds four of its blocks (sm_90 / sm_100:
-// 228 KB; sm_80's 164 KB would halve the occupancy).
-inline bool UseWide(const FwdPlan& plan, int fast_layout, ScoreFn fn, int dev) {
-  if (plan.wide < 0 || fast_layout == 1) return false;
-  if (fast_layout == 2) return true;
-  const WideLayout& w = kWideLayouts[plan.wide];
-  if (!w.by_default) return false;
-  const int per_block = wide_smem_bytes(w.L, w.S, fn == ScoreFn::kSoftmax) + 1024;
-  return SmemPerSm(dev) >= 4 * per_block;
-}
-
 template <typename D, int FN>
 inline cudaError_t LaunchGeneralT(const GenArgs& ga, int threads, size_t smem, cudaStream_t s,
                                   int dev) {
@@ -376,12 +276,6 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
     fa.probs_vec = f.probs && Aligned16(f.probs) && (f.experts * es) % 16 == 0;
     const int mv = lay.V < 16 ? lay.V : 16;
     fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
-    if (UseWide(plan, f.fast_layout, f.p.score_fn, dev)) {
-      // Wide lanes hold 2S >= 32 experts: the map's 16-byte stores need E % 16 == 0, which
-      // mv = 16 above already asked of the narrow layouts that have wide twins (V >= 16).
-      if (taken) *taken = FwdPath::kWide;
-      return LaunchWideAny(plan, f.p.score_fn, fa, stream, dev);
-    }
     if (taken) *taken = FwdPath::kFast;
     return LaunchFastAny(plan, f.p.score_fn, fa, stream, dev);
   }
