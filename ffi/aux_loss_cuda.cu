@@ -1,7 +1,8 @@
 // CUDA handlers for the aux-loss score targets (contract and math: aux_loss.h).
 //
 // One warp per row (grid-stride over rows), no shared memory. Lane l owns experts l, l + 32,
-// ... of its row in every pass, so it only ever reads back scores it wrote itself.
+// ... of its row. For E <= 1024 the row lives in registers (the *Reg kernels); larger rows use
+// the general kernels, where a lane only ever reads back scores it wrote itself.
 // Forward: reductions for the normalisation, then the scores; the map is the top-k of the
 // scores' order keys (router.h), found by a radix search for the k-th largest key (32 passes
 // of warp counts) and one ordered pass that takes the ties at that key by ascending id.
@@ -166,6 +167,180 @@ __global__ void AuxScoresBwdKernel(AuxBwd b) {
   }
 }
 
+// Register-resident variants for E <= 32 * VPL (VPL <= 32): each lane keeps its VPL logits and
+// order keys in registers, so the row is read from global memory once, and the selection runs
+// on registers with single-instruction warp reductions (redux.sync, sm_80+). Same arithmetic in
+// the same order as the kernels above (lane l sums experts l, l + 32, ... in increasing order,
+// then the same shuffle tree), so the scores are bitwise the same.
+template <typename T, int VPL>
+__device__ __forceinline__ void LoadRow(const T* x, int64_t E, int lane, float (&v)[VPL]) {
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int64_t e = lane + 32 * j;
+    v[j] = e < E ? LoadF(x, e) : 0.0f;
+  }
+}
+
+template <int VPL>
+__device__ __forceinline__ void RowStatsReg(ScoreFn fn, const float (&v)[VPL], int64_t E,
+                                            int lane, float* m, float* sum) {
+  float acc = 0.0f;
+  if (fn == ScoreFn::kSoftmax) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      if (lane + 32 * j < E) mx = fmaxf(mx, v[j]);
+    }
+    *m = WarpMax(mx);
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      if (lane + 32 * j < E) acc += expf(v[j] - *m);
+    }
+  } else {
+    *m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      if (lane + 32 * j < E) acc += activation(fn, v[j]);
+    }
+  }
+  *sum = WarpSum(acc);
+}
+
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(AuxFwd f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t E = f.experts;
+  const int K = static_cast<int>(f.topk);
+  const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
+  for (int64_t r = warp; r < f.rows; r += nwarps) {
+    float v[VPL];
+    LoadRow(static_cast<const T*>(f.logits) + r * E, E, lane, v);
+    float m, sum;
+    RowStatsReg(f.fn, v, E, lane, &m, &sum);
+    float* out = f.scores + r * E;
+    uint32_t key[VPL];  // order keys; 0 (below every real key, NaN's is 1) past the row's end
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int64_t e = lane + 32 * j;
+      key[j] = 0u;
+      if (e < E) {
+        const float a = Act(f.fn, v[j], m, sum);
+        const float sc = f.fn == ScoreFn::kSoftmax ? a : a / (sum + kEps);
+        out[e] = sc;
+        key[j] = order_key(sc);
+      }
+    }
+    // taken: bit j set when expert lane + 32 j is among the top k (largest key, ties to the
+    // lower id).
+    uint32_t taken = 0u;
+    if (K <= 16) {
+      // k rounds of a warp argmax: each lane offers its best untaken key (the first of equal
+      // keys, i.e. its lowest id); the warp takes the largest key, ties to the lowest id.
+      for (int t = 0; t < K; ++t) {
+        uint32_t best = 0u;
+        int bj = -1;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+          const bool better = !((taken >> j) & 1u) && key[j] > best;
+          best = better ? key[j] : best;
+          bj = better ? j : bj;
+        }
+        const uint32_t wbest = __reduce_max_sync(kFull, best);
+        const uint32_t mine =
+            (bj >= 0 && best == wbest) ? static_cast<uint32_t>(lane + 32 * bj) : 0xFFFFFFFFu;
+        const uint32_t win = __reduce_min_sync(kFull, mine);
+        if (bj >= 0 && mine == win) taken |= 1u << bj;
+      }
+    } else {
+      // The k-th largest key thr (the largest t with #{key >= t} >= k), then the keys above it
+      // and the ties at it by ascending id.
+      uint32_t thr = 0u;
+      for (int bit = 31; bit >= 0; --bit) {
+        const uint32_t cand = thr | (1u << bit);
+        uint32_t cnt = 0u;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) cnt += key[j] >= cand;
+        if (__reduce_add_sync(kFull, cnt) >= static_cast<uint32_t>(K)) thr = cand;
+      }
+      uint32_t above = 0u;
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) above += key[j] > thr;
+      int ties_left = K - static_cast<int>(__reduce_add_sync(kFull, above));
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const bool tie = key[j] == thr;  // thr >= 1, so never a padding slot
+        const unsigned tie_mask = __ballot_sync(kFull, tie);
+        const int rank = __popc(tie_mask & ((1u << lane) - 1u));
+        if (key[j] > thr || (tie && rank < ties_left)) taken |= 1u << j;
+        ties_left -= __popc(tie_mask);
+      }
+    }
+    uint8_t* mr = f.map + r * mbytes;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int64_t base = 32 * j;
+      if (base >= E) break;
+      const bool sel = (taken >> j) & 1u;
+      if (f.bitmap) {
+        const unsigned sel_mask = __ballot_sync(kFull, sel);
+        const int64_t byte = base / 8 + lane;
+        if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
+      } else if (base + lane < E) {
+        mr[base + lane] = sel ? 1 : 0;
+      }
+    }
+  }
+}
+
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresBwdRegKernel(AuxBwd b) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t E = b.experts;
+  for (int64_t r = warp; r < b.rows; r += nwarps) {
+    float v[VPL], g[VPL];
+    LoadRow(static_cast<const T*>(b.logits) + r * E, E, lane, v);
+    LoadRow(b.grad + r * E, E, lane, g);
+    float m, sum;
+    RowStatsReg(b.fn, v, E, lane, &m, &sum);
+    T* out = static_cast<T*>(b.grad_logits) + r * E;
+    float acc = 0.0f;
+    if (b.fn == ScoreFn::kSoftmax) {
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        if (lane + 32 * j < E) {
+          v[j] = Act(b.fn, v[j], m, sum);  // v now holds s
+          acc += g[j] * v[j];
+        }
+      }
+      const float D = WarpSum(acc);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const int64_t e = lane + 32 * j;
+        if (e < E) out[e] = StoreF<T>(v[j] * (g[j] - D));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        if (lane + 32 * j < E) {
+          v[j] = Act(b.fn, v[j], m, sum);
+          acc += g[j] * (v[j] / (sum + kEps));
+        }
+      }
+      const float Bp = WarpSum(acc);
+      const float inv = 1.0f / (sum + kEps);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const int64_t e = lane + 32 * j;
+        if (e < E) out[e] = StoreF<T>((g[j] - Bp) * inv * activation_grad(b.fn, v[j]));
+      }
+    }
+  }
+}
+
 int Blocks(int64_t rows) {
   const int64_t need = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   return static_cast<int>(need < kMaxBlocks ? need : kMaxBlocks);
@@ -183,11 +358,48 @@ cudaError_t DispatchCuda(ffi::DataType t, cudaStream_t stream, int blocks, const
   }
 }
 
+// Experts per lane of the register kernels: the smallest of 2, 4, ..., 32 with 32 * VPL >= E;
+// 0 (the kernels above) for E > 1024.
+inline int LanesVpl(int64_t E) {
+  for (int vpl = 2; vpl <= 32; vpl *= 2) {
+    if (E <= 32 * vpl) return vpl;
+  }
+  return 0;
+}
+
+template <template <typename, int> class Kernel, typename T, typename Args>
+cudaError_t LaunchReg(int vpl, cudaStream_t stream, int blocks, const Args& a) {
+  const dim3 block(kWarpsPerBlock * 32);
+  switch (vpl) {
+    case 2: Kernel<T, 2>::Launch(blocks, block, stream, a); break;
+    case 4: Kernel<T, 4>::Launch(blocks, block, stream, a); break;
+    case 8: Kernel<T, 8>::Launch(blocks, block, stream, a); break;
+    case 16: Kernel<T, 16>::Launch(blocks, block, stream, a); break;
+    default: Kernel<T, 32>::Launch(blocks, block, stream, a); break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int VPL>
+struct FwdReg {
+  static void Launch(int blocks, dim3 block, cudaStream_t stream, const AuxFwd& f) {
+    AuxScoresFwdRegKernel<T, VPL><<<blocks, block, 0, stream>>>(f);
+  }
+};
+
+template <typename T, int VPL>
+struct BwdReg {
+  static void Launch(int blocks, dim3 block, cudaStream_t stream, const AuxBwd& b) {
+    AuxScoresBwdRegKernel<T, VPL><<<blocks, block, 0, stream>>>(b);
+  }
+};
+
 template <typename T>
 struct LaunchFwd {
   static cudaError_t Run(cudaStream_t stream, int blocks, const void* args) {
-    AuxScoresFwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        *static_cast<const AuxFwd*>(args));
+    const AuxFwd& f = *static_cast<const AuxFwd*>(args);
+    if (const int vpl = LanesVpl(f.experts)) return LaunchReg<FwdReg, T>(vpl, stream, blocks, f);
+    AuxScoresFwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(f);
     return cudaGetLastError();
   }
 };
@@ -195,8 +407,9 @@ struct LaunchFwd {
 template <typename T>
 struct LaunchBwd {
   static cudaError_t Run(cudaStream_t stream, int blocks, const void* args) {
-    AuxScoresBwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        *static_cast<const AuxBwd*>(args));
+    const AuxBwd& b = *static_cast<const AuxBwd*>(args);
+    if (const int vpl = LanesVpl(b.experts)) return LaunchReg<BwdReg, T>(vpl, stream, blocks, b);
+    AuxScoresBwdKernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(b);
     return cudaGetLastError();
   }
 };

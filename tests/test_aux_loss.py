@@ -24,6 +24,10 @@ SHAPES = [
     ((2, 3, 5), 33, 6),
     ((50,), 130, 8),
     ((16,), 160, 40),
+    ((12,), 256, 20),   # CUDA: the register kernel's radix selection (k > 16)
+    ((9,), 1024, 16),   # CUDA: the largest register kernel (32 experts per lane)
+    ((5,), 1025, 3),    # CUDA: the general kernel (E > 1024)
+    ((3,), 2048, 64),
 ]
 
 
@@ -90,8 +94,8 @@ def test_normalisation_ignores_topk(fn):
 @pytest.mark.parametrize("fn", FNS)
 def test_exact_ties_go_to_lower_id(fn):
     # Few distinct, well-separated values: many exact ties, no near-ties.
-    x = jax.random.randint(jax.random.key(5), (200, 13), 0, 3).astype(jnp.float32)
-    for k in (1, 4, 9):
+    for E, k in ((13, 1), (13, 4), (13, 9), (40, 20), (1100, 20)):
+        x = jax.random.randint(jax.random.key(5), (200, E), 0, 3).astype(jnp.float32)
         m, _ = scores_and_map(x, k, fn)
         rm, _ = reference.fused_compute_score_for_moe_aux_loss(x, k, fn)
         np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
@@ -131,7 +135,8 @@ def test_grad_check(lead, E, topk, fn):
 @pytest.mark.parametrize("fn", FNS)
 @pytest.mark.parametrize("lead,E,topk,dtype", [
     ((3, 7), 9, 3, jnp.float32), ((10,), 130, 1, jnp.float32), ((4, 5), 33, 4, jnp.bfloat16),
-    ((20,), 16, 2, jnp.float16)], ids=str)
+    ((20,), 16, 2, jnp.float16), ((6,), 256, 8, jnp.bfloat16), ((5,), 1024, 8, jnp.float32),
+    ((3,), 1100, 8, jnp.float32)], ids=str)
 def test_grad_matches_reference(lead, E, topk, dtype, fn):
     x = random_logits(E + topk, lead + (E,), dtype)
     w = jax.random.normal(jax.random.key(7), lead + (E,))
