@@ -1,4 +1,5 @@
-"""Small driver for compute-sanitizer: runs every CUDA router kernel once through the public API.
+"""Small driver for compute-sanitizer: runs every CUDA router and aux-score kernel once through the
+public API.
 
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
     compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
@@ -63,12 +64,34 @@ def run(E, topk, opts, T=37, dtype=jnp.bfloat16):
     return outs
 
 
+# Aux-score kernels: (E, topk) for the register kernels' argmax (k <= 16) and radix (k > 16)
+# selections, the largest register layout, and the general kernel (E > 1024).
+AUX_CASES = [(7, 3), (130, 8), (256, 20), (1024, 16), (1100, 40)]
+
+
+def run_aux(E, topk, dtype):
+    x = 2.0 * jax.random.normal(jax.random.key(E + topk), (37, E), jnp.float32)
+    x = x.at[0, 0].set(jnp.nan).at[1, :].set(0.0).at[2, 1].set(-jnp.inf).astype(dtype)
+    outs = []
+    for fn in ("softmax", "sigmoid", "sqrtsoftplus"):
+        for fmt in ("bytemap", "bitmap_u8"):
+            outs += list(jr.fused_compute_score_for_moe_aux_loss(x, topk, fn, fmt))
+        w = jnp.sin(jnp.arange(E, dtype=jnp.float32))
+        outs.append(jax.grad(lambda x: jnp.sum(
+            jr.fused_compute_score_for_moe_aux_loss(x, topk, fn)[1] * w))(x))
+    jax.block_until_ready(outs)
+
+
 def main():
     print(jax.devices())
     for E, topk, opts in CASES:
         for dtype in (jnp.bfloat16, jnp.float32):
             run(E, topk, opts, dtype=dtype)
         print(f"ok E={E} topk={topk} {opts}", flush=True)
+    for E, topk in AUX_CASES:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            run_aux(E, topk, dtype)
+        print(f"ok aux scores E={E} topk={topk}", flush=True)
     print("sanitize_gpu: all cases ran")
 
 
