@@ -30,19 +30,6 @@ inline int64_t LoadIndex(const void* p, ffi::DataType t, int64_t i) {
   }
 }
 
-inline void StoreIndex(void* p, ffi::DataType t, int64_t i, int64_t v) {
-  switch (t) {
-    case ffi::DataType::S16:
-      static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v);
-      break;
-    case ffi::DataType::S32:
-      static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v);
-      break;
-    default:
-      static_cast<int64_t*>(p)[i] = v;
-  }
-}
-
 struct RowScratch {
   std::vector<float> x, s, z;
   std::vector<uint32_t> key, group_key;
@@ -126,11 +113,28 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
         }
       }
     }
-    for (int64_t j = 0; j < K; ++j) {
-      uint32_t e = slot_expert(sel[j]);
-      if (f.weights) f.weights[r * K + j] = f.p.scaling * pr_[j];
-      if (f.indices) StoreIndex(f.indices, f.index_dtype, r * K + j, e);
-      if (f.act) f.act[r * K + j] = act_is_p ? pr_[j] : s[e];
+    // One loop per output, so that each is a plain loop the compiler vectorises.
+    if (f.weights) {
+      for (int64_t j = 0; j < K; ++j) f.weights[r * K + j] = f.p.scaling * pr_[j];
+    }
+    if (f.indices) {
+      switch (f.index_dtype) {
+        case ffi::DataType::S16:
+          for (int64_t j = 0; j < K; ++j) {
+            static_cast<int16_t*>(f.indices)[r * K + j] = static_cast<int16_t>(slot_expert(sel[j]));
+          }
+          break;
+        case ffi::DataType::S32:
+          for (int64_t j = 0; j < K; ++j) {
+            static_cast<int32_t*>(f.indices)[r * K + j] = static_cast<int32_t>(slot_expert(sel[j]));
+          }
+          break;
+        default:
+          for (int64_t j = 0; j < K; ++j) static_cast<int64_t*>(f.indices)[r * K + j] = slot_expert(sel[j]);
+      }
+    }
+    if (f.act) {
+      for (int64_t j = 0; j < K; ++j) f.act[r * K + j] = act_is_p ? pr_[j] : s[slot_expert(sel[j])];
     }
   };
   if (avx512::Available() && avx512::Supports(f)) {

@@ -147,14 +147,17 @@ JR_AVX512 inline void Top2Pair(__m512i a1, __m512i a2, __m512i b1, __m512i b2, _
 // Top two keys of each of 8 consecutive groups (gsize a multiple of 16, keys 64-byte aligned):
 // lane g of m1 / m2 (g < 8) gets group g's best / second best key. The groups share the folds:
 // each step halves the lanes per group and doubles the groups per vector.
-JR_AVX512 inline void Top2Of8Groups(const uint32_t* key, int64_t gsize, __m512i& m1, __m512i& m2) {
+// GV (vectors per group) is a template argument so that every loop here unrolls.
+template <int GV>
+JR_AVX512 inline void Top2Of8Groups(const uint32_t* key, __m512i& m1, __m512i& m2) {
+  constexpr int gsize = 16 * GV;
   __m512i p1[4], p2[4];
   for (int i = 0; i < 4; ++i) {
     __m512i a1, a2, b1, b2;
     for (int h = 0; h < 2; ++h) {
       const uint32_t* g = key + (2 * i + h) * gsize;
       __m512i x1 = _mm512_load_si512(g), x2 = _mm512_setzero_si512();
-      for (int64_t v = 16; v < gsize; v += 16) {
+      for (int v = 16; v < gsize; v += 16) {
         Top2Merge(x1, x2, _mm512_load_si512(g + v), _mm512_setzero_si512());
       }
       (h ? b1 : a1) = x1;
@@ -230,13 +233,15 @@ struct RowKeys {
 };
 
 // Scores and keys of vectors [v0, v1) of row xr (SPEC §3 steps 1-2). Sigmoid and plain softmax
-// are vectorised here; the other score functions take ScoreRow for the whole row when v0 == 0.
+// are vectorised here; the other score functions take ScoreRow for the whole row, in the call
+// whose range starts the row.
 template <typename T>
 JR_AVX512 inline void ScoreVectors(const RouteParams& P, int64_t E, const T* xr,
                                    const float* bias, int64_t v0, int64_t v1, RowKeys& w) {
   if (P.score_fn == ScoreFn::kSigmoid) {
     int64_t v = v0;
     for (; v + 8 <= v1; v += 8) SigmoidKeys<8>(xr, bias, v, w.s, w.key);
+    for (; v + 4 <= v1; v += 4) SigmoidKeys<4>(xr, bias, v, w.s, w.key);
     for (; v < v1; ++v) SigmoidKeys<1>(xr, bias, v, w.s, w.key);
   } else if (P.score_fn == ScoreFn::kSoftmax && !P.pre_softmax) {
     for (int64_t v = v0; v < v1; ++v) {
@@ -244,7 +249,7 @@ JR_AVX512 inline void ScoreVectors(const RouteParams& P, int64_t E, const T* xr,
       _mm512_store_ps(w.s + 16 * v, x);
       _mm512_store_si512(w.key + 16 * v, OrderKeyV(x));
     }
-  } else if (v0 == 0) {
+  } else if (v0 == 0 && v1 > 0) {
     alignas(64) float x[kMaxE], z[kMaxE];
     for (int64_t v = 0; v < E / 16; ++v) _mm512_store_ps(x + 16 * v, Load16(xr + 16 * v));
     ScoreRow(P.score_fn, P.pre_softmax, x, bias, E, w.s, z, w.key);
@@ -281,12 +286,19 @@ JR_AVX512 inline KeptGroups SelectGroups(const RouteParams& P, int64_t E, const 
   }
   const int64_t G = P.num_groups, m = K / P.group_topk, gsize = E / G, gv = gsize / 16;
   __m512i k1, k2;
-  if (G == 8) {
-    Top2Of8Groups(key, gsize, k1, k2);
-  } else if (G == 16) {
+  if (G == 8 && gv == 2) {
+    Top2Of8Groups<2>(key, k1, k2);
+  } else if (G == 8 && gv == 4) {
+    Top2Of8Groups<4>(key, k1, k2);
+  } else if (G == 16 && gv <= 2) {
     __m512i a1, a2, b1, b2;
-    Top2Of8Groups(key, gsize, a1, a2);
-    Top2Of8Groups(key + 8 * gsize, gsize, b1, b2);
+    if (gv == 1) {
+      Top2Of8Groups<1>(key, a1, a2);
+      Top2Of8Groups<1>(key + 8 * gsize, b1, b2);
+    } else {
+      Top2Of8Groups<2>(key, a1, a2);
+      Top2Of8Groups<2>(key + 8 * gsize, b1, b2);
+    }
     k1 = _mm512_inserti64x4(a1, _mm512_castsi512_si256(b1), 1);
     k2 = _mm512_inserti64x4(a2, _mm512_castsi512_si256(b2), 1);
   } else {
