@@ -151,6 +151,30 @@ inline void Softmax(const float* x, float* s, int64_t E) {
   for (int64_t e = 0; e < E; ++e) s[e] /= sum;
 }
 
+// Selection scores of one row (SPEC §3 steps 1-2) and their order keys: s (activation), z
+// (s + bias) and key = order_key(z).
+__attribute__((always_inline)) inline void ScoreRow(
+    ScoreFn fn, bool pre_softmax, const float* x, const float* bias, int64_t E, float* s,
+    float* z, uint32_t* key) {
+  if (fn == ScoreFn::kSoftmax) {
+    if (pre_softmax) {
+      Softmax(x, s, E);
+    } else {
+      for (int64_t e = 0; e < E; ++e) s[e] = x[e];
+    }
+  } else if (fn == ScoreFn::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + VecExp(-x[e]));
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = activation(fn, x[e]);
+  }
+  if (bias && uses_bias(fn)) {
+    for (int64_t e = 0; e < E; ++e) z[e] = s[e] + bias[e];
+  } else {
+    for (int64_t e = 0; e < E; ++e) z[e] = s[e];
+  }
+  for (int64_t e = 0; e < E; ++e) key[e] = order_key(z[e]);
+}
+
 // ---- selection ---------------------------------------------------------------------------
 
 constexpr int64_t kMaxBlocks = 1024;    // block maxima kept on the stack: E <= 8192 uses the floor

@@ -11,6 +11,7 @@
 #include "cpu_util.h"
 #include "ffi_common.h"
 #include "router.h"
+#include "router_cpu_avx512.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -27,43 +28,6 @@ inline int64_t LoadIndex(const void* p, ffi::DataType t, int64_t i) {
     default:
       return static_cast<const int64_t*>(p)[i];
   }
-}
-
-inline void StoreIndex(void* p, ffi::DataType t, int64_t i, int64_t v) {
-  switch (t) {
-    case ffi::DataType::S16:
-      static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v);
-      break;
-    case ffi::DataType::S32:
-      static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v);
-      break;
-    default:
-      static_cast<int64_t*>(p)[i] = v;
-  }
-}
-
-// Selection scores of one row (SPEC §3 steps 1-2) and their order keys: s (activation), z
-// (s + bias) and key = order_key(z).
-__attribute__((always_inline)) inline void ScoreRow(
-    ScoreFn fn, bool pre_softmax, const float* x, const float* bias, int64_t E, float* s,
-    float* z, uint32_t* key) {
-  if (fn == ScoreFn::kSoftmax) {
-    if (pre_softmax) {
-      Softmax(x, s, E);
-    } else {
-      for (int64_t e = 0; e < E; ++e) s[e] = x[e];
-    }
-  } else if (fn == ScoreFn::kSigmoid) {
-    for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + VecExp(-x[e]));
-  } else {
-    for (int64_t e = 0; e < E; ++e) s[e] = activation(fn, x[e]);
-  }
-  if (bias && uses_bias(fn)) {
-    for (int64_t e = 0; e < E; ++e) z[e] = s[e] + bias[e];
-  } else {
-    for (int64_t e = 0; e < E; ++e) z[e] = s[e];
-  }
-  for (int64_t e = 0; e < E; ++e) key[e] = order_key(z[e]);
 }
 
 struct RowScratch {
@@ -128,22 +92,20 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
   RowScratch w(E, K, f.p.num_groups);
   std::vector<float> p(K);
   const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = static_cast<const T*>(f.logits) + r * E;
-    for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
-    RouteRow(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
-    const bool act_is_p = f.p.score_fn == ScoreFn::kSoftmax && !f.p.pre_softmax;
+  const bool act_is_p = f.p.score_fn == ScoreFn::kSoftmax && !f.p.pre_softmax;
+  auto write = [&](int64_t r, const uint64_t* sel, const float* pr_, const float* s) {
     if (f.probs) {
       T* pr = static_cast<T*>(f.probs) + r * E;
-      const T zero = FromFloat<T>(0.0f);
-      std::fill(pr, pr + E, zero);
-      for (int64_t j = 0; j < K; ++j) pr[slot_expert(w.sel[j])] = FromFloat<T>(f.p.scaling * p[j]);
+      // +0 is all zero bits in every float type; std::fill on the BF16 struct stored 2 bytes
+      // at a time.
+      std::memset(pr, 0, E * sizeof(T));
+      for (int64_t j = 0; j < K; ++j) pr[slot_expert(sel[j])] = FromFloat<T>(f.p.scaling * pr_[j]);
     }
     if (f.map) {
       uint8_t* mr = static_cast<uint8_t*>(f.map) + r * mbytes;
       std::memset(mr, 0, mbytes);
       for (int64_t j = 0; j < K; ++j) {
-        uint32_t e = slot_expert(w.sel[j]);
+        uint32_t e = slot_expert(sel[j]);
         if (f.bitmap) {
           mr[e >> 3] |= static_cast<uint8_t>(1u << (e & 7u));
         } else {
@@ -151,12 +113,39 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
         }
       }
     }
-    for (int64_t j = 0; j < K; ++j) {
-      uint32_t e = slot_expert(w.sel[j]);
-      if (f.weights) f.weights[r * K + j] = f.p.scaling * p[j];
-      if (f.indices) StoreIndex(f.indices, f.index_dtype, r * K + j, e);
-      if (f.act) f.act[r * K + j] = act_is_p ? p[j] : w.s[e];
+    // One loop per output, so that each is a plain loop the compiler vectorises.
+    if (f.weights) {
+      for (int64_t j = 0; j < K; ++j) f.weights[r * K + j] = f.p.scaling * pr_[j];
     }
+    if (f.indices) {
+      switch (f.index_dtype) {
+        case ffi::DataType::S16:
+          for (int64_t j = 0; j < K; ++j) {
+            static_cast<int16_t*>(f.indices)[r * K + j] = static_cast<int16_t>(slot_expert(sel[j]));
+          }
+          break;
+        case ffi::DataType::S32:
+          for (int64_t j = 0; j < K; ++j) {
+            static_cast<int32_t*>(f.indices)[r * K + j] = static_cast<int32_t>(slot_expert(sel[j]));
+          }
+          break;
+        default:
+          for (int64_t j = 0; j < K; ++j) static_cast<int64_t*>(f.indices)[r * K + j] = slot_expert(sel[j]);
+      }
+    }
+    if (f.act) {
+      for (int64_t j = 0; j < K; ++j) f.act[r * K + j] = act_is_p ? pr_[j] : s[slot_expert(sel[j])];
+    }
+  };
+  if (avx512::Available() && avx512::Supports(f)) {
+    avx512::RouteRows<T>(f, r0, r1, w.sel.data(), p.data(), w.tmp, write);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = static_cast<const T*>(f.logits) + r * E;
+    for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
+    RouteRow(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
+    write(r, w.sel.data(), p.data(), w.s.data());
   }
 }
 
