@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "cpu_util.h"
 #include "ffi_common.h"
@@ -33,9 +34,13 @@ namespace avx512 {
 constexpr int64_t kMaxE = 1024;  // keys and scores live in stack arrays
 constexpr int64_t kMaxK = 16;    // the per-lane floor needs k <= 16 lanes
 
+// JAX_ROUTER_CPU_NO_AVX512 (any value) keeps a process on the scalar routine, so that a test
+// can compare the two routines' outputs on one machine.
 inline bool Available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  static const bool ok =
+      std::getenv("JAX_ROUTER_CPU_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl");
   return ok;
 }
 
