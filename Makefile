@@ -27,8 +27,10 @@ $(BUILD_STAMP): $(VENV)/.deps $(SOURCES)
 
 install: $(BUILD_STAMP)
 
+# The suite runs on all cores (pytest-xdist); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: $(BUILD_STAMP)
 	$(PY) examples/demo.py
