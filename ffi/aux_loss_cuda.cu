@@ -84,6 +84,26 @@ __device__ __forceinline__ float Act(ScoreFn fn, float x, float m, float sum) {
   return fn == ScoreFn::kSoftmax ? expf(x - m) / sum : activation(fn, x);
 }
 
+// The aux score of one element: softmax as is, the element-wise functions normalised by the row
+// sum.
+__device__ __forceinline__ float Score(ScoreFn fn, float x, float m, float sum) {
+  const float a = Act(fn, x, m, sum);
+  return fn == ScoreFn::kSoftmax ? a : a / (sum + kEps);
+}
+
+// One 32-expert chunk [base, base + 32) of a row's routing map, lane l holding expert base + l's
+// selection bit (false past the row's end).
+__device__ __forceinline__ void StoreMapChunk(uint8_t* mr, int64_t base, int64_t E,
+                                              int64_t mbytes, bool bitmap, bool sel, int lane) {
+  if (bitmap) {
+    const unsigned sel_mask = __ballot_sync(kFull, sel);
+    const int64_t byte = base / 8 + lane;
+    if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
+  } else if (base + lane < E) {
+    mr[base + lane] = sel ? 1 : 0;
+  }
+}
+
 template <typename T>
 __global__ void AuxScoresFwdKernel(AuxFwd f) {
   const int lane = threadIdx.x & 31;
@@ -97,10 +117,7 @@ __global__ void AuxScoresFwdKernel(AuxFwd f) {
     float* out = f.scores + r * E;
     float m, sum;
     RowStats(f.fn, x, E, lane, &m, &sum);
-    for (int64_t e = lane; e < E; e += 32) {
-      const float s = Act(f.fn, LoadF(x, e), m, sum);
-      out[e] = f.fn == ScoreFn::kSoftmax ? s : s / (sum + kEps);
-    }
+    for (int64_t e = lane; e < E; e += 32) out[e] = Score(f.fn, LoadF(x, e), m, sum);
     // The k-th largest order key T: the largest t with #{key >= t} >= k.
     uint32_t thr = 0;
     for (int bit = 31; bit >= 0; --bit) {
@@ -122,13 +139,7 @@ __global__ void AuxScoresFwdKernel(AuxFwd f) {
       const int rank = __popc(tie_mask & ((1u << lane) - 1u));
       const bool sel = e < E && (key > thr || (tie && rank < ties_left));
       ties_left -= __popc(tie_mask);
-      if (f.bitmap) {
-        const unsigned sel_mask = __ballot_sync(kFull, sel);
-        const int64_t byte = base / 8 + lane;
-        if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
-      } else if (e < E) {
-        mr[e] = sel ? 1 : 0;
-      }
+      StoreMapChunk(mr, base, E, mbytes, f.bitmap, sel, lane);
     }
   }
 }
@@ -226,8 +237,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
       const int64_t e = lane + 32 * j;
       key[j] = 0u;
       if (e < E) {
-        const float a = Act(f.fn, v[j], m, sum);
-        const float sc = f.fn == ScoreFn::kSoftmax ? a : a / (sum + kEps);
+        const float sc = Score(f.fn, v[j], m, sum);
         out[e] = sc;
         key[j] = order_key(sc);
       }
@@ -282,14 +292,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
     for (int j = 0; j < VPL; ++j) {
       const int64_t base = 32 * j;
       if (base >= E) break;
-      const bool sel = (taken >> j) & 1u;
-      if (f.bitmap) {
-        const unsigned sel_mask = __ballot_sync(kFull, sel);
-        const int64_t byte = base / 8 + lane;
-        if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
-      } else if (base + lane < E) {
-        mr[base + lane] = sel ? 1 : 0;
-      }
+      StoreMapChunk(mr, base, E, mbytes, f.bitmap, (taken >> j) & 1u, lane);
     }
   }
 }
