@@ -104,7 +104,7 @@ def make_inputs(
 
 
 def selection_scores(cfg: Workload, logits: jax.Array, bias: jax.Array | None) -> np.ndarray:
-    """The selection score ``z`` (SPEC §3 steps 1-2) as float32 numpy, to judge near-ties."""
+    """The selection score ``z`` (docs/semantics.md#forward-selection-score) as float32 numpy, to judge near-ties."""
     from jax_router import ScoreFunction, reference
     from jax_router.options import make_options
 

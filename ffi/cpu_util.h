@@ -1,6 +1,7 @@
-// CPU helpers shared by the router handlers (router_cpu.cc) and the aux-loss handlers
-// (aux_loss_cpu.cc): half-float conversion, dtype dispatch, the row loop over XLA's thread
-// pool, the vectorisable exp / softmax, and the top-k selection on order keys (router.h).
+// CPU helpers shared by the router handlers (router_cpu.cc) and the aux-score handlers
+// (aux_cpu.cc): element conversion (every float written goes through FromFloat, which gives
+// one NaN), dtype dispatch, the row loop over XLA's thread pool, row softmax and sums in the
+// fixed order of exact_math.h, and the top-k selection on order keys (routing_math.h).
 #pragma once
 
 #include <algorithm>
@@ -13,8 +14,8 @@
 #include <mutex>
 #include <vector>
 
-#include "ffi_common.h"
-#include "router.h"
+#include "ffi_contract.h"
+#include "routing_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_router {
@@ -41,18 +42,20 @@ template <typename T>
 inline T FromFloat(float v);
 template <>
 inline float FromFloat<float>(float v) {
-  return v;
+  return exact::canonical(v);
 }
 template <>
 inline F16 FromFloat<F16>(float v) {
-  return static_cast<F16>(v);  // round to nearest even
+  if (exact::is_nan(v)) {
+    F16 h;
+    std::memcpy(&h, &exact::kF16CanonicalNan, 2);
+    return h;
+  }
+  return static_cast<F16>(v);  // IEEE round to nearest even, as the CUDA conversion
 }
 template <>
 inline BF16 FromFloat<BF16>(float v) {
-  uint32_t u = float_bits(v);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
-  return BF16{static_cast<uint16_t>(u >> 16)};
+  return BF16{exact::to_bf16_bits(v)};
 }
 
 // Calls fn(T{}) with T the C++ type of a float dtype.
@@ -113,66 +116,74 @@ void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&
 
 // ---- scores ------------------------------------------------------------------------------
 
-// e^x for the CPU's score loops: Cody-Waite range reduction and a degree-6 polynomial, within
-// 2 ulp of expf, written branch-free so that the loops below vectorise (libm's expf does not).
-// Underflow to subnormals and zero, overflow to inf, NaN in -> NaN out.
-inline float VecExp(float x) {
-  x = x < -104.0f ? -104.0f : x;
-  x = x > 89.0f ? 89.0f : x;
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n as two normal factors, so that results down to the smallest subnormal are exact.
-  const int32_t ni = static_cast<int32_t>(n == n ? n : 0.0f);
-  const int32_t n1 = ni / 2, n2 = ni - n1;
-  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127) << 23;
-  float f1, f2;
-  std::memcpy(&f1, &b1, 4);
-  std::memcpy(&f2, &b2, 4);
-  return p * f1 * f2;
-}
-
-// Softmax over a row: s = e^{x - max} / sum. A NaN anywhere makes the sum, hence the row, NaN.
-// The forward and the pre-softmax backward both call it, so they see the same s.
+// Softmax over a row (routing_math.h): numerators e^{x - max}, their sum in the order of
+// exact::combine_partials (32 strided partials), then one division each. The forward and the
+// pre-softmax backward both call it, so they see the same s. Blocks of 32 keep the partials in
+// vector registers.
 inline void Softmax(const float* x, float* s, int64_t E) {
   float m = -INFINITY;
-  for (int64_t e = 0; e < E; ++e) m = x[e] > m ? x[e] : m;
-  float sum = 0.0f;
-  for (int64_t e = 0; e < E; ++e) {
-    s[e] = VecExp(x[e] - m);
-    sum += s[e];
+  for (int64_t e = 0; e < E; ++e) m = row_max_step(m, x[e]);
+  float part[exact::kSumLanes] = {};
+  int64_t e0 = 0;
+  for (; e0 + exact::kSumLanes <= E; e0 += exact::kSumLanes) {
+    for (int l = 0; l < exact::kSumLanes; ++l) {
+      s[e0 + l] = softmax_numerator(x[e0 + l], m);
+      part[l] = part[l] + s[e0 + l];
+    }
   }
-  for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+  for (int64_t e = e0; e < E; ++e) {
+    s[e] = softmax_numerator(x[e], m);
+    part[e - e0] = part[e - e0] + s[e];
+  }
+  const float sum = exact::combine_partials(part);
+  for (int64_t e = 0; e < E; ++e) s[e] = s[e] / sum;
 }
 
-// Selection scores of one row (SPEC §3 steps 1-2) and their order keys: s (activation), z
-// (s + bias) and key = order_key(z).
-__attribute__((always_inline)) inline void ScoreRow(
-    ScoreFn fn, bool pre_softmax, const float* x, const float* bias, int64_t E, float* s,
-    float* z, uint32_t* key) {
-  if (fn == ScoreFn::kSoftmax) {
-    if (pre_softmax) {
-      Softmax(x, s, E);
-    } else {
-      for (int64_t e = 0; e < E; ++e) s[e] = x[e];
-    }
-  } else if (fn == ScoreFn::kSigmoid) {
-    for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + VecExp(-x[e]));
-  } else {
-    for (int64_t e = 0; e < E; ++e) s[e] = activation(fn, x[e]);
+// sum_e v[e] in the order of exact::combine_partials.
+inline float RowSum(const float* v, int64_t E) {
+  float part[exact::kSumLanes] = {};
+  int64_t e0 = 0;
+  for (; e0 + exact::kSumLanes <= E; e0 += exact::kSumLanes) {
+    for (int l = 0; l < exact::kSumLanes; ++l) part[l] = part[l] + v[e0 + l];
   }
-  if (bias && uses_bias(fn)) {
-    for (int64_t e = 0; e < E; ++e) z[e] = s[e] + bias[e];
+  for (int64_t e = e0; e < E; ++e) part[e - e0] = part[e - e0] + v[e];
+  return exact::combine_partials(part);
+}
+
+// Selection scores of one row and their order keys: s (activation), z (s + bias) and
+// key = order_key(z).
+template <ScoreFn F>
+__attribute__((always_inline)) inline void ScoreRow(bool pre_softmax, const float* x,
+                                                    const float* bias, int64_t E, float* s,
+                                                    float* z, uint32_t* key) {
+  if (F == ScoreFn::kSoftmax && pre_softmax) {
+    Softmax(x, s, E);
+  } else {
+    for (int64_t e = 0; e < E; ++e) s[e] = activation<F>(x[e]);
+  }
+  if (UsesBias(F) && bias) {
+    for (int64_t e = 0; e < E; ++e) z[e] = selection_score(s[e], bias[e]);
   } else {
     for (int64_t e = 0; e < E; ++e) z[e] = s[e];
   }
   for (int64_t e = 0; e < E; ++e) key[e] = order_key(z[e]);
+}
+
+// Weights before scaling (routing_math.h), in slot order, from the logits x and activations s
+// of the row; the scalar and AVX-512 routines both end here.
+template <ScoreFn F>
+inline void Weights(const RouteParams& P, const uint64_t* sel, const float* x, const float* s,
+                    float* p) {
+  const int64_t K = P.topk;
+  const float x0 = x[slot_expert(sel[0])];
+  float sum = 0.0f;
+  for (int64_t j = 0; j < K; ++j) {
+    const uint32_t e = slot_expert(sel[j]);
+    p[j] = weight_numerator<F>(P.pre_softmax, x[e], x0, s[e]);
+    sum = j == 0 ? p[j] : slot_sum_add(sum, p[j]);
+  }
+  const float denom = weight_denominator<F>(sum);
+  for (int64_t j = 0; j < K; ++j) p[j] = weight<F>(P.pre_softmax, K, p[j], denom);
 }
 
 // ---- selection ---------------------------------------------------------------------------

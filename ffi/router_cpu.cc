@@ -1,16 +1,16 @@
-// CPU handlers for jax_router_fwd / jax_router_bwd (contract: ffi_common.h).
+// CPU handlers for jax_router_fwd / jax_router_bwd (contract: ffi_contract.h).
 //
-// One routine per row, called for row ranges split across XLA's intra-op thread pool. The
-// math comes from router.h, so the CPU and CUDA paths share every formula and the ordering;
-// the CPU helpers (conversion, ParallelRows, Softmax, SelectTopK) live in cpu_util.h.
+// One routine per row, called for row ranges split across XLA's intra-op thread pool. Every
+// formula comes from routing_math.h, shared with the CUDA kernels; the CPU helpers
+// (conversion, ParallelRows, Softmax, SelectTopK) live in cpu_util.h.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "cpu_util.h"
-#include "ffi_common.h"
-#include "router.h"
+#include "ffi_contract.h"
+#include "routing_math.h"
 #include "router_cpu_avx512.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -25,8 +25,10 @@ inline int64_t LoadIndex(const void* p, ffi::DataType t, int64_t i) {
       return static_cast<const int16_t*>(p)[i];
     case ffi::DataType::S32:
       return static_cast<const int32_t*>(p)[i];
-    default:
+    case ffi::DataType::S64:
       return static_cast<const int64_t*>(p)[i];
+    default:
+      return -1;  // MakeBwdProblem admits only the three above; -1 is skipped
   }
 }
 
@@ -40,22 +42,25 @@ struct RowScratch {
         group_sel(std::max<int64_t>({groups, k, int64_t{1}})), keep(groups) {}
 };
 
-// Routes one row (SPEC §3) whose float32 logits are in w.x; sel receives the selected slot keys
-// in slot order and p the weights before scaling. Two builds, dispatched at load time by the
-// CPU's features, so that the score and selection loops use 8-wide vectors where they exist.
-__attribute__((target_clones("avx2", "default"))) void RouteRow(const FwdProblem& f,
-                                                                  const float* bias,
-                                                                  RowScratch& w, float* p) {
+// Routes one row whose float32 logits are in w.x; sel receives the selected slot keys in slot
+// order and p the weights before scaling. Two builds, chosen at load time by the CPU's
+// features, so that the score loops use 8-wide vectors and fused multiply-adds where they
+// exist (the results are the same: every fma is explicit and nothing else is contracted).
+template <ScoreFn F>
+__attribute__((target_clones("arch=haswell", "default"))) void RouteRow(const FwdProblem& f,
+                                                                          const float* bias,
+                                                                          RowScratch& w,
+                                                                          float* p) {
   const RouteParams& P = f.p;
   const int64_t E = f.experts, K = P.topk;
-  ScoreRow(P.score_fn, P.pre_softmax, w.x.data(), bias, E, w.s.data(), w.z.data(), w.key.data());
+  ScoreRow<F>(P.pre_softmax, w.x.data(), bias, E, w.s.data(), w.z.data(), w.key.data());
 
   if (P.group_topk > 0) {
     const int64_t G = P.num_groups, gsize = E / G, m = K / P.group_topk;
     for (int64_t g = 0; g < G; ++g) {
       SelectTopK(w.key.data(), g * gsize, gsize, m, w.group_sel.data(), w.tmp);
       float score = w.z[slot_expert(w.group_sel[0])];
-      for (int64_t j = 1; j < m; ++j) score += w.z[slot_expert(w.group_sel[j])];
+      for (int64_t j = 1; j < m; ++j) score = group_score_add(score, w.z[slot_expert(w.group_sel[j])]);
       w.group_key[g] = order_key(score);
     }
     SelectTopK(w.group_key.data(), 0, G, P.group_topk, w.group_sel.data(), w.tmp);
@@ -66,33 +71,21 @@ __attribute__((target_clones("avx2", "default"))) void RouteRow(const FwdProblem
     }
   }
   SelectTopK(w.key.data(), 0, E, K, w.sel.data(), w.tmp);
-
-  if (P.score_fn == ScoreFn::kSoftmax && !P.pre_softmax) {
-    float mx = w.x[slot_expert(w.sel[0])], sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-      p[j] = expf(w.x[slot_expert(w.sel[j])] - mx);
-      sum += p[j];
-    }
-    for (int64_t j = 0; j < K; ++j) p[j] /= sum;
-  } else {
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-      p[j] = w.s[slot_expert(w.sel[j])];
-      sum += p[j];
-    }
-    if (P.score_fn != ScoreFn::kSoftmax && K > 1) {
-      for (int64_t j = 0; j < K; ++j) p[j] /= sum + kEps;
-    }
-  }
+  Weights<F>(P, w.sel.data(), w.x.data(), w.s.data(), p);
 }
 
-template <typename T>
+template <typename I>
+void StoreIndices(void* out, int64_t at, const uint64_t* sel, int64_t K) {
+  for (int64_t j = 0; j < K; ++j) static_cast<I*>(out)[at + j] = static_cast<I>(slot_expert(sel[j]));
+}
+
+template <typename T, ScoreFn F>
 void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
   const int64_t E = f.experts, K = f.p.topk;
   RowScratch w(E, K, f.p.num_groups);
   std::vector<float> p(K);
-  const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
-  const bool act_is_p = f.p.score_fn == ScoreFn::kSoftmax && !f.p.pre_softmax;
+  const bool bitmap = f.map_format == MapFormat::kBitmapU8;
+  const int64_t mbytes = map_bytes_per_row(f.map_format, E);
   auto write = [&](int64_t r, const uint64_t* sel, const float* pr_, const float* s) {
     if (f.probs) {
       T* pr = static_cast<T*>(f.probs) + r * E;
@@ -105,8 +98,8 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
       uint8_t* mr = static_cast<uint8_t*>(f.map) + r * mbytes;
       std::memset(mr, 0, mbytes);
       for (int64_t j = 0; j < K; ++j) {
-        uint32_t e = slot_expert(sel[j]);
-        if (f.bitmap) {
+        const uint32_t e = slot_expert(sel[j]);
+        if (bitmap) {
           mr[e >> 3] |= static_cast<uint8_t>(1u << (e & 7u));
         } else {
           mr[e] = 1;
@@ -115,48 +108,49 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
     }
     // One loop per output, so that each is a plain loop the compiler vectorises.
     if (f.weights) {
-      for (int64_t j = 0; j < K; ++j) f.weights[r * K + j] = f.p.scaling * pr_[j];
+      for (int64_t j = 0; j < K; ++j) f.weights[r * K + j] = exact::canonical(f.p.scaling * pr_[j]);
     }
     if (f.indices) {
       switch (f.index_dtype) {
         case ffi::DataType::S16:
-          for (int64_t j = 0; j < K; ++j) {
-            static_cast<int16_t*>(f.indices)[r * K + j] = static_cast<int16_t>(slot_expert(sel[j]));
-          }
+          StoreIndices<int16_t>(f.indices, r * K, sel, K);
           break;
         case ffi::DataType::S32:
-          for (int64_t j = 0; j < K; ++j) {
-            static_cast<int32_t*>(f.indices)[r * K + j] = static_cast<int32_t>(slot_expert(sel[j]));
-          }
+          StoreIndices<int32_t>(f.indices, r * K, sel, K);
+          break;
+        case ffi::DataType::S64:
+          StoreIndices<int64_t>(f.indices, r * K, sel, K);
           break;
         default:
-          for (int64_t j = 0; j < K; ++j) static_cast<int64_t*>(f.indices)[r * K + j] = slot_expert(sel[j]);
+          break;  // MakeFwdProblem admits only the three above
       }
     }
     if (f.act) {
-      for (int64_t j = 0; j < K; ++j) f.act[r * K + j] = act_is_p ? pr_[j] : s[slot_expert(sel[j])];
+      for (int64_t j = 0; j < K; ++j) {
+        f.act[r * K + j] = exact::canonical(residual<F>(f.p.pre_softmax, pr_[j], s[slot_expert(sel[j])]));
+      }
     }
   };
   if (avx512::Available() && avx512::Supports(f)) {
-    avx512::RouteRows<T>(f, r0, r1, w.sel.data(), p.data(), w.tmp, write);
+    avx512::RouteRows<T, F>(f, r0, r1, w.sel.data(), p.data(), w.tmp, write);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = static_cast<const T*>(f.logits) + r * E;
     for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
-    RouteRow(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
+    RouteRow<F>(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
     write(r, w.sel.data(), p.data(), w.s.data());
   }
 }
 
-template <typename T, typename G>
+template <typename T, typename G, ScoreFn F>
 void BackwardRows(const BwdProblem& b, int64_t r0, int64_t r1) {
   const RouteParams& P = b.p;
   const int64_t E = b.experts, K = P.topk;
   std::vector<float> dx(E), x, s;
   std::vector<float> gh(K), a(K);
   std::vector<int64_t> idx(K);
-  const bool pre = P.score_fn == ScoreFn::kSoftmax && P.pre_softmax;
+  const bool pre = F == ScoreFn::kSoftmax && P.pre_softmax;
   if (pre) {
     x.resize(E);
     s.resize(E);
@@ -164,14 +158,13 @@ void BackwardRows(const BwdProblem& b, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const G* g = static_cast<const G*>(b.grad) + r * (b.dense_grad ? E : K);
     for (int64_t j = 0; j < K; ++j) {
-      int64_t e = LoadIndex(b.indices, b.index_dtype, r * K + j);
+      const int64_t e = LoadIndex(b.indices, b.index_dtype, r * K + j);
       // Indices come from the forward; anything else is skipped rather than written out of
       // bounds.
       idx[j] = (e >= 0 && e < E) ? e : -1;
       gh[j] = idx[j] < 0 ? 0.0f : P.scaling * ToFloat(g[b.dense_grad ? idx[j] : j]);
       a[j] = b.act[r * K + j];
     }
-    std::fill(dx.begin(), dx.end(), 0.0f);
     if (pre) {
       DispatchFloat(b.logits_dtype, [&](auto tag) {
         using L = decltype(tag);
@@ -180,28 +173,20 @@ void BackwardRows(const BwdProblem& b, int64_t r0, int64_t r1) {
       });
       Softmax(x.data(), s.data(), E);
       float D = 0.0f;
-      for (int64_t j = 0; j < K; ++j) D += idx[j] < 0 ? 0.0f : gh[j] * s[idx[j]];
-      for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * (0.0f - D);
+      for (int64_t j = 0; j < K; ++j) D = dot_add(D, gh[j], idx[j] < 0 ? 0.0f : s[idx[j]]);
+      for (int64_t e = 0; e < E; ++e) dx[e] = softmax_grad(s[e], 0.0f, D);
       for (int64_t j = 0; j < K; ++j) {
-        if (idx[j] >= 0) dx[idx[j]] = s[idx[j]] * (gh[j] - D);
-      }
-    } else if (P.score_fn == ScoreFn::kSoftmax) {
-      float D = 0.0f;
-      for (int64_t j = 0; j < K; ++j) D += gh[j] * a[j];
-      for (int64_t j = 0; j < K; ++j) {
-        if (idx[j] >= 0) dx[idx[j]] = a[j] * (gh[j] - D);
+        if (idx[j] >= 0) dx[idx[j]] = softmax_grad(s[idx[j]], gh[j], D);
       }
     } else {
       float A = 0.0f, B = 0.0f;
       for (int64_t j = 0; j < K; ++j) {
-        A += a[j];
-        B += gh[j] * a[j];
+        A = j == 0 ? a[j] : slot_sum_add(A, a[j]);
+        B = dot_add(B, gh[j], a[j]);
       }
-      const float inv = 1.0f / (A + kEps);
+      std::fill(dx.begin(), dx.end(), 0.0f);
       for (int64_t j = 0; j < K; ++j) {
-        if (idx[j] < 0) continue;
-        float ds = K > 1 ? gh[j] * inv - B * inv * inv : gh[j];
-        dx[idx[j]] = ds * activation_grad(P.score_fn, a[j]);
+        if (idx[j] >= 0) dx[idx[j]] = grad_logit<F>(K, gh[j], a[j], A, B);
       }
     }
     T* out = static_cast<T*>(b.grad_logits) + r * E;
@@ -218,8 +203,11 @@ ffi::Error FwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logits,
   if (f.rows == 0) return ffi::Error::Success();
   return DispatchFloat(f.logits_dtype, [&](auto tag) {
     using T = decltype(tag);
-    ParallelRows(&pool, f.rows, 8 * f.experts,
-                 [&](int64_t r0, int64_t r1) { ForwardRows<T>(f, r0, r1); });
+    DispatchScoreFn(f.p.score_fn, [&](auto fn) {
+      ParallelRows(&pool, f.rows, 8 * f.experts, [&](int64_t r0, int64_t r1) {
+        ForwardRows<T, decltype(fn)::value>(f, r0, r1);
+      });
+    });
   });
 }
 
@@ -234,8 +222,11 @@ ffi::Error BwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer grad,
     using T = decltype(out_tag);
     err = DispatchFloat(b.grad_dtype, [&](auto grad_tag) {
       using G = decltype(grad_tag);
-      ParallelRows(&pool, b.rows, 2 * b.experts,
-                   [&](int64_t r0, int64_t r1) { BackwardRows<T, G>(b, r0, r1); });
+      DispatchScoreFn(b.p.score_fn, [&](auto fn) {
+        ParallelRows(&pool, b.rows, 2 * b.experts, [&](int64_t r0, int64_t r1) {
+          BackwardRows<T, G, decltype(fn)::value>(b, r0, r1);
+        });
+      });
     });
   });
   return outer.failure() ? outer : err;

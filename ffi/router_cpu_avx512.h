@@ -1,6 +1,6 @@
 // AVX-512 row routine for the CPU forward (router_cpu.cc), used when the CPU has AVX-512
 // (F, BW, DQ, VL) and the problem fits its shapes (Supports). It computes exactly what RouteRow
-// computes, bit for bit: the same score arithmetic (no FMA, same operation order as VecExp),
+// computes, bit for bit: the same score arithmetic (routing_math.h's operations, in order),
 // the same order keys and the same selection; only the way the selection is found differs.
 //
 // Why it is faster than RouteRow on the same machine: RouteRow's selections are scalar loops
@@ -23,10 +23,10 @@
 #include <cstdlib>
 
 #include "cpu_util.h"
-#include "ffi_common.h"
-#include "router.h"
+#include "ffi_contract.h"
+#include "routing_math.h"
 
-#define JR_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi,bmi2,popcnt")))
+#define JR_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,bmi,bmi2,popcnt")))
 
 namespace jax_router {
 namespace avx512 {
@@ -72,41 +72,41 @@ JR_AVX512 inline __m512 Load16<F16>(const F16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// 1 / (1 + VecExp(-x)) (cpu_util.h) on N vectors, operation for operation, so that the results
-// are identical. Each vector is one long dependent chain (~30 operations); written stage by
-// stage over N vectors, N independent operations are in flight at every step, where a vector
-// at a time leaves the scheduler full of waiting operations (~1.5x slower at N = 8).
+// routing_math.h's sigmoid, 1 / (1 + exact::exp(-x)), on N vectors, operation for operation
+// (the same fused multiply-adds, the same roundings), so that the results are identical. Each
+// vector is one long dependent chain (~20 operations); written stage by stage over N vectors,
+// N independent operations are in flight at every step, where a vector at a time leaves the
+// scheduler full of waiting operations (~1.5x slower at N = 8).
 // The clamps put the constant first: max/min return their second operand on NaN, which keeps
 // a NaN x as the scalar selects do.
 template <int N>
 JR_AVX512 inline void SigmoidV(__m512* x) {
 #define JR_EACH for (int i = 0; i < N; ++i)
+#define JR_C(v) _mm512_set1_ps(exact::v)
   __m512 n[N], r[N], p[N];
   JR_EACH x[i] = _mm512_xor_ps(x[i], _mm512_set1_ps(-0.0f));
-  JR_EACH x[i] = _mm512_max_ps(_mm512_set1_ps(-104.0f), x[i]);
-  JR_EACH x[i] = _mm512_min_ps(_mm512_set1_ps(89.0f), x[i]);
-  JR_EACH n[i] = _mm512_mul_ps(x[i], _mm512_set1_ps(1.44269504f));
-  JR_EACH n[i] = _mm512_add_ps(n[i], _mm512_set1_ps(12582912.0f));
-  JR_EACH n[i] = _mm512_sub_ps(n[i], _mm512_set1_ps(12582912.0f));
-  JR_EACH r[i] = _mm512_sub_ps(x[i], _mm512_mul_ps(n[i], _mm512_set1_ps(0.693359375f)));
-  JR_EACH r[i] = _mm512_add_ps(r[i], _mm512_mul_ps(n[i], _mm512_set1_ps(2.12194440e-4f)));
-  JR_EACH p[i] = _mm512_mul_ps(_mm512_set1_ps(1.9875691500e-4f), r[i]);
-  JR_EACH p[i] = _mm512_add_ps(p[i], _mm512_set1_ps(1.3981999507e-3f));
-  JR_EACH p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), _mm512_set1_ps(8.3334519073e-3f));
-  JR_EACH p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), _mm512_set1_ps(4.1665795894e-2f));
-  JR_EACH p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), _mm512_set1_ps(1.6666665459e-1f));
-  JR_EACH p[i] = _mm512_add_ps(_mm512_mul_ps(p[i], r[i]), _mm512_set1_ps(5.0000001201e-1f));
-  JR_EACH p[i] = _mm512_mul_ps(_mm512_mul_ps(p[i], r[i]), r[i]);
-  JR_EACH p[i] = _mm512_add_ps(_mm512_add_ps(p[i], r[i]), _mm512_set1_ps(1.0f));
-  // VecExp scales by 2^n in two exact steps so that only the last one rounds; scalef rounds
-  // p * 2^n once, the same result (checked on all bf16 values and 37M float32 inputs), for a
-  // tenth of the operations. A NaN n only comes with a NaN p.
+  JR_EACH x[i] = _mm512_max_ps(JR_C(kExpMin), x[i]);
+  JR_EACH x[i] = _mm512_min_ps(JR_C(kExpMax), x[i]);
+  JR_EACH n[i] = _mm512_fmadd_ps(x[i], JR_C(kLog2e), JR_C(kRoundMagic));
+  JR_EACH n[i] = _mm512_sub_ps(n[i], JR_C(kRoundMagic));
+  JR_EACH r[i] = _mm512_fmadd_ps(n[i], _mm512_set1_ps(-exact::kLn2Hi), x[i]);
+  JR_EACH r[i] = _mm512_fmadd_ps(n[i], _mm512_set1_ps(-exact::kLn2Lo), r[i]);
+  JR_EACH p[i] = _mm512_fmadd_ps(JR_C(kExpP0), r[i], JR_C(kExpP1));
+  JR_EACH p[i] = _mm512_fmadd_ps(p[i], r[i], JR_C(kExpP2));
+  JR_EACH p[i] = _mm512_fmadd_ps(p[i], r[i], JR_C(kExpP3));
+  JR_EACH p[i] = _mm512_fmadd_ps(p[i], r[i], JR_C(kExpP4));
+  JR_EACH p[i] = _mm512_fmadd_ps(p[i], r[i], JR_C(kExpP5));
+  JR_EACH p[i] = _mm512_fmadd_ps(p[i], _mm512_mul_ps(r[i], r[i]), r[i]);
+  JR_EACH p[i] = _mm512_add_ps(p[i], _mm512_set1_ps(1.0f));
+  // exact::exp rounds p * 2^n once (exact::scale_pow2); scalef does the same in one step.
+  // A NaN n only comes with a NaN p.
   JR_EACH p[i] = _mm512_scalef_ps(p[i], n[i]);
   JR_EACH x[i] = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), p[i]));
+#undef JR_C
 #undef JR_EACH
 }
 
-// order_key (router.h) on 16 lanes.
+// order_key (routing_math.h) on 16 lanes.
 JR_AVX512 inline __m512i OrderKeyV(__m512 z) {
   const __m512i u = _mm512_castps_si512(z);
   const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(INT32_MIN));
@@ -114,7 +114,7 @@ JR_AVX512 inline __m512i OrderKeyV(__m512 z) {
   return _mm512_mask_mov_epi32(_mm512_xor_si512(u, flip), nan, _mm512_set1_epi32(kNanKey));
 }
 
-// order_key_value (router.h) on 16 lanes, for keys of real scores (never kExcludedKey).
+// order_key_value (routing_math.h) on 16 lanes, for keys of real scores (never kExcludedKey).
 JR_AVX512 inline __m512 KeyValueV(__m512i key) {
   const __m512i t = _mm512_srai_epi32(key, 31);
   const __m512i flip = _mm512_or_si512(_mm512_andnot_si512(t, _mm512_set1_epi32(-1)),
@@ -188,7 +188,7 @@ JR_AVX512 inline void Top2Of8Groups(const uint32_t* key, __m512i& m1, __m512i& m
   m2 = _mm512_permutexvar_epi32(order, m2);
 }
 
-// Slot keys (router.h slot_key) of 8 keys and their expert ids.
+// Slot keys (routing_math.h slot_key) of 8 keys and their expert ids.
 JR_AVX512 inline __m512i SlotKeys8(__m256i keys, __m256i ids) {
   const __m512i hi = _mm512_slli_epi64(_mm512_cvtepu32_epi64(keys), 32);
   const __m512i lo = _mm512_cvtepu32_epi64(_mm256_xor_si256(ids, _mm256_set1_epi32(-1)));
@@ -237,18 +237,18 @@ struct RowKeys {
   alignas(64) float s[kMaxE];
 };
 
-// Scores and keys of vectors [v0, v1) of row xr (SPEC §3 steps 1-2). Sigmoid and plain softmax
-// are vectorised here; the other score functions take ScoreRow for the whole row, in the call
-// whose range starts the row.
-template <typename T>
+// Scores and keys of vectors [v0, v1) of row xr. Sigmoid and plain softmax are vectorised
+// here; the other score functions take ScoreRow for the whole row, in the call whose range
+// starts the row.
+template <typename T, ScoreFn F>
 JR_AVX512 inline void ScoreVectors(const RouteParams& P, int64_t E, const T* xr,
                                    const float* bias, int64_t v0, int64_t v1, RowKeys& w) {
-  if (P.score_fn == ScoreFn::kSigmoid) {
+  if constexpr (F == ScoreFn::kSigmoid) {
     int64_t v = v0;
     for (; v + 8 <= v1; v += 8) SigmoidKeys<8>(xr, bias, v, w.s, w.key);
     for (; v + 4 <= v1; v += 4) SigmoidKeys<4>(xr, bias, v, w.s, w.key);
     for (; v < v1; ++v) SigmoidKeys<1>(xr, bias, v, w.s, w.key);
-  } else if (P.score_fn == ScoreFn::kSoftmax && !P.pre_softmax) {
+  } else if (F == ScoreFn::kSoftmax && !P.pre_softmax) {
     for (int64_t v = v0; v < v1; ++v) {
       const __m512 x = Load16(xr + 16 * v);
       _mm512_store_ps(w.s + 16 * v, x);
@@ -257,7 +257,7 @@ JR_AVX512 inline void ScoreVectors(const RouteParams& P, int64_t E, const T* xr,
   } else if (v0 == 0 && v1 > 0) {
     alignas(64) float x[kMaxE], z[kMaxE];
     for (int64_t v = 0; v < E / 16; ++v) _mm512_store_ps(x + 16 * v, Load16(xr + 16 * v));
-    ScoreRow(P.score_fn, P.pre_softmax, x, bias, E, w.s, z, w.key);
+    ScoreRow<F>(P.pre_softmax, x, bias, E, w.s, z, w.key);
   }
 }
 
@@ -270,7 +270,7 @@ struct KeptGroups {
   int64_t nkept;
 };
 
-// SPEC §3 step 3: each group's score from its top two keys, the kept groups, and the floor.
+// Group-limited routing: each group's score from its top two keys, the kept groups, and the floor.
 JR_AVX512 inline KeptGroups SelectGroups(const RouteParams& P, int64_t E, const uint32_t* key) {
   const int64_t K = P.topk;
   if (P.group_topk <= 0) {
@@ -347,7 +347,7 @@ JR_AVX512 inline KeptGroups SelectGroups(const RouteParams& P, int64_t E, const 
   return KeptGroups{kept, floor_key, gsize, P.group_topk};
 }
 
-// SPEC §3 step 4: the k best slot keys of the kept experts, in slot order, into sel. key is
+// Selection: the k best slot keys of the kept experts, in slot order, into sel. key is
 // modified only on the rare fallback.
 JR_AVX512 inline void SelectExperts(const RouteParams& P, int64_t E, uint32_t* key,
                                     const KeptGroups& g, uint64_t* sel,
@@ -402,35 +402,13 @@ JR_AVX512 inline void SelectExperts(const RouteParams& P, int64_t E, uint32_t* k
   SelectTopK(key, 0, E, K, sel, scratch);
 }
 
-// SPEC §3 step 5, as RouteRow computes it (same order of operations): weights before scaling.
-JR_AVX512 inline void Weights(const RouteParams& P, const uint64_t* sel, const float* s, float* p) {
-  const int64_t K = P.topk;
-  if (P.score_fn == ScoreFn::kSoftmax && !P.pre_softmax) {
-    float mx = s[slot_expert(sel[0])], sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-      p[j] = expf(s[slot_expert(sel[j])] - mx);
-      sum += p[j];
-    }
-    for (int64_t j = 0; j < K; ++j) p[j] /= sum;
-  } else {
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) {
-      p[j] = s[slot_expert(sel[j])];
-      sum += p[j];
-    }
-    if (P.score_fn != ScoreFn::kSoftmax && K > 1) {
-      for (int64_t j = 0; j < K; ++j) p[j] /= sum + kEps;
-    }
-  }
-}
-
 // RouteRow (router_cpu.cc) over rows [r0, r1): for each row, out(r, sel, p, s) receives the
 // slot keys in slot order, the weights before scaling and the activations.
 //
 // The score stage is bound by floating-point throughput, the selection stages by the latency
 // of short dependent chains; so the next row's scores are computed in between the current
 // row's selection stages, which keeps both kinds of work in the out-of-order window.
-template <typename T, typename Out>
+template <typename T, ScoreFn F, typename Out>
 JR_AVX512 void RouteRows(const FwdProblem& f, int64_t r0, int64_t r1, uint64_t* sel, float* p,
                          std::vector<uint64_t>& scratch, Out&& out) {
   const RouteParams& P = f.p;
@@ -438,7 +416,7 @@ JR_AVX512 void RouteRows(const FwdProblem& f, int64_t r0, int64_t r1, uint64_t* 
   const T* logits = static_cast<const T*>(f.logits);
   auto bias_of = [&](int64_t r) { return f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr; };
   RowKeys buf[2];
-  if (r0 < r1) ScoreVectors<T>(P, E, logits + r0 * E, bias_of(r0), 0, NV, buf[0]);
+  if (r0 < r1) ScoreVectors<T, F>(P, E, logits + r0 * E, bias_of(r0), 0, NV, buf[0]);
   for (int64_t r = r0; r < r1; ++r) {
     RowKeys& cur = buf[(r - r0) & 1];
     RowKeys& next = buf[(r - r0 + 1) & 1];
@@ -446,10 +424,10 @@ JR_AVX512 void RouteRows(const FwdProblem& f, int64_t r0, int64_t r1, uint64_t* 
     const T* xn = logits + (r + 1) * E;
     const float* bn = more ? bias_of(r + 1) : nullptr;
     const KeptGroups g = SelectGroups(P, E, cur.key);
-    if (more) ScoreVectors<T>(P, E, xn, bn, 0, half, next);
+    if (more) ScoreVectors<T, F>(P, E, xn, bn, 0, half, next);
     SelectExperts(P, E, cur.key, g, sel, scratch);
-    if (more) ScoreVectors<T>(P, E, xn, bn, half, NV, next);
-    Weights(P, sel, cur.s, p);
+    if (more) ScoreVectors<T, F>(P, E, xn, bn, half, NV, next);
+    Weights<F>(P, sel, cur.s, cur.s, p);  // s holds x itself for raw softmax
     out(r, sel, p, cur.s);
   }
 }

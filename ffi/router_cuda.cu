@@ -1,5 +1,6 @@
-// CUDA handlers for jax_router_fwd / jax_router_bwd (contract: ffi_common.h). The kernels live
-// in router_kernels.cuh, their planning and launching in router_launch.cuh.
+// CUDA handlers for jax_router_fwd / jax_router_bwd (contract: ffi_contract.h). The kernels
+// live in router_fwd_fast.cuh, router_fwd_general.cuh and router_bwd.cuh, their planning and
+// launching in router_launch.cuh.
 //
 // Handlers run on the stream XLA passes, allocate nothing, never synchronise, and query device
 // properties once per device (cached), so they are safe inside XLA command buffers.
@@ -7,42 +8,12 @@
 
 #include <string>
 
-#include "ffi_common.h"
+#include "cuda_handlers.h"
+#include "ffi_contract.h"
 #include "router_launch.cuh"
 
 namespace ffi = xla::ffi;
 using namespace jax_router;
-
-namespace {
-
-cuda::Dt ToDt(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::BF16:
-      return cuda::Dt::kBF16;
-    case ffi::DataType::F16:
-      return cuda::Dt::kF16;
-    default:
-      return cuda::Dt::kF32;
-  }
-}
-
-cuda::It ToIt(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::S16:
-      return cuda::It::kS16;
-    case ffi::DataType::S64:
-      return cuda::It::kS64;
-    default:
-      return cuda::It::kS32;
-  }
-}
-
-ffi::Error CudaError(const char* what, cudaError_t e) {
-  return ffi::Error::Internal(std::string("jax_router: ") + what + ": " + cudaGetErrorName(e) +
-                              " (" + cudaGetErrorString(e) + ")");
-}
-
-}  // namespace
 
 static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer logits,
                           ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
@@ -61,7 +32,7 @@ static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer 
   a.rows_per_bias = f.rows_per_bias;
   a.probs = f.probs;
   a.map = f.map;
-  a.bitmap = f.bitmap;
+  a.bitmap = f.map_format == MapFormat::kBitmapU8;
   a.weights = f.weights;
   a.indices = f.indices;
   a.index_dt = ToIt(f.index_dtype);

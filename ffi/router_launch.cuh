@@ -1,5 +1,6 @@
-// Host-side planning and launching of the router kernels (router_kernels.cuh). No XLA headers:
-// the FFI handlers (router_cuda.cu) and the standalone self-test share this code.
+// Host-side planning and launching of the router kernels (router_fwd_fast.cuh,
+// router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI handlers (router_cuda.cu)
+// and the standalone self-test share this code.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,10 +8,53 @@
 #include <atomic>
 #include <cstdint>
 
-#include "router_kernels.cuh"
+#include "cuda_common.cuh"
+#include "router_bwd.cuh"
+#include "router_fwd_fast.cuh"
+#include "router_fwd_general.cuh"
+#include "routing_math.h"
 
 namespace jax_router {
 namespace cuda {
+
+// ---- what a launch takes -------------------------------------------------------------------
+
+struct FwdArgs {
+  int64_t rows = 0;
+  int64_t experts = 0;
+  RouteParams p{};
+  const void* logits = nullptr;
+  Dt logits_dt = Dt::kF32;
+  const float* bias = nullptr;
+  int64_t rows_per_bias = 1;
+  void* probs = nullptr;
+  void* map = nullptr;
+  bool bitmap = false;
+  float* weights = nullptr;
+  void* indices = nullptr;
+  It index_dt = It::kS32;
+  float* act = nullptr;
+};
+
+struct BwdArgs {
+  int64_t rows = 0;
+  int64_t experts = 0;
+  RouteParams p{};
+  bool dense_grad = false;
+  const void* grad = nullptr;
+  Dt grad_dt = Dt::kF32;
+  const void* indices = nullptr;
+  It index_dt = It::kS32;
+  const float* act = nullptr;
+  const void* logits = nullptr;  // pre-softmax only
+  Dt logits_dt = Dt::kF32;
+  void* grad_logits = nullptr;
+  Dt out_dt = Dt::kF32;
+};
+
+// Which forward kernel a call takes (for tests and benchmarks).
+enum class FwdPath : int { kNone = 0, kFast = 1, kGeneral = 2 };
+
 
 // ---- cached device properties (queried once per device; safe under stream capture) ----------
 
@@ -138,9 +182,9 @@ inline std::atomic<long long>& LastFastLaunch() {
   return v;
 }
 
-template <int FN, int L, int V, int P>
+template <ScoreFn F, int L, int V, int P>
 inline cudaError_t LaunchFastT(const FastArgs& fa, cudaStream_t stream, int dev) {
-  auto kernel = fwd_fast_kernel<FN, L, V, P>;
+  auto kernel = fwd_fast_kernel<F, L, V, P>;
   static std::atomic<int> occ{0};
   const int per_sm = CachedBlocksPerSm(kernel, kFastThreads, 0, occ);
   constexpr int TPB = kFastThreads / L;
@@ -152,48 +196,40 @@ inline cudaError_t LaunchFastT(const FastArgs& fa, cudaStream_t stream, int dev)
   return cudaGetLastError();
 }
 
-template <int FN, int P>
+template <ScoreFn F, int P>
 inline cudaError_t LaunchFastLayout(int li, const FastArgs& fa, cudaStream_t s, int dev) {
   switch (li) {
     case 0:
-      return LaunchFastT<FN, 1, 8, P>(fa, s, dev);
+      return LaunchFastT<F, 1, 8, P>(fa, s, dev);
     case 1:
-      return LaunchFastT<FN, 4, 16, P>(fa, s, dev);
+      return LaunchFastT<F, 4, 16, P>(fa, s, dev);
     case 2:
-      return LaunchFastT<FN, 8, 16, P>(fa, s, dev);
+      return LaunchFastT<F, 8, 16, P>(fa, s, dev);
     case 3:
-      return LaunchFastT<FN, 8, 32, P>(fa, s, dev);
+      return LaunchFastT<F, 8, 32, P>(fa, s, dev);
     case 4:
-      return LaunchFastT<FN, 16, 24, P>(fa, s, dev);
+      return LaunchFastT<F, 16, 24, P>(fa, s, dev);
     case 5:
-      return LaunchFastT<FN, 16, 32, P>(fa, s, dev);
-    default:
-      return LaunchFastT<FN, 32, 32, P>(fa, s, dev);
+      return LaunchFastT<F, 16, 32, P>(fa, s, dev);
+    case 6:
+      return LaunchFastT<F, 32, 32, P>(fa, s, dev);
   }
-}
-
-template <int FN>
-inline cudaError_t LaunchFastFn(const FwdPlan& plan, const FastArgs& fa, cudaStream_t s, int dev) {
-  if (plan.P == 1) return LaunchFastLayout<FN, 1>(plan.layout, fa, s, dev);
-  return LaunchFastLayout<FN, 2>(plan.layout, fa, s, dev);
+  return cudaErrorInvalidValue;  // not a row of kFastLayouts
 }
 
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, const FastArgs& fa,
                                  cudaStream_t s, int dev) {
-  switch (fn) {
-    case ScoreFn::kSoftmax:
-      return LaunchFastFn<0>(plan, fa, s, dev);
-    case ScoreFn::kSigmoid:
-      return LaunchFastFn<1>(plan, fa, s, dev);
-    default:
-      return LaunchFastFn<2>(plan, fa, s, dev);
-  }
+  return DispatchScoreFn(fn, [&](auto tag) {
+    constexpr ScoreFn F = decltype(tag)::value;
+    return plan.P == 1 ? LaunchFastLayout<F, 1>(plan.layout, fa, s, dev)
+                       : LaunchFastLayout<F, 2>(plan.layout, fa, s, dev);
+  });
 }
 
-template <typename D, int FN>
+template <typename D, ScoreFn F>
 inline cudaError_t LaunchGeneralT(const GenArgs& ga, int threads, size_t smem, cudaStream_t s,
                                   int dev) {
-  auto kernel = fwd_general_kernel<D, FN>;
+  auto kernel = fwd_general_kernel<D, F>;
   if (smem > 48 * 1024) {
     static std::atomic<int> raised[kMaxDevices];
     static std::atomic<int> static_smem{-1};
@@ -218,19 +254,6 @@ inline cudaError_t LaunchGeneralT(const GenArgs& ga, int threads, size_t smem, c
   return cudaGetLastError();
 }
 
-template <typename D>
-inline cudaError_t LaunchGeneralD(ScoreFn fn, const GenArgs& ga, int threads, size_t smem,
-                                  cudaStream_t s, int dev) {
-  switch (fn) {
-    case ScoreFn::kSoftmax:
-      return LaunchGeneralT<D, 0>(ga, threads, smem, s, dev);
-    case ScoreFn::kSigmoid:
-      return LaunchGeneralT<D, 1>(ga, threads, smem, s, dev);
-    default:
-      return LaunchGeneralT<D, 2>(ga, threads, smem, s, dev);
-  }
-}
-
 inline size_t DtSize(Dt d) { return d == Dt::kF32 ? 4 : 2; }
 
 // The largest E the general path takes on the current device.
@@ -247,7 +270,7 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
   if (!f.probs && !f.map && !f.weights && !f.indices && !f.act) return cudaSuccess;
   const int dev = CurrentDevice();
   const FwdPlan plan = PlanForward(f.experts, f.p);
-  const bool bias_used = f.bias != nullptr && uses_bias(f.p.score_fn);
+  const bool bias_used = f.bias != nullptr && UsesBias(f.p.score_fn);
   if (plan.path == FwdPath::kFast) {
     const FastLayout lay = kFastLayouts[plan.layout];
     const size_t es = DtSize(f.logits_dt);
@@ -311,14 +334,11 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
   size_t smem = static_cast<size_t>(ga.n2) * 8 + static_cast<size_t>(ga.n2g) * 8 +
                 ((static_cast<size_t>(ga.E) + 15) & ~size_t(15));
   if (taken) *taken = FwdPath::kGeneral;
-  switch (f.logits_dt) {
-    case Dt::kF32:
-      return LaunchGeneralD<DF32>(f.p.score_fn, ga, threads, smem, stream, dev);
-    case Dt::kBF16:
-      return LaunchGeneralD<DBF16>(f.p.score_fn, ga, threads, smem, stream, dev);
-    default:
-      return LaunchGeneralD<DF16>(f.p.score_fn, ga, threads, smem, stream, dev);
-  }
+  return DispatchDt(f.logits_dt, [&](auto d) {
+    return DispatchScoreFn(f.p.score_fn, [&](auto fn) {
+      return LaunchGeneralT<decltype(d), decltype(fn)::value>(ga, threads, smem, stream, dev);
+    });
+  });
 }
 
 inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
@@ -354,19 +374,12 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   if (L == 32) bwd_kernel<DT, 32><<<g, kBwdThreads, 0, stream>>>(ka);   \
   else if (L == 2) bwd_kernel<DT, 2><<<g, kBwdThreads, 0, stream>>>(ka); \
   else bwd_kernel<DT, 8><<<g, kBwdThreads, 0, stream>>>(ka);
-  switch (b.out_dt) {
-    case Dt::kF32:
-      JR_BWD(DF32);
-      break;
-    case Dt::kBF16:
-      JR_BWD(DBF16);
-      break;
-    default:
-      JR_BWD(DF16);
-      break;
-  }
+  return DispatchDt(b.out_dt, [&](auto d) {
+    using DT = decltype(d);
+    JR_BWD(DT);
+    return cudaGetLastError();
+  });
 #undef JR_BWD
-  return cudaGetLastError();
 }
 
 }  // namespace cuda

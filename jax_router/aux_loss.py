@@ -1,4 +1,4 @@
-"""Auxiliary (load-balancing) loss helpers with TransformerEngine's signatures (SPEC §2.3).
+"""Auxiliary (load-balancing) loss helpers with TransformerEngine's signatures (docs/semantics.md#aux-loss).
 
 ``fused_compute_score_for_moe_aux_loss`` runs the FFI targets ``jax_router_aux_scores_fwd`` /
 ``jax_router_aux_scores_bwd`` (ffi/aux_loss_cpu.cc) where the current backend has them, inside a
@@ -21,8 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ffi, reference, sharding
-from .options import RoutingMapFormat, RoutingMapFormatLike, ScoreFunction, ScoreFunctionLike
+from . import _ffi, custom_calls, reference
+from .options import (
+    RoutingMapFormat,
+    RoutingMapFormatLike,
+    ScoreFunction,
+    ScoreFunctionLike,
+    map_format_attr,
+    score_function_attr,
+)
 from .router import _aval
 
 
@@ -33,20 +40,22 @@ class _AuxCall:
     num_experts: int
     topk: int
     score_function: ScoreFunction
-    bitmap: bool
+    map_format: RoutingMapFormat
 
 
 def _scores_fwd_call(call: _AuxCall, logits):
     lead, E = logits.shape[:-1], call.num_experts
-    map_shape = lead + (((E + 7) // 8) if call.bitmap else E,)
+    bitmap = call.map_format == RoutingMapFormat.BITMAP_U8
+    map_shape = lead + (((E + 7) // 8) if bitmap else E,)
     out_types = (
         _aval(logits, lead + (E,), jnp.float32),
-        _aval(logits, map_shape, jnp.uint8 if call.bitmap else jnp.bool_),
+        _aval(logits, map_shape, jnp.uint8 if bitmap else jnp.bool_),
     )
-    scores, routing_map = sharding.ffi_aux_scores_forward(
+    # Typed as AuxAttrs (ffi/ffi_contract.h).
+    scores, routing_map = custom_calls.ffi_aux_scores_forward(
         out_types, logits,
-        dict(topk=np.int64(call.topk), score_function=np.int64(int(call.score_function)),
-             bitmap=bool(call.bitmap)))
+        dict(topk=np.int64(call.topk), score_function=score_function_attr(call.score_function),
+             map_format=map_format_attr(call.map_format)))
     return routing_map, scores
 
 
@@ -61,9 +70,9 @@ def _scores_fwd(call: _AuxCall, logits):
 
 def _scores_bwd(call: _AuxCall, logits, cotangents):
     _, g_scores = cotangents  # the map is boolean / integer: its cotangent is float0
-    grad_logits = sharding.ffi_aux_scores_backward(
+    grad_logits = custom_calls.ffi_aux_scores_backward(
         _aval(logits, logits.shape, logits.dtype), g_scores.astype(jnp.float32), logits,
-        dict(score_function=np.int64(int(call.score_function))))
+        dict(score_function=score_function_attr(call.score_function)))
     return (grad_logits,)
 
 
@@ -117,9 +126,8 @@ def fused_compute_score_for_moe_aux_loss(
     if not _use_aux_kernels(implementation):
         return reference.fused_compute_score_for_moe_aux_loss(
             logits, topk, score_function, routing_map_format)
-    call = _AuxCall(opts.num_experts, opts.topk, opts.score_function,
-                    fmt == RoutingMapFormat.BITMAP_U8)
-    return _aux_scores(call, sharding.whole_last_dim(logits))
+    call = _AuxCall(opts.num_experts, opts.topk, opts.score_function, fmt)
+    return _aux_scores(call, custom_calls.whole_last_dim(logits))
 
 
 def fused_moe_aux_loss(

@@ -1,4 +1,4 @@
-"""Static routing options: argument validation (SPEC §5) and the FFI attributes.
+"""Static routing options: argument validation (docs/semantics.md#validation) and the FFI attributes.
 
 Every public function turns its keyword arguments into one frozen, hashable ``RouteOptions``
 here, before anything is traced or launched, so that each rule is checked in one place and
@@ -25,13 +25,22 @@ class ScoreFunction(enum.IntEnum):
     (``sqrt(log1p(exp(x)))``). Wherever a score function is taken, the strings "softmax",
     "sigmoid", "sqrtsoftplus" (any case) and members of any other enum with those names
     (TransformerEngine's, for one) work too; they are matched by name, never by integer value,
-    because the integer values are those of the C++ ``ScoreFn`` (ffi/router.h) and differ from
+    because the integer values are those of the C++ ``ScoreFn`` (ffi/routing_math.h) and differ from
     TransformerEngine's.
     """
 
     SOFTMAX = 0
     SIGMOID = 1
     SQRTSOFTPLUS = 2
+
+
+class OutputMode(enum.IntEnum):
+    """Which outputs one forward call writes; the value is the C++ ``OutputMode``
+    (ffi/routing_math.h), which a test compares with this list."""
+
+    COMPACT = 0  # route_topk: weights f32 [*lead, k] + indices [*lead, k]
+    MAP = 1  # probs [*lead, E] + routing map
+    DENSE = 2  # probs [*lead, E] + indices [*lead, k]
 
 
 class RoutingMapFormat(enum.Enum):
@@ -45,6 +54,20 @@ class RoutingMapFormat(enum.Enum):
 
     BYTEMAP = "bytemap"
     BITMAP_U8 = "bitmap_u8"
+
+
+# The C++ MapFormat value of each layout (ffi/routing_math.h; a test compares them).
+_FFI_MAP_FORMAT = {RoutingMapFormat.BYTEMAP: 0, RoutingMapFormat.BITMAP_U8: 1}
+
+
+def map_format_attr(fmt: RoutingMapFormat) -> np.int32:
+    """The FFI attribute of a map layout (int32, as the C++ enum)."""
+    return np.int32(_FFI_MAP_FORMAT[fmt])
+
+
+def score_function_attr(fn: ScoreFunction) -> np.int32:
+    """The FFI attribute of a score function (int32, as the C++ enum)."""
+    return np.int32(int(fn))
 
 
 # What the public functions accept for these two options (see the enums above).
@@ -173,17 +196,19 @@ class RouteOptions:
         """Softmax over all E before selection (the one mode whose backward needs the logits)."""
         return self.score_function == ScoreFunction.SOFTMAX and self.use_pre_softmax
 
-    def ffi_attrs(self, *, bitmap: bool = False, dense_grad: bool = False) -> dict[str, Any]:
-        """Attributes of the FFI targets, typed exactly as ``RouteAttrs`` (ffi/ffi_common.h)."""
+    def ffi_attrs(self, mode: OutputMode, map_format: RoutingMapFormat) -> dict[str, Any]:
+        """Attributes of the router's FFI targets, typed exactly as ``RouteAttrs``
+        (ffi/ffi_contract.h): the handlers decode them once into typed options and reject
+        any value they do not know."""
         return dict(
             topk=np.int64(self.topk),
-            score_function=np.int64(int(self.score_function)),
+            score_function=score_function_attr(self.score_function),
             use_pre_softmax=bool(self.use_pre_softmax),
             num_groups=np.int64(self.num_groups),
             group_topk=np.int64(self.group_topk),
             scaling_factor=np.float32(self.scaling_factor),
-            bitmap=bool(bitmap),
-            dense_grad=bool(dense_grad),
+            output_mode=np.int32(int(mode)),
+            map_format=map_format_attr(map_format),
         )
 
 
@@ -197,7 +222,7 @@ def make_options(
     score_function: Any = "softmax",
     expert_bias: Any = None,
 ) -> RouteOptions:
-    """Checks every SPEC §5 rule that concerns the routing itself; returns ``RouteOptions``.
+    """Checks every docs/semantics.md#validation rule that concerns the routing itself; returns ``RouteOptions``.
 
     Arguments are those of ``fused_topk_with_score_function`` (same order); only the shapes and
     dtypes of ``logits`` and ``expert_bias`` are read, so tracers are fine.

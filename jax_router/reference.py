@@ -1,12 +1,12 @@
-"""Pure-JAX router: the executable form of SPEC §3 and the fallback where no kernel exists.
+"""Pure-JAX router: the executable form of docs/semantics.md#forward and the fallback where no kernel exists.
 
 Same public signatures as ``jax_router.fused_topk_with_score_function`` and
-``jax_router.route_topk``; gradients come from JAX autodiff, which gives SPEC §4.
+``jax_router.route_topk``; gradients come from JAX autodiff, which gives docs/semantics.md#backward.
 
 Order promise: the ``topk`` slots of a row hold the experts with the largest selection score
 ``z``, descending, equal scores by ascending expert id — ``jax.lax.top_k`` on ``z`` for NaN-free
 rows (so ``+0`` ranks above ``-0``); NaN scores rank below every number. This is the order of the
-integer keys ``order_key`` (the map of ffi/router.h that the kernels select on); ``spec_top_k``
+integer keys ``order_key`` (the map of ffi/routing_math.h that the kernels select on); ``spec_top_k``
 reaches it with float top-k, XLA's fast path. Group scores are sums of a group's top ``topk // group_topk`` scores,
 added one by one in descending order, as the kernels add them.
 """
@@ -37,7 +37,7 @@ EPS = 1e-20
 
 
 def order_key(z: jax.Array) -> jax.Array:
-    """float32 -> int32, order-preserving; NaN -> INT32_MIN + 1, -0 < +0 (router.h order_key)."""
+    """float32 -> int32, order-preserving; NaN -> INT32_MIN + 1, -0 < +0 (routing_math.h order_key)."""
     u = jax.lax.bitcast_convert_type(z, jnp.uint32)
     key = jnp.where(u >= np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
     key = jnp.where(jnp.isnan(z), np.uint32(1), key)
@@ -52,7 +52,7 @@ def _sqrtsoftplus(x: jax.Array) -> jax.Array:
 
 @_sqrtsoftplus.defjvp
 def _sqrtsoftplus_jvp(primals, tangents):
-    # SPEC §4: ds/dx = sigmoid(x) / (2 s + eps), finite where s underflows to 0.
+    # docs/semantics.md#backward: ds/dx = sigmoid(x) / (2 s + eps), finite where s underflows to 0.
     (x,), (dx,) = primals, tangents
     s = _sqrtsoftplus(x)
     return s, dx * (jax.nn.sigmoid(x) / (2.0 * s + EPS))  # one factor: no inf * 0 in the transpose
@@ -75,7 +75,7 @@ def _normalize_jvp(primals, tangents):
 
 
 def activation(fn: ScoreFunction, x: jax.Array) -> jax.Array:
-    """Score ``s`` of float32 logits ``x`` (SPEC §3.1): sigmoid, sqrt(softplus), or ``x`` itself
+    """Score ``s`` of float32 logits ``x`` (docs/semantics.md#forward-activation): sigmoid, sqrt(softplus), or ``x`` itself
     for softmax (whose pre-softmax is applied by the caller). Same shape and dtype as ``x``."""
     if fn == ScoreFunction.SIGMOID:
         return jax.nn.sigmoid(x)  # its derivative stays finite where e^-x overflows
@@ -97,7 +97,7 @@ def _sum_in_order(vals: jax.Array) -> jax.Array:
 
 
 def spec_top_k(z: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array:
-    """Indices of the ``k`` best scores of each row in SPEC order.
+    """Indices of the ``k`` best scores of each row in the documented order (docs/semantics.md#forward-order).
 
     Descending ``z``, ties to the lower index, NaN below every number, and candidates outside
     ``kept`` below NaN. One float ``lax.top_k`` (XLA's fast path) settles every slot that holds
@@ -122,9 +122,9 @@ def spec_top_k(z: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array
 def route_core(
     logits: jax.Array, opts: RouteOptions, expert_bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The routing of SPEC §3 steps 1-5 for options ``opts`` (from ``make_options``).
+    """The routing of docs/semantics.md#forward for options ``opts`` (from ``make_options``).
 
-    Returns ``(idx, p, s_sel)``: int32 ``[*lead, k]`` selected expert ids in SPEC order,
+    Returns ``(idx, p, s_sel)``: int32 ``[*lead, k]`` selected expert ids in the documented order (docs/semantics.md#forward-order),
     float32 ``[*lead, k]`` weights before ``scaling_factor``, and float32 ``[*lead, k]``
     unbiased scores ``s`` at the selected experts. Differentiable w.r.t. ``logits`` (the
     selection is under ``stop_gradient``).
@@ -204,7 +204,7 @@ def fused_topk_with_score_function(
       (``bool[*lead, E]`` or ``uint8[*lead, ceil(E/8)]``) or dense ``[*lead, topk]`` indices.
 
     Raises:
-      TypeError / ValueError naming the argument (SPEC §5).
+      TypeError / ValueError naming the argument (docs/semantics.md#validation).
     """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
@@ -236,10 +236,10 @@ def route_topk(
 
     Returns:
       ``(topk_weights, topk_indices)``: float32 ``[*lead, topk]`` and ``[*lead, topk]`` of
-      ``index_dtype``, in SPEC order.
+      ``index_dtype``, in the documented order (docs/semantics.md#forward-order).
 
     Raises:
-      TypeError / ValueError naming the argument (SPEC §5).
+      TypeError / ValueError naming the argument (docs/semantics.md#validation).
     """
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
@@ -289,7 +289,7 @@ def dense_index_dtype(
 __all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_core"]
 
 
-# ---- auxiliary-loss helpers (SPEC §2.3) ----------------------------------------------------
+# ---- auxiliary-loss helpers (docs/semantics.md#aux-loss) ----------------------------------------------------
 
 _AUX_TPE_DTYPES = (jnp.int16, jnp.int32, jnp.int64, jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -300,7 +300,7 @@ def aux_scores_options(
     score_function: ScoreFunctionLike,
     routing_map_format: RoutingMapFormatLike,
 ) -> tuple[RouteOptions, RoutingMapFormat]:
-    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (SPEC §5 rules).
+    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (docs/semantics.md#validation).
 
     Raises:
       TypeError / ValueError: bad logits dtype or rank, ``topk`` not an int in ``[1, E]``, an

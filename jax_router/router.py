@@ -2,9 +2,10 @@
 
 Path to the kernel: ``route_topk`` / ``fused_topk_with_score_function`` validate (options.py),
 then ``_route`` (a ``jax.custom_vjp``) calls the ``jax_router_fwd`` custom call (through
-sharding.py, which partitions it row-wise over token-sharded inputs), which runs ``FwdCpu`` in
-ffi/router_cpu.cc or ``FwdCuda`` in ffi/router_cuda.cu; the backward calls ``jax_router_bwd``
-with the compact residuals (selected indices and their scores).
+custom_calls.py, which binds it and partitions it row-wise over token-sharded inputs), which
+runs ``FwdCpu`` in ffi/router_cpu.cc or ``FwdCuda`` in ffi/router_cuda.cu; the backward calls
+``jax_router_bwd`` with the compact residuals (selected indices and their scores). The math
+both run is ffi/routing_math.h (docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
-from . import _ffi, reference, sharding
+from . import _ffi, custom_calls, reference
 from .options import (
+    OutputMode,
     RouteOptions,
     RoutingMapFormat,
     RoutingMapFormatLike,
@@ -29,16 +31,14 @@ from .options import (
     routing_map_format_of,
 )
 
-_COMPACT, _MAP, _DENSE = "compact", "map", "dense"
-
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """Everything static about one routing call (the custom_vjp's non-differentiable arg)."""
 
     opts: RouteOptions
-    mode: str  # _COMPACT: (weights, indices); _MAP: (probs, map); _DENSE: (probs, indices)
-    bitmap: bool
+    mode: OutputMode  # COMPACT: (weights, indices); MAP: (probs, map); DENSE: (probs, indices)
+    map_format: RoutingMapFormat  # of the map (MAP mode)
     index_dtype: Any  # np.dtype of the indices output (compact / dense)
     logits_dtype: Any
 
@@ -64,38 +64,39 @@ def _forward(call: _Call, logits, bias, alias, residuals: bool):
     """One jax_router_fwd call; returns (probs, map, weights, indices, act), unused ones empty."""
     opts = call.opts
     lead, E, k = logits.shape[:-1], opts.num_experts, opts.topk
-    want_probs = call.mode in (_MAP, _DENSE)
-    want_idx = call.mode in (_COMPACT, _DENSE) or residuals
+    bitmap = call.map_format == RoutingMapFormat.BITMAP_U8
+    want_probs = call.mode in (OutputMode.MAP, OutputMode.DENSE)
+    want_idx = call.mode in (OutputMode.COMPACT, OutputMode.DENSE) or residuals
     idx_dtype = call.index_dtype if call.index_dtype is not None else jnp.int32
-    map_shape = lead + (((E + 7) // 8) if call.bitmap else E,)
+    map_shape = lead + (((E + 7) // 8) if bitmap else E,)
     out_types = (
         _aval(logits, lead + (E,), logits.dtype) if want_probs else _empty(logits, logits.dtype),
-        _aval(logits, map_shape, jnp.uint8 if call.bitmap else jnp.bool_)
-        if call.mode == _MAP
+        _aval(logits, map_shape, jnp.uint8 if bitmap else jnp.bool_)
+        if call.mode == OutputMode.MAP
         else _empty(logits, jnp.bool_),
-        _aval(logits, lead + (k,), jnp.float32) if call.mode == _COMPACT
+        _aval(logits, lead + (k,), jnp.float32) if call.mode == OutputMode.COMPACT
         else _empty(logits, jnp.float32),
         _aval(logits, lead + (k,), idx_dtype) if want_idx else _empty(logits, idx_dtype),
         _aval(logits, lead + (k,), jnp.float32) if residuals else _empty(logits, jnp.float32),
     )
     bias_arg = bias.astype(jnp.float32) if bias is not None else jnp.zeros((0,), jnp.float32)
-    return sharding.ffi_forward(out_types, logits, bias_arg, alias,
-                                opts.ffi_attrs(bitmap=call.bitmap))
+    return custom_calls.ffi_forward(out_types, logits, bias_arg, alias,
+                                    opts.ffi_attrs(call.mode, call.map_format))
 
 
 def _backward(call: _Call, g, idx, act, logits):
     opts = call.opts
     shape = act.shape[:-1] + (opts.num_experts,)
     lg = logits if opts.pre_softmax else jnp.zeros((0,), jnp.float32)
-    return sharding.ffi_backward(_aval(act, shape, call.logits_dtype), g, idx, act, lg,
-                                 opts.ffi_attrs(dense_grad=call.mode != _COMPACT))
+    return custom_calls.ffi_backward(_aval(act, shape, call.logits_dtype), g, idx, act, lg,
+                                     opts.ffi_attrs(call.mode, call.map_format))
 
 
 def _primal(call: _Call, outs):
     probs, routing_map, weights, indices, _ = outs
-    if call.mode == _COMPACT:
+    if call.mode == OutputMode.COMPACT:
         return weights, indices
-    return (probs, routing_map) if call.mode == _MAP else (probs, indices)
+    return (probs, routing_map) if call.mode == OutputMode.MAP else (probs, indices)
 
 
 def _route_impl(call, logits, bias, alias):
@@ -141,7 +142,7 @@ def fused_topk_with_score_function(
 
     Per token row ``x``: scores ``s`` (softmax / sigmoid / sqrtsoftplus), selection scores
     ``z = s + expert_bias``, optional group-limited routing, the ``topk`` largest ``z``, and
-    weights from the unbiased ``s`` (SPEC §3), all in float32.
+    weights from the unbiased ``s`` (docs/semantics.md#forward), all in float32.
 
     Args:
       logits: ``[*lead, E]`` float32 / bfloat16 / float16 router logits; any number of leading
@@ -194,11 +195,10 @@ def fused_topk_with_score_function(
         return reference.fused_topk_with_score_function(
             logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
             score_function, expert_bias, routing_map_format, topk_indices, topk_indices_dtype)
-    call = _Call(opts, _DENSE if index_dtype is not None else _MAP,
-                 fmt == RoutingMapFormat.BITMAP_U8 and index_dtype is None,
-                 index_dtype, jnp.dtype(logits.dtype))
-    return _route(call, sharding.whole_last_dim(logits), expert_bias,
-                  sharding.whole_last_dim(topk_indices))
+    call = _Call(opts, OutputMode.DENSE if index_dtype is not None else OutputMode.MAP,
+                 fmt, index_dtype, jnp.dtype(logits.dtype))
+    return _route(call, custom_calls.whole_last_dim(logits), expert_bias,
+                  custom_calls.whole_last_dim(topk_indices))
 
 
 def route_topk(
@@ -253,5 +253,6 @@ def route_topk(
             logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
             group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
             expert_bias=expert_bias, index_dtype=index_dtype)
-    call = _Call(opts, _COMPACT, False, idx_dtype, jnp.dtype(logits.dtype))
-    return _route(call, sharding.whole_last_dim(logits), expert_bias, None)
+    call = _Call(opts, OutputMode.COMPACT, RoutingMapFormat.BYTEMAP, idx_dtype,
+                 jnp.dtype(logits.dtype))
+    return _route(call, custom_calls.whole_last_dim(logits), expert_bias, None)

@@ -49,7 +49,7 @@ def is_fused(fn):
 @pytest.fixture
 def ffi_calls(monkeypatch):
     """Records every FFI custom call made while the test runs (nothing may be launched): any
-    jax.ffi.ffi_call, and the router's own calls (jax_router/sharding.py binds them)."""
+    jax.ffi.ffi_call, and the router's own calls (jax_router/custom_calls.py binds them)."""
     from jax_router import _ffi, sharding
 
     calls = []

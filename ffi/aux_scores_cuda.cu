@@ -1,10 +1,11 @@
-// CUDA handlers for the aux-loss score targets (contract and math: aux_loss.h).
+// CUDA handlers for the aux-score targets (contract: ffi_contract.h; math: routing_math.h, as
+// documented in aux_scores_cpu.cc, whose bits these kernels reproduce).
 //
 // One warp per row (grid-stride over rows), no shared memory. Lane l owns experts l, l + 32,
 // ... of its row. For E <= 1024 the row lives in registers (the *Reg kernels); larger rows use
 // the general kernels, where a lane only ever reads back scores it wrote itself.
 // Forward: reductions for the normalisation, then the scores; the map is the top-k of the
-// scores' order keys (router.h), found by a radix search for the k-th largest key (32 passes
+// scores' order keys (routing_math.h), found by a radix search for the k-th largest key (32 passes
 // of warp counts) and one ordered pass that takes the ties at that key by ascending id.
 // Handlers run on XLA's stream, allocate nothing and never synchronise (command-buffer safe).
 #include <cuda_bf16.h>
@@ -14,9 +15,11 @@
 #include <cstdint>
 #include <string>
 
-#include "aux_loss.h"
-#include "ffi_common.h"
-#include "router.h"
+#include "cuda_common.cuh"
+#include "cuda_handlers.h"
+#include "cuda_warp.cuh"
+#include "ffi_contract.h"
+#include "routing_math.h"
 
 namespace ffi = xla::ffi;
 
@@ -25,41 +28,13 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxBlocks = 8192;
-constexpr unsigned kFull = 0xFFFFFFFFu;
-
-__device__ __forceinline__ float LoadF(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float LoadF(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float LoadF(const __half* p, int64_t i) { return __half2float(p[i]); }
 
 template <typename T>
-__device__ __forceinline__ T StoreF(float v);
-template <>
-__device__ __forceinline__ float StoreF<float>(float v) {
-  return v;
+__device__ __forceinline__ float LoadF(const T* p, int64_t i) {
+  return cuda::to_float(p[i]);
 }
-template <>
-__device__ __forceinline__ __nv_bfloat16 StoreF<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half StoreF<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-__device__ __forceinline__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-__device__ __forceinline__ int WarpSumInt(int v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
+using cuda::from_float;
+using cuda::kFullMask;
 
 // Row statistics for the activation: softmax -> (max, sum e^{x - max}); element-wise functions
 // -> (0, sum s). A NaN in the row makes the sum NaN, hence every score of the row.
@@ -70,18 +45,18 @@ __device__ __forceinline__ void RowStats(ScoreFn fn, const T* x, int64_t E, int 
   if (fn == ScoreFn::kSoftmax) {
     float mx = -INFINITY;  // fmaxf skips NaN; a NaN logit still makes its e^{x - max} NaN
     for (int64_t e = lane; e < E; e += 32) mx = fmaxf(mx, LoadF(x, e));
-    *m = WarpMax(mx);
-    for (int64_t e = lane; e < E; e += 32) acc += expf(LoadF(x, e) - *m);
+    *m = cuda::warp_max(mx);
+    for (int64_t e = lane; e < E; e += 32) acc = acc + softmax_numerator(LoadF(x, e), *m);
   } else {
     *m = 0.0f;
-    for (int64_t e = lane; e < E; e += 32) acc += activation(fn, LoadF(x, e));
+    for (int64_t e = lane; e < E; e += 32) acc = acc + activation(fn, LoadF(x, e));
   }
-  *sum = WarpSum(acc);
+  *sum = cuda::warp_sum_in_order(acc);
 }
 
 // s_e of one element, given the row statistics.
 __device__ __forceinline__ float Act(ScoreFn fn, float x, float m, float sum) {
-  return fn == ScoreFn::kSoftmax ? expf(x - m) / sum : activation(fn, x);
+  return fn == ScoreFn::kSoftmax ? softmax_numerator(x, m) / sum : activation(fn, x);
 }
 
 // The aux score of one element: softmax as is, the element-wise functions normalised by the row
@@ -96,7 +71,7 @@ __device__ __forceinline__ float Score(ScoreFn fn, float x, float m, float sum) 
 __device__ __forceinline__ void StoreMapChunk(uint8_t* mr, int64_t base, int64_t E,
                                               int64_t mbytes, bool bitmap, bool sel, int lane) {
   if (bitmap) {
-    const unsigned sel_mask = __ballot_sync(kFull, sel);
+    const unsigned sel_mask = __ballot_sync(kFullMask, sel);
     const int64_t byte = base / 8 + lane;
     if (lane < 4 && byte < mbytes) mr[byte] = static_cast<uint8_t>(sel_mask >> (8 * lane));
   } else if (base + lane < E) {
@@ -111,35 +86,35 @@ __global__ void AuxScoresFwdKernel(AuxFwd f) {
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t E = f.experts;
   const int K = static_cast<int>(f.topk);
-  const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
+  const int64_t mbytes = map_bytes_per_row(f.map_format, E);
   for (int64_t r = warp; r < f.rows; r += nwarps) {
     const T* x = static_cast<const T*>(f.logits) + r * E;
     float* out = f.scores + r * E;
     float m, sum;
     RowStats(f.fn, x, E, lane, &m, &sum);
-    for (int64_t e = lane; e < E; e += 32) out[e] = Score(f.fn, LoadF(x, e), m, sum);
+    for (int64_t e = lane; e < E; e += 32) out[e] = exact::canonical(Score(f.fn, LoadF(x, e), m, sum));
     // The k-th largest order key T: the largest t with #{key >= t} >= k.
     uint32_t thr = 0;
     for (int bit = 31; bit >= 0; --bit) {
       const uint32_t cand = thr | (1u << bit);
       int cnt = 0;
       for (int64_t e = lane; e < E; e += 32) cnt += order_key(out[e]) >= cand;
-      if (WarpSumInt(cnt) >= K) thr = cand;
+      if (cuda::warp_sum_int(cnt) >= K) thr = cand;
     }
     int above = 0;
     for (int64_t e = lane; e < E; e += 32) above += order_key(out[e]) > thr;
     // Experts at the threshold key are taken by ascending id until k are marked.
-    int ties_left = K - WarpSumInt(above);
+    int ties_left = K - cuda::warp_sum_int(above);
     uint8_t* mr = f.map + r * mbytes;
     for (int64_t base = 0; base < E; base += 32) {
       const int64_t e = base + lane;
       const uint32_t key = e < E ? order_key(out[e]) : 0u;
       const bool tie = e < E && key == thr;
-      const unsigned tie_mask = __ballot_sync(kFull, tie);
+      const unsigned tie_mask = __ballot_sync(kFullMask, tie);
       const int rank = __popc(tie_mask & ((1u << lane) - 1u));
       const bool sel = e < E && (key > thr || (tie && rank < ties_left));
       ties_left -= __popc(tie_mask);
-      StoreMapChunk(mr, base, E, mbytes, f.bitmap, sel, lane);
+      StoreMapChunk(mr, base, E, mbytes, f.map_format == MapFormat::kBitmapU8, sel, lane);
     }
   }
 }
@@ -158,21 +133,18 @@ __global__ void AuxScoresBwdKernel(AuxBwd b) {
     RowStats(b.fn, x, E, lane, &m, &sum);
     float acc = 0.0f;
     if (b.fn == ScoreFn::kSoftmax) {
-      for (int64_t e = lane; e < E; e += 32) acc += g[e] * Act(b.fn, LoadF(x, e), m, sum);
-      const float D = WarpSum(acc);
+      for (int64_t e = lane; e < E; e += 32) acc = acc + g[e] * Act(b.fn, LoadF(x, e), m, sum);
+      const float D = cuda::warp_sum_in_order(acc);
       for (int64_t e = lane; e < E; e += 32) {
         const float s = Act(b.fn, LoadF(x, e), m, sum);
-        out[e] = StoreF<T>(s * (g[e] - D));
+        out[e] = from_float<T>(softmax_grad(s, g[e], D));
       }
     } else {
-      for (int64_t e = lane; e < E; e += 32) {
-        acc += g[e] * (Act(b.fn, LoadF(x, e), m, sum) / (sum + kEps));
-      }
-      const float Bp = WarpSum(acc);  // sum_e g_e p_e
-      const float inv = 1.0f / (sum + kEps);
+      for (int64_t e = lane; e < E; e += 32) acc = acc + g[e] * Act(b.fn, LoadF(x, e), m, sum);
+      const float B = cuda::warp_sum_in_order(acc);  // sum_e g_e s_e
       for (int64_t e = lane; e < E; e += 32) {
         const float s = Act(b.fn, LoadF(x, e), m, sum);
-        out[e] = StoreF<T>((g[e] - Bp) * inv * activation_grad(b.fn, s));
+        out[e] = from_float<T>(normalised_grad(g[e], sum, B) * activation_grad(b.fn, s));
       }
     }
   }
@@ -202,19 +174,19 @@ __device__ __forceinline__ void RowStatsReg(ScoreFn fn, const float (&v)[VPL], i
     for (int j = 0; j < VPL; ++j) {
       if (lane + 32 * j < E) mx = fmaxf(mx, v[j]);
     }
-    *m = WarpMax(mx);
+    *m = cuda::warp_max(mx);
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      if (lane + 32 * j < E) acc += expf(v[j] - *m);
+      if (lane + 32 * j < E) acc = acc + softmax_numerator(v[j], *m);
     }
   } else {
     *m = 0.0f;
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      if (lane + 32 * j < E) acc += activation(fn, v[j]);
+      if (lane + 32 * j < E) acc = acc + activation(fn, v[j]);
     }
   }
-  *sum = WarpSum(acc);
+  *sum = cuda::warp_sum_in_order(acc);
 }
 
 template <typename T, int VPL>
@@ -224,7 +196,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t E = f.experts;
   const int K = static_cast<int>(f.topk);
-  const int64_t mbytes = f.bitmap ? bitmap_bytes(E) : E;
+  const int64_t mbytes = map_bytes_per_row(f.map_format, E);
   for (int64_t r = warp; r < f.rows; r += nwarps) {
     float v[VPL];
     LoadRow(static_cast<const T*>(f.logits) + r * E, E, lane, v);
@@ -238,7 +210,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
       key[j] = 0u;
       if (e < E) {
         const float sc = Score(f.fn, v[j], m, sum);
-        out[e] = sc;
+        out[e] = exact::canonical(sc);
         key[j] = order_key(sc);
       }
     }
@@ -257,10 +229,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
           best = better ? key[j] : best;
           bj = better ? j : bj;
         }
-        const uint32_t wbest = __reduce_max_sync(kFull, best);
+        const uint32_t wbest = __reduce_max_sync(kFullMask, best);
         const uint32_t mine =
             (bj >= 0 && best == wbest) ? static_cast<uint32_t>(lane + 32 * bj) : 0xFFFFFFFFu;
-        const uint32_t win = __reduce_min_sync(kFull, mine);
+        const uint32_t win = __reduce_min_sync(kFullMask, mine);
         if (bj >= 0 && mine == win) taken |= 1u << bj;
       }
     } else {
@@ -272,16 +244,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
         uint32_t cnt = 0u;
 #pragma unroll
         for (int j = 0; j < VPL; ++j) cnt += key[j] >= cand;
-        if (__reduce_add_sync(kFull, cnt) >= static_cast<uint32_t>(K)) thr = cand;
+        if (__reduce_add_sync(kFullMask, cnt) >= static_cast<uint32_t>(K)) thr = cand;
       }
       uint32_t above = 0u;
 #pragma unroll
       for (int j = 0; j < VPL; ++j) above += key[j] > thr;
-      int ties_left = K - static_cast<int>(__reduce_add_sync(kFull, above));
+      int ties_left = K - static_cast<int>(__reduce_add_sync(kFullMask, above));
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {
         const bool tie = key[j] == thr;  // thr >= 1, so never a padding slot
-        const unsigned tie_mask = __ballot_sync(kFull, tie);
+        const unsigned tie_mask = __ballot_sync(kFullMask, tie);
         const int rank = __popc(tie_mask & ((1u << lane) - 1u));
         if (key[j] > thr || (tie && rank < ties_left)) taken |= 1u << j;
         ties_left -= __popc(tie_mask);
@@ -292,7 +264,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresFwdRegKernel(Aux
     for (int j = 0; j < VPL; ++j) {
       const int64_t base = 32 * j;
       if (base >= E) break;
-      StoreMapChunk(mr, base, E, mbytes, f.bitmap, (taken >> j) & 1u, lane);
+      StoreMapChunk(mr, base, E, mbytes, f.map_format == MapFormat::kBitmapU8, (taken >> j) & 1u, lane);
     }
   }
 }
@@ -316,29 +288,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) AuxScoresBwdRegKernel(Aux
       for (int j = 0; j < VPL; ++j) {
         if (lane + 32 * j < E) {
           v[j] = Act(b.fn, v[j], m, sum);  // v now holds s
-          acc += g[j] * v[j];
+          acc = acc + g[j] * v[j];
         }
       }
-      const float D = WarpSum(acc);
+      const float D = cuda::warp_sum_in_order(acc);
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {
         const int64_t e = lane + 32 * j;
-        if (e < E) out[e] = StoreF<T>(v[j] * (g[j] - D));
+        if (e < E) out[e] = from_float<T>(softmax_grad(v[j], g[j], D));
       }
     } else {
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {
         if (lane + 32 * j < E) {
           v[j] = Act(b.fn, v[j], m, sum);
-          acc += g[j] * (v[j] / (sum + kEps));
+          acc = acc + g[j] * v[j];
         }
       }
-      const float Bp = WarpSum(acc);
-      const float inv = 1.0f / (sum + kEps);
+      const float B = cuda::warp_sum_in_order(acc);  // sum_e g_e s_e
 #pragma unroll
       for (int j = 0; j < VPL; ++j) {
         const int64_t e = lane + 32 * j;
-        if (e < E) out[e] = StoreF<T>((g[j] - Bp) * inv * activation_grad(b.fn, v[j]));
+        if (e < E) out[e] = from_float<T>(normalised_grad(g[j], sum, B) * activation_grad(b.fn, v[j]));
       }
     }
   }
@@ -351,14 +322,15 @@ int Blocks(int64_t rows) {
 
 template <template <typename> class Launch>
 cudaError_t DispatchCuda(ffi::DataType t, cudaStream_t stream, int blocks, const void* args) {
-  switch (t) {
-    case ffi::DataType::BF16:
+  switch (ToDt(t)) {
+    case cuda::Dt::kBF16:
       return Launch<__nv_bfloat16>::Run(stream, blocks, args);
-    case ffi::DataType::F16:
+    case cuda::Dt::kF16:
       return Launch<__half>::Run(stream, blocks, args);
-    default:
+    case cuda::Dt::kF32:
       return Launch<float>::Run(stream, blocks, args);
   }
+  return cudaErrorInvalidValue;
 }
 
 // Experts per lane of the register kernels: the smallest of 2, 4, ..., 32 with 32 * VPL >= E;
@@ -378,7 +350,8 @@ cudaError_t LaunchReg(int vpl, cudaStream_t stream, int blocks, const Args& a) {
     case 4: Kernel<T, 4>::Launch(blocks, block, stream, a); break;
     case 8: Kernel<T, 8>::Launch(blocks, block, stream, a); break;
     case 16: Kernel<T, 16>::Launch(blocks, block, stream, a); break;
-    default: Kernel<T, 32>::Launch(blocks, block, stream, a); break;
+    case 32: Kernel<T, 32>::Launch(blocks, block, stream, a); break;
+    default: return cudaErrorInvalidValue;  // LanesVpl returns only the sizes above
   }
   return cudaGetLastError();
 }
@@ -417,29 +390,23 @@ struct LaunchBwd {
   }
 };
 
-ffi::Error LaunchError(const char* what, cudaError_t e) {
-  return ffi::Error::Internal(std::string("jax_router: ") + what + ": " + cudaGetErrorName(e) +
-                              " (" + cudaGetErrorString(e) + ")");
-}
-
-ffi::Error AuxScoresFwdCuda(cudaStream_t stream, int64_t topk, int64_t score_function,
-                            bool bitmap, ffi::AnyBuffer logits,
+ffi::Error AuxScoresFwdCuda(cudaStream_t stream, AuxAttrs attrs, ffi::AnyBuffer logits,
                             ffi::Result<ffi::AnyBuffer> scores, ffi::Result<ffi::AnyBuffer> map) {
   AuxFwd f;
-  JR_RETURN_IF_ERROR(MakeAuxFwd(f, topk, score_function, bitmap, logits, *scores, *map));
+  JR_RETURN_IF_ERROR(MakeAuxFwd(f, attrs, logits, *scores, *map));
   if (f.rows == 0) return ffi::Error::Success();
   cudaError_t e = DispatchCuda<LaunchFwd>(f.logits_dtype, stream, Blocks(f.rows), &f);
-  if (e != cudaSuccess) return LaunchError("aux scores forward launch failed", e);
+  if (e != cudaSuccess) return CudaError("aux scores forward launch failed", e);
   return ffi::Error::Success();
 }
 
-ffi::Error AuxScoresBwdCuda(cudaStream_t stream, int64_t score_function, ffi::AnyBuffer grad,
+ffi::Error AuxScoresBwdCuda(cudaStream_t stream, ScoreFn score_function, ffi::AnyBuffer grad,
                             ffi::AnyBuffer logits, ffi::Result<ffi::AnyBuffer> grad_logits) {
   AuxBwd b;
   JR_RETURN_IF_ERROR(MakeAuxBwd(b, score_function, grad, logits, *grad_logits));
   if (b.rows == 0) return ffi::Error::Success();
   cudaError_t e = DispatchCuda<LaunchBwd>(b.logits_dtype, stream, Blocks(b.rows), &b);
-  if (e != cudaSuccess) return LaunchError("aux scores backward launch failed", e);
+  if (e != cudaSuccess) return CudaError("aux scores backward launch failed", e);
   return ffi::Error::Success();
 }
 
@@ -449,9 +416,7 @@ ffi::Error AuxScoresBwdCuda(cudaStream_t stream, int64_t score_function, ffi::An
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterAuxScoresFwdCuda, jax_router::AuxScoresFwdCuda,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Attr<int64_t>("topk")
-                                  .Attr<int64_t>("score_function")
-                                  .Attr<bool>("bitmap")
+                                  .Attrs<AuxAttrs>()
                                   .Arg<xla::ffi::AnyBuffer>()   // logits
                                   .Ret<xla::ffi::AnyBuffer>()   // scores
                                   .Ret<xla::ffi::AnyBuffer>(),  // routing map
@@ -460,7 +425,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterAuxScoresFwdCuda, jax_router::AuxScoresFw
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterAuxScoresBwdCuda, jax_router::AuxScoresBwdCuda,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Attr<int64_t>("score_function")
+                                  .Attr<jax_router::ScoreFn>("score_function")
                                   .Arg<xla::ffi::AnyBuffer>()   // grad_scores (f32)
                                   .Arg<xla::ffi::AnyBuffer>()   // logits
                                   .Ret<xla::ffi::AnyBuffer>(),  // grad_logits

@@ -1,7 +1,7 @@
-"""Row-wise partitioning of the router's FFI calls (SPEC §7, issue 4).
+"""The router's custom calls: their JAX primitives, lowering, vmap and row-wise partitioning.
 
-Each FFI target (``jax_router_fwd``, ``jax_router_bwd`` and the aux-score pair) is bound through its own primitive
-(abstract eval = the output types router.py computes, a vmap rule, a lowering). When the
+Each FFI target (``jax_router_fwd``, ``jax_router_bwd`` and the aux-score pair) is bound through
+its own primitive (abstract eval = the output types router.py computes, a vmap rule, a lowering). When the
 program is partitioned over several devices, the lowering emits a batch-partitionable custom
 call: the target is registered with ``jax.ffi.register_ffi_target_as_batch_partitionable`` and
 the call carries the frontend attribute ``num_batch_dims`` = the number of token (leading)

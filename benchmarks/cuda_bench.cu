@@ -1,0 +1,206 @@
+// Micro-benchmark of the CUDA router kernels without JAX: CUDA events over back-to-back
+// launches on rotating input sets (more bytes than L2), against the copy bandwidth.
+// Correctness lives in the test suite (tests/test_cross_platform.py and the reference tests).
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
+//        benchmarks/cuda_bench.cu -o /tmp/cuda_bench && /tmp/cuda_bench
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "router_launch.cuh"
+
+using namespace jax_router;
+using namespace jax_router::cuda;
+
+#define CK(x)                                                                            \
+  do {                                                                                   \
+    cudaError_t e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+static uint16_t f2bf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+static float bf2f(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static uint16_t f2h(float f) {
+  __half h = __float2half_rn(f);
+  return *reinterpret_cast<uint16_t*>(&h);
+}
+static float h2f(uint16_t v) { return __half2float(*reinterpret_cast<__half*>(&v)); }
+
+struct Cfg {
+  std::string name;
+  int E, k;
+  ScoreFn fn;
+  bool pre = false;
+  int G = 0, gk = 0;
+  bool bias = false;
+  float scaling = 1.0f;
+};
+
+static float TimeIt(const std::function<void(int)>& f, int sets, int iters) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3 * sets; ++i) f(i % sets);
+  std::vector<float> ts;
+  for (int rep = 0; rep < 7; ++rep) {
+    CK(cudaEventRecord(a));
+    for (int i = 0; i < iters; ++i) f(i % sets);
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms * 1000.0f / iters);
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+static void Bench() {
+  // Copy ceiling.
+  const size_t cb = size_t(1) << 30;
+  void *s0, *s1;
+  CK(cudaMalloc(&s0, cb));
+  CK(cudaMalloc(&s1, cb));
+  CK(cudaMemset(s0, 1, cb));
+  float us = TimeIt([&](int) { CK(cudaMemcpyAsync(s1, s0, cb, cudaMemcpyDeviceToDevice)); }, 1, 10);
+  const double bw = 2.0 * cb / (us * 1e-6) / 1e12;
+  std::printf("copy bandwidth %.2f TB/s (1 GiB D2D)\n", bw);
+  CK(cudaFree(s0));
+  CK(cudaFree(s1));
+
+  std::vector<Cfg> cfgs = {
+      {"deepseek-v3", 256, 8, ScoreFn::kSigmoid, false, 8, 4, true, 2.5f},
+      {"qwen3", 128, 8, ScoreFn::kSoftmax},
+      {"mixtral", 8, 2, ScoreFn::kSoftmax},
+      {"kimi-k2", 384, 8, ScoreFn::kSigmoid, false, 0, 0, true, 2.827f},
+      {"qwen3-next", 512, 10, ScoreFn::kSoftmax},
+      {"large", 896, 16, ScoreFn::kSigmoid, false, 0, 0, true},
+  };
+  std::printf("%-12s %7s %4s %-8s %9s %9s %7s\n", "config", "T", "dt", "mode", "us", "floor_us",
+              "x_floor");
+  const char* fcfg = std::getenv("BENCH_CFG");
+  const char* fT = std::getenv("BENCH_T");
+  const char* fdt = std::getenv("BENCH_DT");
+  for (const Cfg& c : cfgs) {
+    if (fcfg && c.name != fcfg) continue;
+    for (int T : {16384, 65536}) {
+      if (fT && T != std::atoi(fT)) continue;
+      for (Dt dt : {Dt::kBF16, Dt::kF32}) {
+        if (fdt && std::string(fdt) != (dt == Dt::kF32 ? "f32" : "bf16")) continue;
+        const size_t es = dt == Dt::kF32 ? 4 : 2;
+        const size_t xb = static_cast<size_t>(T) * c.E * es;
+        const int sets = static_cast<int>(std::max<size_t>(4, (size_t(200) << 20) / xb + 1));
+        std::vector<void*> xs(sets), probs(sets), outs(sets);
+        std::vector<float*> ws(sets), acts(sets);
+        std::vector<int32_t*> idx(sets);
+        float* bias;
+        CK(cudaMalloc(&bias, c.E * 4));
+        CK(cudaMemset(bias, 0, c.E * 4));
+        std::mt19937 rng(1);
+        std::normal_distribution<float> nd;
+        std::vector<unsigned char> host(xb);
+        for (int s = 0; s < sets; ++s) {
+          for (size_t i = 0; i < static_cast<size_t>(T) * c.E; ++i) {
+            float v = nd(rng);
+            if (es == 4) std::memcpy(&host[i * 4], &v, 4);
+            else { uint16_t h = f2bf(v); std::memcpy(&host[i * 2], &h, 2); }
+          }
+          CK(cudaMalloc(&xs[s], xb));
+          CK(cudaMemcpy(xs[s], host.data(), xb, cudaMemcpyHostToDevice));
+          CK(cudaMalloc(&probs[s], xb));
+          CK(cudaMalloc(&outs[s], xb));
+          CK(cudaMalloc(&ws[s], static_cast<size_t>(T) * c.k * 4));
+          CK(cudaMalloc(&acts[s], static_cast<size_t>(T) * c.k * 4));
+          CK(cudaMalloc(&idx[s], static_cast<size_t>(T) * c.k * 4));
+        }
+        FwdArgs a;
+        a.rows = T;
+        a.experts = c.E;
+        a.p = RouteParams{c.k, c.fn, c.pre, c.gk > 0 ? c.G : 0, c.gk, c.scaling};
+        a.logits_dt = dt;
+        a.bias = c.bias ? bias : nullptr;
+        a.rows_per_bias = T;
+        a.index_dt = It::kS32;
+        // compact: weights + indices + act (what route_topk's forward writes under grad)
+        auto fwd = [&](int s, bool dense) {
+          FwdArgs b = a;
+          b.logits = xs[s];
+          b.weights = dense ? nullptr : ws[s];
+          b.indices = idx[s];
+          b.act = acts[s];
+          b.probs = dense ? probs[s] : nullptr;
+          CK(LaunchForward(b, 0));
+        };
+        for (int s = 0; s < sets; ++s) fwd(s, false);
+        CK(cudaDeviceSynchronize());
+        const double fl_c = (double(T) * c.E * es + double(T) * c.k * 12) / (bw * 1e12) * 1e6;
+        const double fl_d = (2.0 * T * c.E * es + double(T) * c.k * 8) / (bw * 1e12) * 1e6;
+        const double fl_b = (double(T) * c.k * 12 + double(T) * c.E * es) / (bw * 1e12) * 1e6;
+        float tc = TimeIt([&](int s) { fwd(s, false); }, sets, 200);
+        const long long ll = LastFastLaunch().load();
+        std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
+        float td = TimeIt([&](int s) { fwd(s, true); }, sets, 200);
+        BwdArgs bb;
+        bb.rows = T;
+        bb.experts = c.E;
+        bb.p = a.p;
+        bb.dense_grad = false;
+        bb.grad_dt = Dt::kF32;
+        bb.index_dt = It::kS32;
+        bb.logits_dt = dt;
+        bb.out_dt = dt;
+        float tb = TimeIt(
+            [&](int s) {
+              BwdArgs q = bb;
+              q.grad = ws[s];
+              q.indices = idx[s];
+              q.act = acts[s];
+              q.grad_logits = outs[s];
+              CK(LaunchBackward(q, 0));
+            },
+            sets, 200);
+        const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
+        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "compact", tc, fl_c, tc / fl_c);
+        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "dense", td, fl_d, td / fl_d);
+        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "bwd", tb, fl_b, tb / fl_b);
+        for (int s = 0; s < sets; ++s) {
+          CK(cudaFree(xs[s]));
+          CK(cudaFree(probs[s]));
+          CK(cudaFree(outs[s]));
+          CK(cudaFree(ws[s]));
+          CK(cudaFree(acts[s]));
+          CK(cudaFree(idx[s]));
+        }
+        CK(cudaFree(bias));
+      }
+    }
+  }
+}
+
+int main() {
+  Bench();
+  return 0;
+}
