@@ -14,6 +14,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "ffi_contract.h"
 #include "routing_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -76,13 +80,51 @@ ffi::Error DispatchFloat(ffi::DataType t, Fn&& fn) {
   }
 }
 
+// ---- floating-point environment ----------------------------------------------------------
+
+// XLA's CPU runtime runs handlers with flush-to-zero and denormals-are-zero set (its threads
+// set them for speed), which would zero every subnormal activation and make the results differ
+// from the CUDA kernels'. The router keeps subnormals (docs/semantics.md#numerics), so each
+// row range runs with both modes cleared, and the thread's own mode is restored after.
+class KeepSubnormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  KeepSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFtzDaz); }
+  ~KeepSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtzDaz = (1u << 15) | (1u << 6);  // MXCSR FTZ, DAZ
+  unsigned saved_;
+#elif defined(__aarch64__)
+  KeepSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t v = saved_ & ~kFz;
+    asm volatile("msr fpcr, %0" : : "r"(v));
+  }
+  ~KeepSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  static constexpr uint64_t kFz = uint64_t{1} << 24;  // FPCR.FZ
+  uint64_t saved_;
+#else
+#error "jax_router's CPU handlers need a way to keep subnormals on this architecture"
+#endif
+  KeepSubnormals(const KeepSubnormals&) = delete;
+  KeepSubnormals& operator=(const KeepSubnormals&) = delete;
+};
+
 // ---- parallel rows -----------------------------------------------------------------------
 
-// Runs fn(r0, r1) over [0, rows) in chunks on the calling thread and XLA's pool. Chunks are
-// claimed from a shared counter, so the caller never waits on a task that has not started:
-// a pool thread that starts late finds nothing left and returns.
+// Runs fn(r0, r1) over [0, rows) in chunks on the calling thread and XLA's pool, each call
+// with subnormals kept (KeepSubnormals). Chunks are claimed from a shared counter, so the
+// caller never waits on a task that has not started: a pool thread that starts late finds
+// nothing left and returns.
 template <typename Fn>
-void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&& fn) {
+void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&& fn_) {
+  auto fn = [&fn_](int64_t r0, int64_t r1) {
+    KeepSubnormals mode;
+    fn_(r0, r1);
+  };
   constexpr int64_t kMinWorkPerChunk = 1 << 16;
   int64_t threads = pool ? pool->num_threads() : 0;
   int64_t chunks = std::min<int64_t>(
