@@ -159,7 +159,7 @@ __device__ __noinline__ float4 activation4_slow(float4 x) {
 
 // Keys of one lane's chunk, streamed 4 at a time into keys_sm[.][tid], and its top-P keys
 // (descending). Keys past nvalid are 0 (the caller passes x = 0 there). The sigmoid is
-// routing_math.h's (exact::exp, then 1/(1+e) rounded to nearest), with the reciprocal's range
+// routing_math.h's (exact::exp_for_sigmoid, then 1/(1+e) rounded to nearest), with the reciprocal's range
 // check done
 // once per 4 elements instead of once per element. Bias (nullptr: none) is read 4 floats at a
 // time (16-byte loads when `bias_vec` and the chunk is whole).
@@ -191,7 +191,7 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
     if (F == ScoreFn::kSigmoid) {
       bool odd = false;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) s[u] = rcp_rn_fast(1.0f + exact::exp(-x[4 * q + u]), &odd);
+      for (int u = 0; u < 4; ++u) s[u] = rcp_rn_fast(1.0f + exact::exp_for_sigmoid(-x[4 * q + u]), &odd);
       if (odd) {
         const float4 r = activation4_slow<F>(
             make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]));

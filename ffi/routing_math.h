@@ -92,7 +92,7 @@ constexpr float kEps = 1e-20f;
 
 // ---- activations --------------------------------------------------------------------------
 
-JR_HD float sigmoid(float x) { return 1.0f / (1.0f + exact::exp(-x)); }
+JR_HD float sigmoid(float x) { return 1.0f / (1.0f + exact::exp_for_sigmoid(-x)); }
 
 // softplus(x) = ln(1 + e^x), and x itself past 20 where the two agree in float32.
 JR_HD float softplus(float x) { return x > 20.0f ? x : exact::log1p_nonnegative(exact::exp(x)); }
