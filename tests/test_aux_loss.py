@@ -1,5 +1,6 @@
-"""Aux-loss helpers (SPEC §2.3): kernels against the pure-JAX reference, gradients, validation
-and the global aux loss under token sharding."""
+"""Aux-loss helpers (SPEC §2.3): the kernels against the pure-JAX reference (`kernel_impl`; the
+pure-JAX implementation is that reference), properties every implementation has (`impl`),
+gradients, validation and the global aux loss under token sharding."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ SHAPES = [
 
 
 def scores_and_map(logits, topk, fn, fmt="bytemap", impl=None):
-    return jr.fused_compute_score_for_moe_aux_loss(logits, topk, fn, fmt, implementation=impl)
+    """The aux-score op; `impl` is an implementation of tests/impls.py, or "ffi" / "xla" /
+    None (the public functions' implementation= argument)."""
+    implementation = getattr(impl, "implementation", impl)
+    return jr.fused_compute_score_for_moe_aux_loss(logits, topk, fn, fmt,
+                                                   implementation=implementation)
 
 
 def unpack_bitmap(bitmap, E):
@@ -61,9 +66,10 @@ def assert_map_matches(m, ref_m, ref_scores, topk, rtol=1e-5):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("fn", FNS)
 @pytest.mark.parametrize("lead,E,topk", SHAPES)
-def test_scores_match_reference(lead, E, topk, fn, dtype):
+def test_scores_match_reference(kernel_impl, lead, E, topk, fn, dtype):
     x = random_logits(E * 31 + topk, lead + (E,), dtype)
-    m, s = jax.jit(scores_and_map, static_argnums=(1, 2))(x, topk, fn)
+    m, s = jax.jit(scores_and_map, static_argnums=(1, 2, 3, 4))(x, topk, fn, "bytemap",
+                                                                 kernel_impl)
     rm, rs = reference.fused_compute_score_for_moe_aux_loss(x, topk, fn)
     assert s.dtype == jnp.float32 and s.shape == x.shape
     assert m.dtype == jnp.bool_ and m.shape == x.shape
@@ -72,7 +78,7 @@ def test_scores_match_reference(lead, E, topk, fn, dtype):
     if dtype != jnp.float32:
         return
     # bitmap_u8 holds the same selection, LSB first, padding bits zero.
-    bm, _ = scores_and_map(x, topk, fn, "bitmap_u8")
+    bm, _ = scores_and_map(x, topk, fn, "bitmap_u8", kernel_impl)
     assert bm.dtype == jnp.uint8 and bm.shape == lead + ((E + 7) // 8,)
     bits, pad = unpack_bitmap(bm, E)
     np.testing.assert_array_equal(bits, np.asarray(m))
@@ -83,52 +89,52 @@ def test_scores_match_reference(lead, E, topk, fn, dtype):
 
 
 @pytest.mark.parametrize("fn", FNS)
-def test_normalisation_ignores_topk(fn):
+def test_normalisation_ignores_topk(impl, fn):
     x = random_logits(3, (8, 12))
-    s1 = scores_and_map(x, 1, fn)[1]
-    s5 = scores_and_map(x, 5, fn)[1]
+    s1 = scores_and_map(x, 1, fn, impl=impl)[1]
+    s5 = scores_and_map(x, 5, fn, impl=impl)[1]
     np.testing.assert_array_equal(np.asarray(s1), np.asarray(s5))
     np.testing.assert_allclose(np.asarray(s1).sum(-1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fn", FNS)
-def test_exact_ties_go_to_lower_id(fn):
+def test_exact_ties_go_to_lower_id(kernel_impl, fn):
     # Few distinct, well-separated values: many exact ties, no near-ties.
     for E, k in ((13, 1), (13, 4), (13, 9), (40, 20), (1100, 20)):
         x = jax.random.randint(jax.random.key(5), (200, E), 0, 3).astype(jnp.float32)
-        m, _ = scores_and_map(x, k, fn)
+        m, _ = scores_and_map(x, k, fn, impl=kernel_impl)
         rm, _ = reference.fused_compute_score_for_moe_aux_loss(x, k, fn)
         np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
     # Explicitly: among equal scores the lower ids are marked.
     row = jnp.asarray([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]], jnp.float32)
-    mm, _ = scores_and_map(row, 2, fn)
+    mm, _ = scores_and_map(row, 2, fn, impl=kernel_impl)
     np.testing.assert_array_equal(np.asarray(mm)[0], [0, 1, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize("fn", FNS)
 @pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2)])
-def test_empty_batches(lead, fn):
+def test_empty_batches(kernel_impl, lead, fn):
     x = jnp.zeros(lead + (9,), jnp.bfloat16)
-    m, s = scores_and_map(x, 3, fn)
+    m, s = scores_and_map(x, 3, fn, impl=kernel_impl)
     assert m.shape == x.shape and s.shape == x.shape and s.dtype == jnp.float32
-    bm, _ = scores_and_map(x, 3, fn, "bitmap_u8")
+    bm, _ = scores_and_map(x, 3, fn, "bitmap_u8", kernel_impl)
     assert bm.shape == lead + (2,)
-    g = jax.grad(lambda x: scores_and_map(x, 3, fn)[1].sum())(x)
+    g = jax.grad(lambda x: scores_and_map(x, 3, fn, impl=kernel_impl)[1].sum())(x)
     assert g.shape == x.shape and g.dtype == x.dtype
 
 
 def _weighted(fn, topk, impl, w):
     def f(x):
-        m, s = jr.fused_compute_score_for_moe_aux_loss(x, topk, fn, implementation=impl)
+        m, s = scores_and_map(x, topk, fn, impl=impl)
         return jnp.sum(s * w)
     return f
 
 
 @pytest.mark.parametrize("fn", FNS)
 @pytest.mark.parametrize("lead,E,topk", [((6,), 7, 2), ((2, 3), 16, 4), ((5,), 1, 1)])
-def test_grad_check(lead, E, topk, fn):
+def test_grad_check(kernel_impl, lead, E, topk, fn):
     x = random_logits(11, lead + (E,), scale=1.0)
-    f = lambda x: jr.fused_compute_score_for_moe_aux_loss(x, topk, fn, implementation="ffi")[1]
+    f = lambda x: scores_and_map(x, topk, fn, impl=kernel_impl)[1]
     check_grads(f, (x,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
@@ -137,10 +143,10 @@ def test_grad_check(lead, E, topk, fn):
     ((3, 7), 9, 3, jnp.float32), ((10,), 130, 1, jnp.float32), ((4, 5), 33, 4, jnp.bfloat16),
     ((20,), 16, 2, jnp.float16), ((6,), 256, 8, jnp.bfloat16), ((5,), 1024, 8, jnp.float32),
     ((3,), 1100, 8, jnp.float32)], ids=str)
-def test_grad_matches_reference(lead, E, topk, dtype, fn):
+def test_grad_matches_reference(kernel_impl, lead, E, topk, dtype, fn):
     x = random_logits(E + topk, lead + (E,), dtype)
     w = jax.random.normal(jax.random.key(7), lead + (E,))
-    g = jax.jit(jax.grad(_weighted(fn, topk, "ffi", w)))(x)
+    g = jax.jit(jax.grad(_weighted(fn, topk, kernel_impl, w)))(x)
     rg = jax.grad(_weighted(fn, topk, "xla", w))(x)
     assert g.dtype == x.dtype and g.shape == x.shape
     tol = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}[jnp.dtype(dtype).name]
@@ -148,9 +154,9 @@ def test_grad_matches_reference(lead, E, topk, dtype, fn):
     np.testing.assert_allclose(g32, rg32, rtol=tol, atol=tol * np.abs(rg32).max() + 1e-12)
 
 
-def test_vmap_and_jit():
+def test_vmap_and_jit(kernel_impl):
     x = random_logits(2, (3, 4, 10))
-    f = lambda x: scores_and_map(x, 3, "sigmoid", impl="ffi")
+    f = lambda x: scores_and_map(x, 3, "sigmoid", impl=kernel_impl)
     m, s = jax.vmap(f)(x)
     rm, rs = f(x)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
@@ -417,7 +423,7 @@ def test_export_round_trip():
 
 
 @pytest.mark.parametrize("fn", FNS)
-def test_non_finite_logits(fn):
+def test_non_finite_logits(impl, fn):
     # NaN / +-inf in some rows: every row still marks exactly topk distinct experts, the same
     # ones as the reference (NaN scores rank last, ties to the lower id).
     x = np.array(random_logits(17, (6, 12)))
@@ -430,7 +436,7 @@ def test_non_finite_logits(fn):
     x[5, 9] = np.inf
     x = jnp.asarray(x)
     for k in (1, 4):
-        m, s = scores_and_map(x, k, fn, impl="ffi")
+        m, s = scores_and_map(x, k, fn, impl=impl)
         rm, rs = reference.fused_compute_score_for_moe_aux_loss(x, k, fn)
         np.testing.assert_array_equal(np.asarray(m), np.asarray(rm))
         np.testing.assert_array_equal(np.isnan(np.asarray(s)), np.isnan(np.asarray(rs)))

@@ -1,4 +1,7 @@
-"""Backward pass: the fused backward kernel against JAX autodiff of the reference."""
+"""Backward pass: the fused backward against JAX autodiff of the reference and finite
+differences, on each kernel implementation (`kernel_impl`: the pure-JAX implementation's gradient
+is the reference's autodiff itself); the gradient properties that hold for every implementation
+run on each (`impl`)."""
 
 from __future__ import annotations
 
@@ -54,16 +57,17 @@ def separated_logits(seed, shape, kw=None, margin=2e-3, num_groups=4, group_m=2)
     return jnp.asarray(np.stack(out).reshape(shape), jnp.float32)
 
 
-def loss_fn(mode, topk, kw, impl, cot):
-    """A scalar loss of the router's differentiable output, weighted by a random cotangent."""
+def loss_fn(mode, topk, kw, implementation, cot):
+    """A scalar loss of the router's differentiable output, weighted by a random cotangent
+    (``implementation``: "ffi" or "xla", the public functions' argument)."""
 
     def f(logits):
         if mode == "compact":
-            w, _ = jr.route_topk(logits, topk, implementation=impl, **kw)
+            w, _ = jr.route_topk(logits, topk, implementation=implementation, **kw)
             return jnp.sum(w * cot[..., :topk])
         extra = {"dense": dict(topk_indices_dtype=jnp.int32),
                  "bitmap": dict(routing_map_format="bitmap_u8")}.get(mode, {})
-        probs, _ = jr.fused_topk_with_score_function(logits, topk, implementation=impl,
+        probs, _ = jr.fused_topk_with_score_function(logits, topk, implementation=implementation,
                                                      **extra, **kw)
         return jnp.sum(probs.astype(jnp.float32) * cot)
 
@@ -82,12 +86,13 @@ def _kw(score, pre, bias, groups, E, seed):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("groups", [False, True], ids=["nogroups", "groups"])
 @pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS, ids=SCORE_IDS)
-def test_grad_matches_reference_and_finite_differences(score, pre, bias, groups, mode):
+def test_grad_matches_reference_and_finite_differences(kernel_impl, score, pre, bias, groups,
+                                                       mode):
     E, topk, T = 16, 4, 6
     kw = _kw(score, pre, bias, groups, E, 7)
     logits = separated_logits(E + T, (T, E), kw)
     cot = random_logits(11, (T, E), jnp.float32)
-    f = loss_fn(mode, topk, kw, "ffi", cot)
+    f = loss_fn(mode, topk, kw, kernel_impl.implementation, cot)
     f_ref = loss_fn(mode, topk, kw, "xla", cot)
     g = jax.jit(jax.grad(f))(logits)
     g_ref = jax.jit(jax.grad(f_ref))(logits)
@@ -97,26 +102,26 @@ def test_grad_matches_reference_and_finite_differences(score, pre, bias, groups,
 
 @pytest.mark.parametrize("topk", [1, 3, 16])
 @pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS, ids=SCORE_IDS)
-def test_grad_topk_edge_cases(score, pre, bias, topk):
+def test_grad_topk_edge_cases(kernel_impl, score, pre, bias, topk):
     E, T = 16, 5
     logits = random_logits(topk, (T, E), jnp.float32)
     kw = _kw(score, pre, bias, False, E, 3)
     cot = random_logits(12, (T, E), jnp.float32)
     for mode in ("compact", "dense"):
-        g = jax.grad(loss_fn(mode, topk, kw, "ffi", cot))(logits)
+        g = jax.grad(loss_fn(mode, topk, kw, kernel_impl.implementation, cot))(logits)
         g_ref = jax.grad(loss_fn(mode, topk, kw, "xla", cot))(logits)
         np.testing.assert_allclose(g, g_ref, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS, ids=SCORE_IDS)
-def test_grad_dtypes_and_leading_dims(score, pre, bias, dtype):
+def test_grad_dtypes_and_leading_dims(kernel_impl, score, pre, bias, dtype):
     E, topk = 32, 8
     kw = _kw(score, pre, bias, True, E, 5)
     logits = separated_logits(5, (2, 3, E), kw).astype(dtype)
     cot = random_logits(13, (2, 3, E), jnp.float32)
     for mode in ("compact", "dense"):
-        g = jax.grad(loss_fn(mode, topk, kw, "ffi", cot))(logits)
+        g = jax.grad(loss_fn(mode, topk, kw, kernel_impl.implementation, cot))(logits)
         g_ref = jax.grad(loss_fn(mode, topk, kw, "xla", cot))(logits)
         assert g.dtype == dtype and g.shape == logits.shape
         tol = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}[dtype]
@@ -124,16 +129,15 @@ def test_grad_dtypes_and_leading_dims(score, pre, bias, dtype):
                                    rtol=tol, atol=tol * 0.1)
 
 
-def test_expert_bias_gets_zero_gradient():
+def test_expert_bias_gets_zero_gradient(kernel_impl):
     E = 16
     logits = random_logits(1, (4, E), jnp.float32)
     bias = random_bias(1, E)
 
     def f(logits, bias):
-        w, _ = jr.route_topk(logits, 4, score_function="sigmoid", expert_bias=bias,
-                             implementation="ffi")
-        probs, _ = jr.fused_topk_with_score_function(logits, 4, score_function="sigmoid",
-                                                     expert_bias=bias, implementation="ffi")
+        w, _ = kernel_impl.route_topk(logits, 4, score_function="sigmoid", expert_bias=bias)
+        probs, _ = kernel_impl.fused_topk_with_score_function(
+            logits, 4, score_function="sigmoid", expert_bias=bias)
         cot = random_logits(2, (4, E), jnp.float32)
         return jnp.sum(w * cot[:, :4]) + jnp.sum(probs * cot)
 
@@ -143,17 +147,17 @@ def test_expert_bias_gets_zero_gradient():
     assert np.abs(np.asarray(g_logits)).sum() > 0
 
 
-def test_softmax_pre_gradient_reaches_unselected_experts():
+def test_softmax_pre_gradient_reaches_unselected_experts(impl):
     E, topk = 12, 3
     logits = separated_logits(2, (3, E))
-    w_idx = np.asarray(jr.route_topk(logits, topk, use_pre_softmax=True)[1])
+    w_idx = np.asarray(impl.route_topk(logits, topk, use_pre_softmax=True)[1])
     g = np.asarray(jax.grad(lambda x: jnp.sum(
-        jr.route_topk(x, topk, use_pre_softmax=True, implementation="ffi")[0]))(logits))
+        impl.route_topk(x, topk, use_pre_softmax=True)[0]))(logits))
     unselected = np.ones((3, E), bool)
     np.put_along_axis(unselected, w_idx, False, axis=-1)
     assert (g[unselected] != 0).all()
     g2 = np.asarray(jax.grad(lambda x: jnp.sum(
-        jr.route_topk(x, topk, implementation="ffi")[0] ** 2))(logits))
+        impl.route_topk(x, topk)[0] ** 2))(logits))
     assert (g2[unselected] == 0).all()
 
 
@@ -166,13 +170,14 @@ def _saved_residuals(f, x):
 
 @pytest.mark.parametrize("score,pre", [("sigmoid", False), ("softmax", False),
                                        ("sqrtsoftplus", False), ("softmax", True)])
-def test_residuals_are_compact(score, pre):
+def test_residuals_are_compact(kernel_impl, score, pre):
+    """The kernels' custom_vjp saves compact residuals (pure JAX autodiff need not)."""
     T, E, topk = 40, 64, 4
     logits = random_logits(3, (T, E), jnp.float32)
 
     def f(x):
-        return jnp.sum(jr.route_topk(x, topk, score_function=score, use_pre_softmax=pre,
-                                     implementation="ffi")[0])
+        return jnp.sum(kernel_impl.route_topk(x, topk, score_function=score,
+                                              use_pre_softmax=pre)[0])
 
     saved = _saved_residuals(f, logits)
     assert f"[{T},{topk}]" in saved
@@ -183,19 +188,19 @@ def test_residuals_are_compact(score, pre):
         assert not lines, saved
 
 
-def test_grad_of_empty_batch():
+def test_grad_of_empty_batch(impl):
     logits = jnp.zeros((0, 16), jnp.float32)
     for mode in MODES:
-        g = jax.grad(loss_fn(mode, 4, dict(score_function="sigmoid"), "ffi",
+        g = jax.grad(loss_fn(mode, 4, dict(score_function="sigmoid"), impl.implementation,
                              jnp.ones((0, 16))))(logits)
         assert g.shape == (0, 16)
 
 
-def test_vmap_of_grad():
+def test_vmap_of_grad(kernel_impl):
     E, topk = 16, 4
     logits = separated_logits(4, (3, 5, E))
     kw = dict(score_function="sigmoid", expert_bias=random_bias(2, E))
-    f = lambda x: jnp.sum(jr.route_topk(x, topk, implementation="ffi", **kw)[0] ** 2)
+    f = lambda x: jnp.sum(kernel_impl.route_topk(x, topk, **kw)[0] ** 2)
     g = jax.vmap(jax.grad(f))(logits)
     g_loop = jnp.stack([jax.grad(f)(logits[i]) for i in range(3)])
     np.testing.assert_allclose(g, g_loop, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,8 @@
-"""Forward pass: every output mode of the kernels against the pure-JAX reference."""
+"""Forward pass: every output mode of each implementation against the pure-JAX reference.
+
+The option grids and size sweeps run on the kernels (`kernel_impl`): the pure-JAX implementation
+is the reference itself, so there they would only spend compile time; the semantic checks that
+also hold for it run on every implementation (`impl`)."""
 
 from __future__ import annotations
 
@@ -36,32 +40,31 @@ def _kwargs(E, score, pre, bias, groups, scaling, seed):
     return kw
 
 
-def _all_modes(logits, bias, topk, kw, index_dtypes):
-    """Every output mode of the kernels and of the reference, traced into one jit program."""
+def _all_modes(impl, logits, bias, topk, kw, index_dtypes):
+    """Every output mode of `impl` and of the reference, traced into one jit program."""
     kw = dict(kw, expert_bias=bias)
     out = {"ref": jr.reference.route_topk(logits, topk, **kw),
            "ref_probs": jr.reference.fused_topk_with_score_function(logits, topk, **kw)}
     for idt in index_dtypes:
         name = jnp.dtype(idt).name
-        out["compact_" + name] = jr.route_topk(logits, topk, index_dtype=idt,
-                                             implementation="ffi", **kw)
-        out["dense_" + name] = jr.fused_topk_with_score_function(
-            logits, topk, topk_indices_dtype=idt, implementation="ffi", **kw)
-    out["bytemap"] = jr.fused_topk_with_score_function(logits, topk, implementation="ffi", **kw)
-    out["bitmap"] = jr.fused_topk_with_score_function(
-        logits, topk, routing_map_format="bitmap_u8", implementation="ffi", **kw)
+        out["compact_" + name] = impl.route_topk(logits, topk, index_dtype=idt, **kw)
+        out["dense_" + name] = impl.fused_topk_with_score_function(
+            logits, topk, topk_indices_dtype=idt, **kw)
+    out["bytemap"] = impl.fused_topk_with_score_function(logits, topk, **kw)
+    out["bitmap"] = impl.fused_topk_with_score_function(
+        logits, topk, routing_map_format="bitmap_u8", **kw)
     return out
 
 
-def check_all_modes(logits, topk, kw, *, index_dtypes=(jnp.int16, jnp.int32)):
-    """Runs every output mode through the kernels and checks it against the reference."""
+def check_all_modes(impl, logits, topk, kw, *, index_dtypes=(jnp.int16, jnp.int32)):
+    """Runs every output mode through `impl` and checks it against the reference."""
     dtype = logits.dtype
     E = logits.shape[-1]
     index_dtypes = tuple(d for d in index_dtypes if not (d == jnp.int16 and E > 32767))
     bias = kw.pop("expert_bias", None)
     opts = options_for(logits, topk, expert_bias=bias, **kw)
     z = selection_scores(logits, opts, bias)
-    out = _jit_all_modes(logits, bias, topk, kw, index_dtypes)
+    out = _jit_all_modes(impl, logits, bias, topk, kw, index_dtypes)
     ref_w, ref_idx = out["ref"]
     ref_probs, ref_map = out["ref_probs"]
     ref_probs = np.asarray(ref_probs, np.float32)
@@ -98,8 +101,8 @@ def check_all_modes(logits, topk, kw, *, index_dtypes=(jnp.int16, jnp.int32)):
     np.testing.assert_array_equal(probs_b, probs)
 
 
-def _jit_all_modes(logits, bias, topk, kw, index_dtypes):
-    fn = jax.jit(lambda x, b: _all_modes(x, b, topk, kw, index_dtypes))
+def _jit_all_modes(impl, logits, bias, topk, kw, index_dtypes):
+    fn = jax.jit(lambda x, b: _all_modes(impl, x, b, topk, kw, index_dtypes))
     return jax.tree.map(np.asarray, fn(logits, bias))
 
 
@@ -107,14 +110,14 @@ def _jit_all_modes(logits, bias, topk, kw, index_dtypes):
 @pytest.mark.parametrize("groups", [None, (4, 2)], ids=["nogroups", "groups4-2"])
 @pytest.mark.parametrize("score,pre,bias", SCORE_CONFIGS, ids=SCORE_IDS)
 @pytest.mark.parametrize("topk", [1, 2, 4, 8])
-def test_option_grid(topk, score, pre, bias, groups, dtype):
+def test_option_grid(kernel_impl, topk, score, pre, bias, groups, dtype):
     E, T = 32, 37
     if groups and topk % groups[1]:
         pytest.skip("topk must be a multiple of group_topk")
     seed = hash((topk, score, pre, bias, groups, jnp.dtype(dtype).name)) % 10_000
     scaling = 2.5 if seed % 2 else None
     logits = random_logits(seed, (T, E), dtype)
-    check_all_modes(logits, topk, _kwargs(E, score, pre, bias, groups, scaling, seed))
+    check_all_modes(kernel_impl, logits, topk, _kwargs(E, score, pre, bias, groups, scaling, seed))
 
 
 SHAPES = [(E, k) for E, k in itertools.product([8, 32, 130, 256, 1024], [1, 2, 4, 8, 16, 32])
@@ -125,71 +128,71 @@ SHAPES = [(E, k) for E, k in itertools.product([8, 32, 130, 256, 1024], [1, 2, 4
 @pytest.mark.parametrize("score,pre,bias", [("softmax", False, False), ("sigmoid", False, True),
                                             ("softmax", True, False)],
                          ids=["softmax", "sigmoid-bias", "softmax-pre"])
-def test_expert_and_topk_sizes(E, topk, score, pre, bias):
+def test_expert_and_topk_sizes(kernel_impl, E, topk, score, pre, bias):
     dtype = jnp.bfloat16 if (E + topk) % 2 else jnp.float32
     logits = random_logits(E * 100 + topk, (19, E), dtype)
     groups = None
     if E % 8 == 0 and topk % 4 == 0 and topk // 4 <= E // 8:
         groups = (8, 4)
-    check_all_modes(logits, topk, _kwargs(E, score, pre, bias, groups, 1.5, E + topk),
+    check_all_modes(kernel_impl, logits, topk, _kwargs(E, score, pre, bias, groups, 1.5, E + topk),
                     index_dtypes=(jnp.int32,))
 
 
 @pytest.mark.parametrize("E,topk", [(7, 7), (130, 130), (33, 32), (1, 1), (2, 1), (1024, 1000)])
-def test_topk_near_or_equal_E(E, topk):
+def test_topk_near_or_equal_E(kernel_impl, E, topk):
     logits = random_logits(E + topk, (9, E), jnp.float32)
-    check_all_modes(logits, topk, dict(score_function="sigmoid"), index_dtypes=(jnp.int32,))
-    check_all_modes(logits, topk, dict(), index_dtypes=(jnp.int32,))
+    for kw in (dict(score_function="sigmoid"), dict()):
+        check_all_modes(kernel_impl, logits, topk, kw, index_dtypes=(jnp.int32,))
 
 
 @pytest.mark.parametrize("lead", [(0,), (1,), (2, 3), (2, 0, 5), (2, 3, 4), (1, 2, 3, 2)],
                          ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_token_counts_and_leading_dims(lead, dtype):
+def test_token_counts_and_leading_dims(kernel_impl, lead, dtype):
     E, topk = 24, 6
     logits = random_logits(len(lead) + sum(lead), lead + (E,), dtype)
     kw = _kwargs(E, "sigmoid", False, True, (6, 3), 2.0, 3)
-    check_all_modes(logits, topk, kw)
+    check_all_modes(kernel_impl, logits, topk, kw)
     # Leading dims are only rows: the result equals the flattened call, reshaped.
-    w, idx = jr.route_topk(logits, topk, implementation="ffi", **kw)
-    w2, idx2 = jr.route_topk(logits.reshape(-1, E), topk, implementation="ffi", **kw)
+    w, idx = kernel_impl.route_topk(logits, topk, **kw)
+    w2, idx2 = kernel_impl.route_topk(logits.reshape(-1, E), topk, **kw)
     np.testing.assert_array_equal(idx, np.asarray(idx2).reshape(idx.shape))
     np.testing.assert_array_equal(w, np.asarray(w2).reshape(w.shape))
 
 
-def test_int64_indices():
+def test_int64_indices(impl):
     with jax.enable_x64(True):
         logits = random_logits(5, (11, 40), jnp.float32)
-        check_all_modes(logits, 5, dict(score_function="sigmoid"), index_dtypes=(jnp.int64,))
+        check_all_modes(impl, logits, 5, dict(score_function="sigmoid"), index_dtypes=(jnp.int64,))
 
 
-def test_rows_are_independent_of_the_batch():
+def test_rows_are_independent_of_the_batch(kernel_impl):
     """A row's result does not depend on which other rows are in the batch."""
     logits = random_logits(8, (300, 64), jnp.bfloat16)
     kw = _kwargs(64, "sigmoid", False, True, (8, 4), 2.5, 8)
-    w, idx = jr.route_topk(logits, 8, implementation="ffi", **kw)
+    w, idx = kernel_impl.route_topk(logits, 8, **kw)
     for sl in (slice(0, 1), slice(17, 18), slice(100, 163), slice(299, 300)):
-        ws, idxs = jr.route_topk(logits[sl], 8, implementation="ffi", **kw)
+        ws, idxs = kernel_impl.route_topk(logits[sl], 8, **kw)
         np.testing.assert_array_equal(idxs, idx[sl])
         np.testing.assert_array_equal(ws, w[sl])
 
 
-def test_repeatable_bitwise():
+def test_repeatable_bitwise(kernel_impl):
     logits = random_logits(9, (513, 256), jnp.float32)
     kw = _kwargs(256, "sqrtsoftplus", False, True, (8, 4), 2.5, 9)
-    first = jr.fused_topk_with_score_function(logits, 8, implementation="ffi", **kw)
+    first = kernel_impl.fused_topk_with_score_function(logits, 8, **kw)
     for _ in range(3):
-        again = jr.fused_topk_with_score_function(logits, 8, implementation="ffi", **kw)
+        again = kernel_impl.fused_topk_with_score_function(logits, 8, **kw)
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
 
 
-def test_kernel_bfloat16_outputs_are_finite():
+def test_bfloat16_outputs_are_finite(impl):
     logits = random_logits(10, (256, 256), jnp.bfloat16, scale=30.0)
     for kw in (dict(), dict(use_pre_softmax=True), dict(score_function="sigmoid"),
                dict(score_function="sqrtsoftplus", expert_bias=random_bias(1, 256))):
-        probs, idx = jr.fused_topk_with_score_function(
-            logits, 8, topk_indices_dtype=jnp.int32, implementation="ffi", **kw)
-        w, _ = jr.route_topk(logits, 8, implementation="ffi", **kw)
+        probs, idx = impl.fused_topk_with_score_function(
+            logits, 8, topk_indices_dtype=jnp.int32, **kw)
+        w, _ = impl.route_topk(logits, 8, **kw)
         assert np.isfinite(np.asarray(probs, np.float32)).all()
         assert np.isfinite(np.asarray(w)).all()

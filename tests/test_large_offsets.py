@@ -2,7 +2,8 @@
 T * E > 2^31 (the fast lane-group path at E = 256, the general block path at E = 8192): rows
 past element 2^31 must equal the same rows routed on their own and the reference.
 
-GPU only: the inputs alone are 4 GiB and the CPU machine that runs CI has 2 cores.
+On a GPU machine only (the gpu marker), for both kernel implementations there (CUDA, and the CPU
+kernels on its host): the inputs alone are 4 GiB and the CPU machine that runs CI has 2 cores.
 """
 
 from __future__ import annotations
@@ -38,32 +39,33 @@ def _pattern_logits(T, E):
 
 
 @pytest.mark.parametrize("E,topk,kw,T", CASES, ids=["fast_E256", "general_E8192"])
-def test_more_than_2_pow_31_elements(E, topk, kw, T):
+def test_more_than_2_pow_31_elements(kernel_impl, E, topk, kw, T):
     assert T * E > 2**31
+    impl = kernel_impl
     kw = dict(kw)
     if kw["score_function"] == "sigmoid":
         kw["expert_bias"] = random_bias(40, E)
     logits = _pattern_logits(T, E)
-    w, idx = jax.jit(lambda x: jr.route_topk(x, topk, implementation="ffi", **kw))(logits)
-    probs, dense = jax.jit(lambda x: jr.fused_topk_with_score_function(
-        x, topk, topk_indices_dtype=jnp.int32, implementation="ffi", **kw))(logits)
+    w, idx = jax.jit(lambda x: impl.route_topk(x, topk, **kw))(logits)
+    probs, dense = jax.jit(lambda x: impl.fused_topk_with_score_function(
+        x, topk, topk_indices_dtype=jnp.int32, **kw))(logits)
     cot = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
     g = jax.jit(jax.grad(lambda x: jnp.sum(
-        jr.route_topk(x, topk, implementation="ffi", **kw)[0] * cot)))(logits)
+        impl.route_topk(x, topk, **kw)[0] * cot)))(logits)
 
     past = (1 << 31) // E  # the first row whose elements lie past 2^31
     for sl in (slice(0, 64), slice(past - 32, past + 32), slice(T - 64, T)):
         x = logits[sl]
-        w1, i1 = jr.route_topk(x, topk, implementation="ffi", **kw)
+        w1, i1 = impl.route_topk(x, topk, **kw)
         np.testing.assert_array_equal(np.asarray(idx[sl]), np.asarray(i1))
         np.testing.assert_array_equal(np.asarray(w[sl]), np.asarray(w1))
         np.testing.assert_array_equal(np.asarray(dense[sl]), np.asarray(i1))
-        p1, _ = jr.fused_topk_with_score_function(x, topk, topk_indices_dtype=jnp.int32,
-                                                  implementation="ffi", **kw)
+        p1, _ = impl.fused_topk_with_score_function(x, topk, topk_indices_dtype=jnp.int32,
+                                                    **kw)
         np.testing.assert_array_equal(np.asarray(probs[sl], np.float32),
                                       np.asarray(p1, np.float32))
         g1 = jax.grad(lambda x: jnp.sum(
-            jr.route_topk(x, topk, implementation="ffi", **kw)[0] * cot))(x)
+            impl.route_topk(x, topk, **kw)[0] * cot))(x)
         np.testing.assert_array_equal(np.asarray(g[sl], np.float32), np.asarray(g1, np.float32))
         rw, ri = jr.reference.route_topk(x, topk, **kw)
         z = selection_scores(x, options_for(x, topk, **kw), kw.get("expert_bias"))

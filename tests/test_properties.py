@@ -1,5 +1,7 @@
 """Property tests (hypothesis): random options, shapes, dtypes and output modes; the kernels
-agree with the pure-JAX reference, and the output invariants of SPEC §2-3 always hold."""
+agree with the pure-JAX reference, and the output invariants of SPEC §2-3 always hold. On each
+kernel implementation (`kernel_impl`): the pure-JAX one is the reference, and every hypothesis
+example compiles its own programs."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from jax_router import reference
 
 from .util import RTOL, assert_indices_match, compare_to_reference
 
+# function_scoped_fixture: the impl fixture is an immutable description of an implementation
+# (and its device), the same for every example; nothing in it needs resetting between examples.
 SETTINGS = settings(max_examples=40, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
 
 MODES = ["compact", "dense_i16", "dense_i32", "bytemap", "bitmap_u8"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -84,22 +89,20 @@ def route_kwargs(p, bias):
     return kw
 
 
-def kernel_call(p, logits, bias, buf=None):
-    """The drawn output mode through the kernels; returns (float output, ints/map)."""
+def impl_call(impl, p, logits, bias, buf=None):
+    """The drawn output mode through `impl`; returns (float output, ints/map)."""
     kw = route_kwargs(p, bias)
     mode = p["mode"]
     if mode == "compact":
-        return jr.route_topk(logits, p["topk"], implementation="ffi", **kw)
+        return impl.route_topk(logits, p["topk"], **kw)
     if mode.startswith("dense"):
         dt = jnp.int16 if mode == "dense_i16" else jnp.int32
         if buf is not None:
-            return jr.fused_topk_with_score_function(logits, p["topk"], topk_indices=buf,
-                                                     implementation="ffi", **kw)
-        return jr.fused_topk_with_score_function(logits, p["topk"], topk_indices_dtype=dt,
-                                                 implementation="ffi", **kw)
+            return impl.fused_topk_with_score_function(logits, p["topk"], topk_indices=buf, **kw)
+        return impl.fused_topk_with_score_function(logits, p["topk"], topk_indices_dtype=dt,
+                                                   **kw)
     fmt = "bitmap_u8" if mode == "bitmap_u8" else "bytemap"
-    return jr.fused_topk_with_score_function(logits, p["topk"], routing_map_format=fmt,
-                                             implementation="ffi", **kw)
+    return impl.fused_topk_with_score_function(logits, p["topk"], routing_map_format=fmt, **kw)
 
 
 def selection_z(logits, p, bias):
@@ -119,13 +122,13 @@ def buffer_for(p):
     return jnp.full(p["lead"] + (p["topk"],), -7, dt)  # poison: must never show
 
 
-def run_everything(p, logits, bias):
-    """Kernel output, kernel compact indices, reference outputs and z: one compiled program."""
+def run_everything(impl, p, logits, bias):
+    """The output of `impl`, its compact indices, reference outputs and z: one program."""
 
     def fn(logits, bias, buf):
         kw = route_kwargs(p, bias)
-        out = kernel_call(p, logits, bias, buf)
-        idx = jr.route_topk(logits, p["topk"], implementation="ffi", **kw)[1]
+        out = impl_call(impl, p, logits, bias, buf)
+        idx = impl.route_topk(logits, p["topk"], **kw)[1]
         ref_w, ref_idx = reference.route_topk(logits, p["topk"], **kw)
         ref_probs, ref_map = reference.fused_topk_with_score_function(logits, p["topk"], **kw)
         return out, idx, (ref_w, ref_idx, ref_probs, ref_map), selection_z(logits, p, bias)
@@ -203,9 +206,9 @@ def check_against_reference(p, res):
 
 @SETTINGS
 @given(problems())
-def test_kernels_match_reference(p):
+def test_kernels_match_reference(kernel_impl, p):
     logits, bias = make_inputs(p)
-    check_against_reference(p, run_everything(p, logits, bias))
+    check_against_reference(p, run_everything(kernel_impl, p, logits, bias))
 
 
 # ---- invariants without a reference ------------------------------------------------------
@@ -235,7 +238,7 @@ SPECIAL = np.array([0.0, np.nan, np.inf, -np.inf], np.float32)
 
 @SETTINGS
 @given(nonfinite_problems())
-def test_indices_valid_with_nan_and_inf(p):
+def test_indices_valid_with_nan_and_inf(kernel_impl, p):
     E, k, lead = p["E"], p["topk"], p["lead"]
     rng = np.random.default_rng(p["seed"])
     x = p["scale"] * rng.standard_normal(lead + (E,), dtype=np.float32)
@@ -252,9 +255,9 @@ def test_indices_valid_with_nan_and_inf(p):
         bias = jnp.asarray(b.astype(DTYPES[p["bias_dtype"]]))
 
     kw = route_kwargs(p, bias)
-    _, idx = jr.route_topk(logits, k, implementation="ffi", **kw)
+    _, idx = kernel_impl.route_topk(logits, k, **kw)
     assert_valid_indices(idx, E, k)
-    out = kernel_call(p, logits, bias, buffer_for(p))
+    out = impl_call(kernel_impl, p, logits, bias, buffer_for(p))
     second = np.asarray(out[1])
     if p["mode"].startswith("dense") or p["mode"] == "compact":
         assert_valid_indices(second, E, k)
@@ -269,17 +272,17 @@ def test_indices_valid_with_nan_and_inf(p):
 
 @SETTINGS
 @given(problems())
-def test_weights_sum_to_scaling_factor(p):
+def test_weights_sum_to_scaling_factor(kernel_impl, p):
     """Normalised score functions: each row's weights sum to scaling_factor (finite inputs)."""
     assume(not p["pre"])
     assume(p["score"] == "softmax" or p["topk"] > 1)
     logits, bias = make_inputs(p)
     scale = 1.0 if p["scaling"] is None else p["scaling"]
     kw = route_kwargs(p, bias)
-    w, _ = jr.route_topk(logits, p["topk"], implementation="ffi", **kw)
+    w, _ = kernel_impl.route_topk(logits, p["topk"], **kw)
     np.testing.assert_allclose(np.asarray(w).sum(-1), scale, rtol=1e-5)
     if p["mode"] != "compact":
-        probs = np.asarray(kernel_call(p, logits, bias, buffer_for(p))[0], np.float32)
+        probs = np.asarray(impl_call(kernel_impl, p, logits, bias, buffer_for(p))[0], np.float32)
         rtol = max(RTOL[jnp.dtype(DTYPES[p["dtype"]])], 1e-5)
         np.testing.assert_allclose(probs.sum(-1), scale, rtol=rtol * 2)
         assert (probs >= 0).all()

@@ -1,5 +1,10 @@
 """SPEC §2, §6, §7: jit, vmap, grad, leading dims, empty batches, jax.export, the custom calls
-in the compiled program, compact residuals, and aliasing / donation of a topk_indices buffer."""
+in the compiled program, compact residuals, and aliasing / donation of a topk_indices buffer.
+
+These are properties of the custom calls (their custom_vjp, batching and partitioning rules,
+aliasing): most tests run on each kernel implementation (`kernel_impl`: bitwise equalities that
+pure JAX, whose numerics XLA may change between eager and jit, does not promise); a few run on
+every implementation (`impl`); export and multi-device tests use the default backend."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from jax import export
 import jax_router as jr
 from jax_router import reference
 
+from . import impls
 from .util import random_bias
 
 E, K = 16, 3
@@ -54,15 +60,18 @@ REF_FUSED = jax.jit(reference.fused_topk_with_score_function,
 REF_COMPACT = jax.jit(reference.route_topk, static_argnames=_STATIC + ("index_dtype",))
 
 
-def route(mode, x, k=K, impl="ffi", bias=None, **kw):
-    """Calls the router in output mode `mode` (impl "ffi": the public function, "ref": reference,
-    "ref_eager": reference without jit)."""
+def route(mode, x, k=K, impl=None, bias=None, **kw):
+    """Calls the router in output mode `mode`. impl: an implementation (tests/impls.py: the
+    public function with its implementation=), None (the public function's default), "ref"
+    (the jitted reference) or "ref_eager" (the reference without jit)."""
     kw = {**MODES[mode], **kw}
     if bias is not None:
         kw["expert_bias"] = bias
     compact = mode.startswith("compact")
-    if impl == "ffi":
+    if impl is None or isinstance(impl, impls.Impl):
         fn = jr.route_topk if compact else jr.fused_topk_with_score_function
+        if impl is not None:
+            kw["implementation"] = impl.implementation
     elif impl == "ref_eager":
         fn = reference.route_topk if compact else reference.fused_topk_with_score_function
     else:
@@ -142,22 +151,22 @@ MODE_CONFIGS = [
 
 
 @pairs(*MODE_CONFIGS)
-def test_jit_equals_eager_and_reference(mode, config):
+def test_jit_equals_eager_and_reference(kernel_impl, mode, config):
     x = np_logits(1, (7, E))
     kw = config_kwargs(config)
-    eager = route(mode, x, **kw)
-    jitted = jax.jit(lambda x: route(mode, x, **kw))(x)
+    eager = route(mode, x, impl=kernel_impl, **kw)
+    jitted = jax.jit(lambda x: route(mode, x, impl=kernel_impl, **kw))(x)
     assert_same(jitted, eager)
     assert_close_to_reference(eager, route(mode, x, impl="ref", **kw))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_jit_grad_equals_eager_grad(config):
+def test_jit_grad_equals_eager_grad(kernel_impl, config):
     x = np_logits(2, (7, E))
     kw = config_kwargs(config)
     for mode in ("compact", "bytemap", "dense_i32"):
-        g = jax.grad(loss_of(mode, **kw))(x)
-        gj = jax.jit(jax.grad(loss_of(mode, **kw)))(x)
+        g = jax.grad(loss_of(mode, impl=kernel_impl, **kw))(x)
+        gj = jax.jit(jax.grad(loss_of(mode, impl=kernel_impl, **kw)))(x)
         np.testing.assert_array_equal(np.asarray(gj), np.asarray(g))
         assert np.abs(np.asarray(g)).max() > 0
 
@@ -178,9 +187,9 @@ def item(a, *index):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_vmap_is_one_call_and_equals_loop(mode):
+def test_vmap_is_one_call_and_equals_loop(kernel_impl, mode):
     x = np_logits(3, (4, 5, E))
-    f = lambda x: route(mode, x)
+    f = lambda x: route(mode, x, impl=kernel_impl)
     jaxpr = jax.make_jaxpr(jax.vmap(f))(x)
     assert_no_loop(jaxpr)
     assert str(jaxpr).count("target_name=jax_router_fwd") == 1
@@ -191,9 +200,9 @@ def test_vmap_is_one_call_and_equals_loop(mode):
 
 @pairs(("compact", "sigmoid_bias_groups"), ("bytemap", "sqrtsoftplus_bias"),
        ("dense_i16", "sigmoid_bias_groups"))
-def test_vmap_with_batched_bias(mode, config):
+def test_vmap_with_batched_bias(kernel_impl, mode, config):
     x = np_logits(4, (3, 5, E))
-    kw = config_kwargs(config)
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     del kw["bias"]
     # large, distinct biases per batch member, so that a mixed-up bias row changes the routing
     biases = np_logits(9, (3, E))
@@ -202,7 +211,7 @@ def test_vmap_with_batched_bias(mode, config):
     assert_no_loop(jax.make_jaxpr(jax.vmap(f))(x, biases))
     out = jax.vmap(f)(x, biases)
     assert_batch_equals_loop(out, lambda i: f(item(x, i), item(biases, i)), 3)
-    ref = jax.vmap(lambda x, b: route(mode, x, impl="ref", bias=b, **kw))(x, biases)
+    ref = jax.vmap(lambda x, b: route(mode, x, bias=b, **{**kw, "impl": "ref"}))(x, biases)
     assert_close_to_reference(out, ref)
     # the bias must matter here, or this test proves nothing
     unbiased = jax.vmap(lambda x: route(mode, x, **kw))(x)
@@ -227,9 +236,9 @@ def test_vmap_with_batched_bias(mode, config):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("mode", ["compact", "bytemap", "dense_i16"])
-def test_vmap_of_grad(mode, config):
+def test_vmap_of_grad(kernel_impl, mode, config):
     x = np_logits(6, (4, 5, E))
-    kw = config_kwargs(config)
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     bias = kw.pop("bias", None)
     if bias is not None:
         biases = np_logits(10, (4, E))
@@ -248,11 +257,12 @@ def test_vmap_of_grad(mode, config):
         np.testing.assert_allclose(out[i], np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
-def test_expert_bias_gets_zero_cotangent():
+def test_expert_bias_gets_zero_cotangent(impl):
     x = np_logits(7, (5, E))
     b = random_bias(7, E)
     for mode in ("compact", "bytemap", "dense_i32"):
-        f = lambda x, b: jnp.sum(route(mode, x, bias=b, score_function="sigmoid")[0] ** 2)
+        f = lambda x, b: jnp.sum(route(mode, x, impl=impl, bias=b, score_function="sigmoid")[0]
+                                 ** 2)
         gx, gb = jax.grad(f, argnums=(0, 1))(x, b)
         assert gb.shape == (E,) and gb.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(gb), 0)
@@ -260,10 +270,10 @@ def test_expert_bias_gets_zero_cotangent():
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16])
-def test_vmap_with_indices_buffer(dtype):
+def test_vmap_with_indices_buffer(kernel_impl, dtype):
     x = np_logits(8, (4, 6, E))
     buf = jnp.full((4, 6, K), -7, dtype)
-    f = lambda x, buf: jr.fused_topk_with_score_function(x, K, topk_indices=buf)
+    f = lambda x, buf: kernel_impl.fused_topk_with_score_function(x, K, topk_indices=buf)
     out = jax.vmap(f)(x, buf)
     assert_no_loop(jax.make_jaxpr(jax.vmap(f))(x, buf))
     assert_close_to_reference(out, REF_FUSED(x, topk=K, topk_indices_dtype=dtype))
@@ -277,8 +287,8 @@ def test_vmap_with_indices_buffer(dtype):
 
 
 @pairs(*MODE_CONFIGS[::2], ("bytemap", "softmax"))
-def test_leading_dims_equal_2d(mode, config):
-    kw = config_kwargs(config)
+def test_leading_dims_equal_2d(kernel_impl, mode, config):
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     xh = np.asarray(np_logits(11, (2, 3, 4, E)))
     flat = host(route(mode, jnp.asarray(xh.reshape(-1, E)), **kw))
     for shape in [(24,), (4, 6), (2, 3, 4), (2, 3, 4, 1), (1, 1, 24)]:
@@ -291,12 +301,12 @@ def test_leading_dims_equal_2d(mode, config):
     for o, f in zip(one, flat):
         assert o.shape == f.shape[-1:]
     assert_same([np.asarray(o)[None] for o in one], [f[:1] for f in flat])
-    assert_close_to_reference(one, route(mode, item(xh, 0, 0, 0), impl="ref", **kw))
+    assert_close_to_reference(one, route(mode, item(xh, 0, 0, 0), **{**kw, "impl": "ref"}))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_leading_dims_grad(config):
-    kw = config_kwargs(config)
+def test_leading_dims_grad(kernel_impl, config):
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     xh = np.asarray(np_logits(12, (2, 3, E)))
     modes = ("compact", "bitmap") if "bias" in config else ("compact_i16", "dense_i32")
     for mode in modes:
@@ -332,28 +342,29 @@ EMPTY_CASES = [("compact", "softmax"), ("compact", "pre_softmax"), ("compact_i16
 
 @pytest.mark.parametrize("mode,config", EMPTY_CASES, ids=["-".join(c) for c in EMPTY_CASES])
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
-def test_empty_batches(mode, lead, config):
+def test_empty_batches(kernel_impl, mode, lead, config):
     kw = config_kwargs(config)
     x = jnp.zeros(lead + (E,), jnp.float32)
     want = expected_shapes(mode, lead)
-    for out in (route(mode, x, **kw), jax.jit(lambda x: route(mode, x, **kw))(x),
+    for out in (route(mode, x, impl=kernel_impl, **kw),
+                jax.jit(lambda x: route(mode, x, impl=kernel_impl, **kw))(x),
                 route(mode, x, impl="ref", **kw)):
         assert [(o.shape, o.dtype) for o in out] == [(s, jnp.dtype(d)) for s, d in want]
-    g = jax.grad(loss_of(mode, **kw))(x)
+    g = jax.grad(loss_of(mode, impl=kernel_impl, **kw))(x)
     assert g.shape == x.shape and g.dtype == x.dtype
-    g = jax.jit(jax.grad(loss_of(mode, **kw)))(x)
+    g = jax.jit(jax.grad(loss_of(mode, impl=kernel_impl, **kw)))(x)
     assert g.shape == x.shape
     if lead == (2, 0):
-        g = jax.vmap(jax.grad(loss_of(mode, **kw)))(x)
+        g = jax.vmap(jax.grad(loss_of(mode, impl=kernel_impl, **kw)))(x)
         assert g.shape == x.shape
 
 
 @pytest.mark.parametrize("mode", ["dense_i32", "dense_i16"])
-def test_empty_batch_with_buffer(mode):
+def test_empty_batch_with_buffer(impl, mode):
     dtype = MODES[mode]["topk_indices_dtype"]
     x = jnp.zeros((2, 0, E), jnp.bfloat16)
     buf = jnp.zeros((2, 0, K), dtype)
-    probs, idx = jax.jit(lambda x, b: jr.fused_topk_with_score_function(x, K, topk_indices=b),
+    probs, idx = jax.jit(lambda x, b: impl.fused_topk_with_score_function(x, K, topk_indices=b),
                          donate_argnums=1)(x, buf)
     assert probs.shape == (2, 0, E) and probs.dtype == jnp.bfloat16
     assert idx.shape == (2, 0, K) and idx.dtype == dtype
@@ -437,12 +448,12 @@ def custom_calls(text):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_compiled_program_runs_the_kernel(mode):
+def test_compiled_program_runs_the_kernel(kernel_impl, mode):
     x = np_logits(18, (5, E))
-    f = jax.jit(lambda x: route(mode, x))
+    f = jax.jit(lambda x: route(mode, x, impl=kernel_impl))
     hlo = f.lower(x).compile().as_text()
     assert 'custom_call_target="jax_router_fwd"' in hlo
-    ghlo = jax.jit(jax.grad(loss_of(mode))).lower(x).compile().as_text()
+    ghlo = jax.jit(jax.grad(loss_of(mode, impl=kernel_impl))).lower(x).compile().as_text()
     assert 'custom_call_target="jax_router_fwd"' in ghlo
     assert 'custom_call_target="jax_router_bwd"' in ghlo
 
@@ -458,9 +469,9 @@ def test_xla_implementation_has_no_custom_call(mode):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_compact_grad_saves_compact_residuals(config):
+def test_compact_grad_saves_compact_residuals(kernel_impl, config):
     T = 6
-    kw = config_kwargs(config)
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     x = np_logits(20, (T, E))
     text = jax.jit(jax.grad(loss_of("compact", **kw))).lower(x).as_text()
     calls = custom_calls(text)
@@ -488,10 +499,10 @@ def test_compact_grad_saves_compact_residuals(config):
 
 
 @pytest.mark.parametrize("mode", ["dense_i32", "dense_i16"])
-def test_dense_mode_writes_no_map(mode):
+def test_dense_mode_writes_no_map(kernel_impl, mode):
     T = 6
     x = np_logits(21, (T, E))
-    text = jax.jit(lambda x: route(mode, x)).lower(x).as_text()
+    text = jax.jit(lambda x: route(mode, x, impl=kernel_impl)).lower(x).as_text()
     (fwd,) = custom_calls(text)
     # results: probs [T,E], map (empty), weights (empty), indices [T,k], act (empty)
     assert fwd["result_types"][0] == f"tensor<{T}x{E}xf32>"
@@ -501,10 +512,10 @@ def test_dense_mode_writes_no_map(mode):
     assert not any(re.match(rf"tensor<{T}x{E}x(i1|ui8)>", t) for t in fwd["result_types"])
 
 
-def test_bitmap_mode_writes_packed_map():
+def test_bitmap_mode_writes_packed_map(kernel_impl):
     T = 6
     x = np_logits(22, (T, 20))
-    text = jax.jit(lambda x: jr.fused_topk_with_score_function(
+    text = jax.jit(lambda x: kernel_impl.fused_topk_with_score_function(
         x, K, routing_map_format="bitmap_u8")).lower(x).as_text()
     (fwd,) = custom_calls(text)
     assert fwd["result_types"][1] == f"tensor<{T}x3xui8>"
@@ -520,8 +531,8 @@ def poisoned(shape, dtype, value=-7):
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16])
 @pytest.mark.parametrize("config", ["softmax", "sigmoid_bias_groups"])
-def test_donated_buffer_is_reused(dtype, config):
-    kw = config_kwargs(config)
+def test_donated_buffer_is_reused(kernel_impl, dtype, config):
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     x = np_logits(23, (2, 5, E))
     plain = route("bytemap", x, topk_indices_dtype=dtype, **kw)
     f = jax.jit(lambda x, buf: route("bytemap", x, topk_indices=buf, **kw), donate_argnums=1)
@@ -535,22 +546,24 @@ def test_donated_buffer_is_reused(dtype, config):
     out = f(x, buf)
     assert buf.is_deleted()
     assert_same(out, plain)
-    assert_close_to_reference(out, route("bytemap", x, impl="ref", topk_indices_dtype=dtype, **kw))
+    assert_close_to_reference(out, route("bytemap", x, topk_indices_dtype=dtype,
+                                         **{**kw, "impl": "ref"}))
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16])
 @pytest.mark.parametrize("value", [-7, 0, 2**15 - 1], ids=str)
-def test_buffer_contents_never_leak(dtype, value):
+def test_buffer_contents_never_leak(kernel_impl, dtype, value):
     x = np_logits(24, (9, E))
     want = reference.fused_topk_with_score_function(x, K, topk_indices_dtype=dtype)
     # eager, jit without donation, jit with donation
     buf = poisoned((9, K), dtype, value)
-    assert_close_to_reference(jr.fused_topk_with_score_function(x, K, topk_indices=buf), want)
+    assert_close_to_reference(kernel_impl.fused_topk_with_score_function(x, K, topk_indices=buf),
+                              want)
     np.testing.assert_array_equal(np.asarray(buf), value)  # not donated: left as it was
-    f = jax.jit(lambda x, b: jr.fused_topk_with_score_function(x, K, topk_indices=b))
+    f = jax.jit(lambda x, b: kernel_impl.fused_topk_with_score_function(x, K, topk_indices=b))
     assert_close_to_reference(f(x, buf), want)
     np.testing.assert_array_equal(np.asarray(buf), value)
-    fd = jax.jit(lambda x, b: jr.fused_topk_with_score_function(x, K, topk_indices=b),
+    fd = jax.jit(lambda x, b: kernel_impl.fused_topk_with_score_function(x, K, topk_indices=b),
                  donate_argnums=1)
     for seed in range(3):
         y = np_logits(25 + seed, (9, E))
@@ -560,10 +573,10 @@ def test_buffer_contents_never_leak(dtype, value):
         assert b.is_deleted()
 
 
-def test_buffer_with_valid_looking_stale_indices():
+def test_buffer_with_valid_looking_stale_indices(kernel_impl):
     """A buffer holding a previous step's (valid) indices is fully overwritten."""
     x1, x2 = np_logits(30, (8, E)), np_logits(31, (8, E))
-    f = jax.jit(lambda x, b: jr.fused_topk_with_score_function(x, K, topk_indices=b),
+    f = jax.jit(lambda x, b: kernel_impl.fused_topk_with_score_function(x, K, topk_indices=b),
                 donate_argnums=1)
     _, idx1 = f(x1, jnp.zeros((8, K), jnp.int32))
     idx1_copy = np.asarray(idx1).copy()
@@ -574,12 +587,12 @@ def test_buffer_with_valid_looking_stale_indices():
     assert not np.array_equal(np.asarray(idx2), idx1_copy)
 
 
-def test_donated_buffer_grad():
+def test_donated_buffer_grad(impl):
     x = np_logits(32, (6, E))
 
     def loss(x, buf):
-        probs, idx = jr.fused_topk_with_score_function(x, K, score_function="sigmoid",
-                                                       topk_indices=buf)
+        probs, idx = impl.fused_topk_with_score_function(x, K, score_function="sigmoid",
+                                                         topk_indices=buf)
         return jnp.sum(probs * jnp.arange(E)), idx
 
     g = jax.jit(jax.grad(loss, has_aux=True), donate_argnums=1)
@@ -596,10 +609,10 @@ def test_donated_buffer_grad():
 
 
 @pytest.mark.parametrize("config", ["pre_softmax", "sigmoid_bias_groups"])
-def test_scan_and_checkpoint(config):
+def test_scan_and_checkpoint(kernel_impl, config):
     """A router inside lax.scan (one per layer) and under jax.checkpoint: same values and
     gradients as an unrolled Python loop."""
-    kw = config_kwargs(config)
+    kw = dict(config_kwargs(config), impl=kernel_impl)
     xs = np_logits(40, (3, 5, E))
 
     def layer(x):
