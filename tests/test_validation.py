@@ -50,7 +50,7 @@ def is_fused(fn):
 def ffi_calls(monkeypatch):
     """Records every FFI custom call made while the test runs (nothing may be launched): any
     jax.ffi.ffi_call, and the router's own calls (jax_router/custom_calls.py binds them)."""
-    from jax_router import _ffi, sharding
+    from jax_router import _ffi, custom_calls
 
     calls = []
     real = jax.ffi.ffi_call
@@ -60,13 +60,13 @@ def ffi_calls(monkeypatch):
         return real(target, *a, **kw)
 
     def spy_entry(name, target):
-        real_entry = getattr(sharding, name)
+        real_entry = getattr(custom_calls, name)
 
         def entry(*a, **kw):
             calls.append(target)
             return real_entry(*a, **kw)
 
-        monkeypatch.setattr(sharding, name, entry)
+        monkeypatch.setattr(custom_calls, name, entry)
 
     monkeypatch.setattr(jax.ffi, "ffi_call", spy)
     spy_entry("ffi_forward", _ffi.FWD_TARGET)
