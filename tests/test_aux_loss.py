@@ -1,4 +1,4 @@
-"""Aux-loss helpers (SPEC §2.3): the kernels against the pure-JAX reference (`kernel_impl`; the
+"""Aux-loss helpers (docs/semantics.md#aux-loss): the kernels against the pure-JAX reference (`kernel_impl`; the
 pure-JAX implementation is that reference), properties every implementation has (`impl`),
 gradients, validation and the global aux loss under token sharding."""
 

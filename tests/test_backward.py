@@ -23,7 +23,7 @@ MODES = ["compact", "dense", "bytemap", "bitmap"]
 
 
 def _np_scores(x, kw):
-    """Selection scores z of one row, in numpy (SPEC §3 steps 1-2)."""
+    """Selection scores z of one row, in numpy (docs/semantics.md#forward-selection-score)."""
     fn = jr.options.score_function_of(kw.get("score_function", "softmax"))
     if fn == jr.ScoreFunction.SOFTMAX:
         if kw.get("use_pre_softmax"):

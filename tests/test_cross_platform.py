@@ -1,4 +1,4 @@
-"""SPEC §3 numerics: the CPU and the CUDA kernels give bit-identical outputs for the same inputs
+"""docs/semantics.md#numerics: the CPU and the CUDA kernels give bit-identical outputs for the same inputs
 and options (indices, maps, weights, probs, aux scores and gradients).
 
 The inputs are built once on the host (numpy): random rows, plus hard rows scattered among them
@@ -173,7 +173,7 @@ def assert_same_bits(cpu_out: dict, cuda_out: dict, logits, labels):
     assert cpu_out.keys() == cuda_out.keys()
     reports = [bit_differences(k, cpu_out[k], cuda_out[k], logits, labels) for k in cpu_out]
     reports = [r for r in reports if r]
-    assert not reports, ("CPU and CUDA kernels disagree (SPEC §3: bit-identical):\n"
+    assert not reports, ("CPU and CUDA kernels disagree (docs/semantics.md#numerics: bit-identical):\n"
                          + "\n".join(reports))
 
 

@@ -1,4 +1,4 @@
-"""SPEC §3: outputs are bitwise identical from run to run, and a row's result does not depend on
+"""docs/semantics.md#numerics: outputs are bitwise identical from run to run, and a row's result does not depend on
 the batch it is in. Checked on every kernel path (the CUDA fast lane-group path, the general
 block path, pre-softmax) and on the backward, at the position a row takes inside a warp or a
 thread-pool chunk (shifted batches), on every kernel implementation present (CPU, CUDA); the GPU

@@ -1,4 +1,4 @@
-"""SPEC §6: offsets are 64-bit, so T * E may exceed 2^31. One run on each CUDA kernel path with
+"""docs/semantics.md#shapes: offsets are 64-bit, so T * E may exceed 2^31. One run on each CUDA kernel path with
 T * E > 2^31 (the fast lane-group path at E = 256, the general block path at E = 8192): rows
 past element 2^31 must equal the same rows routed on their own and the reference.
 

@@ -63,7 +63,7 @@ CASES = [
 
 
 def _keyword_reference(logits, bias, fn, pre, groups, gtopk, scale, **kw):
-    """The reference with SPEC spellings only: strings, None for "off"."""
+    """The reference with the documented spellings only: strings, None for "off"."""
     return reference.fused_topk_with_score_function(
         logits, K, use_pre_softmax=pre,
         num_groups=None if groups == -1 else groups,
@@ -83,7 +83,7 @@ def _assert_routing_matches(probs, ref_probs, idx, ref_idx, z, dtype=jnp.float32
 
 
 def _map_to_indices(routing_map, z):
-    """Expert ids of a bool map, ordered as SPEC orders slots (by z descending, then id)."""
+    """Expert ids of a bool map, ordered as docs/semantics.md#forward-order orders slots (by z descending, then id)."""
     m, z = np.asarray(routing_map), np.asarray(z)
     order = np.lexsort((np.broadcast_to(np.arange(m.shape[-1]), m.shape), -z), axis=-1)
     ranked = np.take_along_axis(m, order, -1)
@@ -307,7 +307,7 @@ def test_te_compute_aux_scores_positional_is_refused():
 
 
 def test_half_disabled_groups_are_refused():
-    """TE turns grouping off when group_topk <= 0 whatever num_groups is; SPEC §5 asks for both
+    """TE turns grouping off when group_topk <= 0 whatever num_groups is; docs/semantics.md#validation asks for both
     or neither, so a config that sets only one is reported rather than silently ungrouped."""
     logits = random_logits(25, (8, 64))
     with pytest.raises(ValueError, match="num_groups and group_topk"):

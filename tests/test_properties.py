@@ -1,5 +1,5 @@
 """Property tests (hypothesis): random options, shapes, dtypes and output modes; the kernels
-agree with the pure-JAX reference, and the output invariants of SPEC §2-3 always hold. On each
+agree with the pure-JAX reference, and the output invariants of docs/semantics.md#api and #forward always hold. On each
 kernel implementation (`kernel_impl`): the pure-JAX one is the reference, and every hypothesis
 example compiles its own programs."""
 

@@ -1,4 +1,4 @@
-"""SPEC §3 robustness: NaN / +inf / -inf in logits and expert_bias never give an out-of-range
+"""docs/semantics.md#forward-order robustness: NaN / +inf / -inf in logits and expert_bias never give an out-of-range
 or repeated index, in any output mode or index dtype, and the index order equals the
 reference's exactly (NaN below -inf); every output element is written (no stale memory, no
 leaked buffer contents); bitmap padding bits are zero.

@@ -1,4 +1,4 @@
-"""SPEC §7 sharding (issue 4): under jax.jit with NamedSharding, token-sharded logits are routed
+"""Sharding (docs/semantics.md#jax): under jax.jit with NamedSharding, token-sharded logits are routed
 locally on each device (no all-gather / all-to-all / collective-permute of the token dims, in
 the forward and in the gradient), outputs keep the token sharding, the expert dim is always
 whole, in Auto and Explicit meshes; plus data-parallel training of a tiny MoE layer and a

@@ -1,4 +1,4 @@
-"""SPEC §3 order and tie rules, on rows built to tie: every implementation must match exactly."""
+"""The order and tie rules (docs/semantics.md#forward-order), on rows built to tie: every implementation must match exactly."""
 
 from __future__ import annotations
 

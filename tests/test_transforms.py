@@ -1,4 +1,4 @@
-"""SPEC §2, §6, §7: jit, vmap, grad, leading dims, empty batches, jax.export, the custom calls
+"""docs/semantics.md#api, #shapes, #jax: jit, vmap, grad, leading dims, empty batches, jax.export, the custom calls
 in the compiled program, compact residuals, and aliasing / donation of a topk_indices buffer.
 
 These are properties of the custom calls (their custom_vjp, batching and partitioning rules,

@@ -1,4 +1,4 @@
-"""SPEC §5: every invalid argument raises TypeError / ValueError naming the argument, at trace
+"""docs/semantics.md#validation: every invalid argument raises TypeError / ValueError naming the argument, at trace
 time, before anything is launched; the public functions and the pure-JAX reference validate
 identically (same exception type, same message)."""
 

@@ -12,7 +12,7 @@ from jax_router.reference import route_core
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-# (score_function, use_pre_softmax, with_bias): every score configuration SPEC §3 allows.
+# (score_function, use_pre_softmax, with_bias): every score configuration docs/semantics.md#forward allows.
 SCORE_CONFIGS = [
     ("softmax", False, False),
     ("softmax", True, False),
