@@ -101,9 +101,8 @@ def score_function_of(value: Any) -> ScoreFunction:
     for f in ScoreFunction:
         if f.name.lower() == name:
             return f
-    raise ValueError(
-        f"score_function must be 'softmax', 'sigmoid' or 'sqrtsoftplus', got {value!r}"
-    )
+    names = ", ".join(repr(f.name.lower()) for f in ScoreFunction)
+    raise ValueError(f"score_function must be one of {names}, got {value!r}")
 
 
 # TransformerEngine also accepts its enum's integer values for the map format (its score

@@ -74,14 +74,22 @@ def _normalize_jvp(primals, tangents):
     return p, inv * (t - p * jnp.sum(t, axis=-1, keepdims=True))
 
 
+# The activation of each score function (docs/semantics.md#forward-activation); softmax's is
+# the raw logit (its pre-softmax form is applied by the caller). A function missing here is an
+# error, never another function's activation.
+_ACTIVATIONS = {
+    ScoreFunction.SOFTMAX: lambda x: x,
+    ScoreFunction.SIGMOID: jax.nn.sigmoid,  # its derivative stays finite where e^-x overflows
+    ScoreFunction.SQRTSOFTPLUS: lambda x: _sqrtsoftplus(x),
+}
+
+
 def activation(fn: ScoreFunction, x: jax.Array) -> jax.Array:
-    """Score ``s`` of float32 logits ``x`` (docs/semantics.md#forward-activation): sigmoid, sqrt(softplus), or ``x`` itself
-    for softmax (whose pre-softmax is applied by the caller). Same shape and dtype as ``x``."""
-    if fn == ScoreFunction.SIGMOID:
-        return jax.nn.sigmoid(x)  # its derivative stays finite where e^-x overflows
-    if fn == ScoreFunction.SQRTSOFTPLUS:
-        return _sqrtsoftplus(x)
-    return x
+    """Score ``s`` of float32 logits ``x``: sigmoid, sqrt(softplus), or ``x`` itself for
+    softmax (whose pre-softmax is applied by the caller). Same shape and dtype as ``x``."""
+    if fn not in _ACTIVATIONS:
+        raise NotImplementedError(f"the reference has no activation for score function {fn!r}")
+    return _ACTIVATIONS[fn](x)
 
 
 def _take(a: jax.Array, idx: jax.Array) -> jax.Array:

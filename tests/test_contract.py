@@ -53,3 +53,11 @@ def test_unknown_enum_values_are_rejected(field, value, message):
         assert ok_i.shape == (4, 2) and np.isfinite(np.asarray(ok_w)).all()
         with pytest.raises(Exception, match=message):
             jax.block_until_ready(_forward_call(logits, **{field: value}))
+
+
+def test_every_score_function_has_a_reference_activation():
+    from jax_router import reference
+
+    x = jnp.linspace(-3.0, 3.0, 7)
+    for fn in ScoreFunction:
+        assert reference.activation(fn, x).shape == x.shape
