@@ -29,4 +29,7 @@ NB_MODULE(_cpu, m) {
     d["jax_router_aux_scores_bwd"] = Capsule(JaxRouterAuxScoresBwdCpu);
     return d;
   });
+  // The XLA FFI API version of the headers this module was compiled against: jax_router
+  // registers the handlers only with a jaxlib whose FFI API is at least this new.
+  m.def("ffi_api_version", [] { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
 }
