@@ -5,9 +5,9 @@
 # Offline, or to build against the jaxlib you run, pass its headers instead:
 #   -DJAX_ROUTER_XLA_INCLUDE_DIR=$(python -c "import jax.ffi; print(jax.ffi.include_dir())")
 # The floor is also in pyproject.toml (jaxlib>=) and jax_router/_ffi.py (JAXLIB_FLOOR).
-set(JAX_ROUTER_JAXLIB_FLOOR "0.6.2")
-set(_floor_wheel "jaxlib-0.6.2-cp311-cp311-manylinux2014_x86_64.whl")
-set(_floor_sha256 "335d7e3515ce78b52a410136f46aa4a7ea14d0e7d640f34e1e137409554ad0ac")
+set(JAX_ROUTER_JAXLIB_FLOOR "0.8.0")
+set(_floor_wheel "jaxlib-0.8.0-cp311-cp311-manylinux_2_27_x86_64.whl")
+set(_floor_sha256 "ff53e8baf978f6b7c4076215af78f0ba969cac434ed2f72565d87e38c23f00e7")
 set(JAX_ROUTER_XLA_INCLUDE_DIR "" CACHE PATH
     "XLA FFI headers to build against (default: those of jaxlib ${JAX_ROUTER_JAXLIB_FLOOR})")
 if(JAX_ROUTER_XLA_INCLUDE_DIR)
@@ -26,7 +26,7 @@ else()
       # Any platform's wheel has the same headers: ask for one fixed file so its hash is known.
       execute_process(
         COMMAND "${Python_EXECUTABLE}" -m pip download --quiet --no-deps --only-binary=:all:
-                --platform manylinux2014_x86_64 --python-version 3.11 --implementation cp
+                --platform manylinux_2_27_x86_64 --python-version 3.11 --implementation cp
                 --abi cp311 --dest "${_floor_dir}" "jaxlib==${JAX_ROUTER_JAXLIB_FLOOR}"
         RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err)
       if(NOT _rc EQUAL 0 OR NOT EXISTS "${_floor_dir}/${_floor_wheel}")

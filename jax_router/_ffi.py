@@ -26,8 +26,10 @@ AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
 AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
 
 # The oldest supported jaxlib. The build compiles against its FFI headers (cmake/
-# xla_headers.cmake) and pyproject.toml requires it at run time.
-JAXLIB_FLOOR = (0, 6, 2)
+# xla_headers.cmake) and pyproject.toml requires it at run time. (The handlers would compile
+# against 0.6's headers too, the same FFI API 0.1, but the row-wise partitioning in sharding.py
+# needs jax 0.8: the public mlir.ir_attribute and Shardy's need_replication_factors.)
+JAXLIB_FLOOR = (0, 8, 0)
 
 # XLA FFI API version (major, minor) of jaxlib releases, as read from the c_api.h each ships
 # (0.6.0-0.8.0: 0.1, 0.8.1-0.9.0: 0.2, 0.9.1-0.10.2: 0.3; 0.11.1+: 0.4). Only used when the
