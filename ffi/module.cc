@@ -45,6 +45,9 @@ NB_MODULE(JR_MODULE, m) {
 #undef JR_ENTRY
     return d;
   });
+  // The XLA FFI API version of the headers this module was compiled against: jax_router
+  // registers the handlers only with a jaxlib whose FFI API is at least this new.
+  m.def("ffi_api_version", [] { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
   // The C++ enums' values by name, for the test that Python sends the same ones.
   m.def("enum_values", [] {
     nb::dict fns, modes, formats;

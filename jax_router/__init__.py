@@ -1,6 +1,7 @@
 """jax_router: a fused Mixture-of-Experts router for JAX (CUDA and CPU XLA FFI kernels)."""
 
 from . import reference
+from ._ffi import KernelsMissingWarning, export_checks
 from .aux_loss import fused_compute_score_for_moe_aux_loss, fused_moe_aux_loss
 from .options import RouteOptions, RoutingMapFormat, ScoreFunction
 from .router import fused_topk_with_score_function, route_topk
@@ -11,6 +12,8 @@ __all__ = [
     "fused_compute_score_for_moe_aux_loss",
     "fused_moe_aux_loss",
     "reference",
+    "export_checks",
+    "KernelsMissingWarning",
     "RouteOptions",
     "RoutingMapFormat",
     "ScoreFunction",

@@ -27,10 +27,12 @@ from .options import (
     RoutingMapFormatLike,
     ScoreFunction,
     ScoreFunctionLike,
+    as_array,
     map_format_attr,
     score_function_attr,
+    static_int,
 )
-from .router import _aval
+from .router import _aval, autodiff_guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +72,9 @@ def _scores_fwd(call: _AuxCall, logits):
 
 def _scores_bwd(call: _AuxCall, logits, cotangents):
     _, g_scores = cotangents  # the map is boolean / integer: its cotangent is float0
-    grad_logits = custom_calls.ffi_aux_scores_backward(
-        _aval(logits, logits.shape, logits.dtype), g_scores.astype(jnp.float32), logits,
+    grad_logits = autodiff_guard(
+        custom_calls.ffi_aux_scores_backward, _aval(logits, logits.shape, logits.dtype),
+        g_scores.astype(jnp.float32), logits,
         dict(score_function=score_function_attr(call.score_function)))
     return (grad_logits,)
 
@@ -83,7 +86,7 @@ _aux_scores.defvjp(_scores_fwd, _scores_bwd)
 def _use_aux_kernels(implementation: str | None) -> bool:
     return _ffi.use_kernels(implementation,
                             (_ffi.AUX_SCORES_FWD_TARGET, _ffi.AUX_SCORES_BWD_TARGET),
-                            "the aux-score kernels")
+                            "aux-score kernels")
 
 
 def fused_compute_score_for_moe_aux_loss(
@@ -116,27 +119,31 @@ def fused_compute_score_for_moe_aux_loss(
     ``dx = s (g - sum g s)``; sigmoid / sqrtsoftplus the normalisation backward with sums over
     all E, then the activation's derivative. It is returned in the logits dtype.
 
+    ``logits`` may be anything ``jnp.asarray`` takes; ``topk`` is static. Reverse-mode autodiff
+    only (forward mode and second order raise, except with ``implementation="xla"``).
+
     Raises:
       TypeError / ValueError naming the argument, at trace time: bad logits dtype or rank, a
-      non-int ``topk`` or one outside ``[1, E]``, an unknown score_function,
+      non-int (or traced) ``topk`` or one outside ``[1, E]``, an unknown score_function,
       routing_map_format or implementation, ``implementation="ffi"`` in a build without the
       aux-score kernels.
     """
+    logits = as_array(logits)
     opts, fmt = reference.aux_scores_options(logits, topk, score_function, routing_map_format)
     if not _use_aux_kernels(implementation):
         return reference.fused_compute_score_for_moe_aux_loss(
             logits, topk, score_function, routing_map_format)
     call = _AuxCall(opts.num_experts, opts.topk, opts.score_function, fmt)
-    return _aux_scores(call, custom_calls.whole_last_dim(logits))
+    return autodiff_guard(_aux_scores, call, custom_calls.whole_last_dim(logits))
 
 
 def fused_moe_aux_loss(
     probs: jax.Array,
     tokens_per_expert: jax.Array,
-    total_num_tokens: int | jax.Array,
-    num_experts: int,
-    topk: int,
-    coeff: float | jax.Array,
+    total_num_tokens: int | jax.Array | None = None,
+    num_experts: int | None = None,
+    topk: int | None = None,
+    coeff: float | jax.Array | None = None,
     *,
     axis_name: Hashable | None = None,
     implementation: str | None = None,
@@ -146,6 +153,14 @@ def fused_moe_aux_loss(
     ``loss = E * coeff / (topk * T^2) * sum_c (sum_r probs[r, c]) * tokens_per_expert[c]``
     with ``E = num_experts`` and ``T = total_num_tokens``.
 
+    Two call forms, both TransformerEngine's:
+
+    * ``fused_moe_aux_loss(probs, tokens_per_expert, total_num_tokens, num_experts, topk,
+      coeff)`` (its PyTorch router and older JAX releases);
+    * ``fused_moe_aux_loss(probs, tokens_per_expert, topk, coeff)`` (its current JAX router;
+      ``topk=`` / ``coeff=`` by keyword too): ``T`` is the number of token rows of ``probs``
+      (times the size of ``axis_name`` when given) and ``E`` its last dim.
+
     Args:
       probs: ``[rows, cols]`` (or ``[*lead, cols]``; every leading dim is a token dim)
         float32 / bfloat16 / float16; ``cols`` is a multiple of ``num_experts`` (the
@@ -153,8 +168,9 @@ def fused_moe_aux_loss(
       tokens_per_expert: ``[cols]`` int16 / int32 / int64 / float32 / bfloat16 / float16
         (global counts). It gets no gradient.
       total_num_tokens: positive int, or a scalar JAX array (e.g. computed under jit).
-      num_experts: int ``E >= 1``.
-      topk: int in ``[1, num_experts]``.
+        Omitted (with ``num_experts``) in the four-argument form.
+      num_experts: static int ``E >= 1``.
+      topk: static int in ``[1, num_experts]``.
       coeff: float (or a float scalar array).
       axis_name: only inside ``shard_map`` with the token rows split over a manual mesh axis:
         the column sums are ``psum``-ed over it, so every device gets the global loss. Not
@@ -180,6 +196,27 @@ def fused_moe_aux_loss(
     """
     if implementation not in (None, "ffi", "xla"):
         raise ValueError(f"implementation must be None, 'ffi' or 'xla', got {implementation!r}")
+    probs = as_array(probs)
+    tokens_per_expert = as_array(tokens_per_expert)
+    given = tuple(v is not None for v in (total_num_tokens, num_experts, topk, coeff))
+    if given == (True, True, False, False):  # (probs, tokens_per_expert, topk, coeff)
+        total_num_tokens, num_experts, topk, coeff = None, None, total_num_tokens, num_experts
+    elif given == (True, False, False, True):  # (probs, tokens_per_expert, topk, coeff=...)
+        total_num_tokens, topk = None, total_num_tokens
+    elif given != (False, False, True, True) and not all(given):
+        raise TypeError(
+            "fused_moe_aux_loss takes (probs, tokens_per_expert, total_num_tokens, num_experts, "
+            "topk, coeff) or (probs, tokens_per_expert, topk, coeff); got total_num_tokens="
+            f"{total_num_tokens!r}, num_experts={num_experts!r}, topk={topk!r}, coeff={coeff!r}")
+    if total_num_tokens is None:  # the four-argument form: T and E from probs
+        if jnp.ndim(probs) == 0:
+            raise ValueError("probs must have at least one dimension [*rows, E], got a scalar")
+        num_experts = int(jnp.shape(probs)[-1])
+        total_num_tokens = int(np.prod(jnp.shape(probs)[:-1], dtype=np.int64))
+        if axis_name is not None:  # probs holds this device's rows only
+            total_num_tokens = total_num_tokens * jax.lax.psum(1, axis_name)
+    static_int(num_experts, "num_experts")
+    static_int(topk, "topk")
     return reference.fused_moe_aux_loss(probs, tokens_per_expert, total_num_tokens, num_experts,
                                         topk, coeff, axis_name=axis_name)
 

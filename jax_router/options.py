@@ -125,16 +125,78 @@ def routing_map_format_of(value: Any) -> RoutingMapFormat:
     for f in RoutingMapFormat:
         if f.value == name or f.name.lower() == name:
             return f
+    hint = ""
+    if isinstance(value, (bool, np.bool_)):
+        hint = (" (TransformerEngine's newer signature has compute_aux_scores in this position; "
+                "here pass it by keyword: compute_aux_scores=...)")
     raise ValueError(
         "routing_map_format must be 'bytemap' or 'bitmap_u8' (or TransformerEngine's 0 / 1), "
-        f"got {value!r}"
+        f"got {value!r}{hint}"
     )
+
+
+def as_array(value: Any) -> Any:
+    """``value`` as a JAX array by ``jnp.asarray``'s rules.
+
+    The public functions take what ``jax.numpy`` functions take: numpy arrays, Python lists and
+    scalars too, with float64 / int64 becoming float32 / int32 unless ``jax_enable_x64`` is on.
+    That is also what ``jax.jit`` does to such arguments, so an eager call and a jitted one see
+    the same dtype (and pass or fail the dtype rules alike). JAX arrays, tracers and None pass
+    as they are, and so does anything ``jnp.asarray`` refuses (a string, a ragged list): the
+    argument's own dtype rule then reports it, by name.
+    """
+    if value is None or isinstance(value, jax.Array):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _traced(value: Any, argname: str, kind: str) -> None:
+    """Static options are compiled into the custom call: a traced value cannot be one."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{argname} must be a static Python {kind}, not a traced value ({jax.typeof(value)}): "
+            "it is fixed when the function is compiled. Under jax.jit pass it through "
+            "static_argnums / static_argnames (or close over it) instead of as an array argument"
+        )
+
+
+def static_bool(value: Any, argname: str) -> bool:
+    """A flag: Python or numpy bool only (no strings, ints or arrays, which ``bool()`` would
+    quietly accept: ``bool("no")`` is True)."""
+    _traced(value, argname, "bool")
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{argname} must be a bool (True or False), got {value!r}")
+
+
+def static_int(value: Any, argname: str) -> int:
+    """A static integer option: Python or numpy int (not bool, not an array or tracer)."""
+    _traced(value, argname, "int")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argname} must be an int, got {value!r}")
+    return int(value)
+
+
+def static_float(value: Any, argname: str) -> float:
+    """A static real number: Python or numpy int / float (not bool, a string, an array or a
+    tracer); returned as a Python float."""
+    _traced(value, argname, "float")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{argname} must be a number (int or float), got {value!r}")
+    return float(value)
 
 
 def check_logits(logits: Any) -> None:
     """Raises TypeError unless ``logits`` is float32 / bfloat16 / float16, ValueError if rank 0."""
     dtype = getattr(logits, "dtype", None)
-    if dtype is None or jnp.dtype(dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+    if dtype is None:
+        raise TypeError("logits must be an array of float32, bfloat16 or float16, got "
+                        f"{type(logits).__name__}")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got dtype {dtype}")
     if jnp.ndim(logits) == 0:
         raise ValueError("logits must have at least one dimension [*lead, E], got a scalar")
@@ -165,12 +227,6 @@ def index_dtype_of(dtype: Any, num_experts: int, argname: str) -> np.dtype:
 
 def _off(value: Any) -> bool:
     return value is None or (isinstance(value, (int, np.integer)) and int(value) == -1)
-
-
-def _int(value: Any, argname: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{argname} must be an int, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +284,8 @@ def make_options(
 
     Raises:
       TypeError: logits or expert_bias of a non-float dtype; a non-int ``topk``,
-        ``num_groups`` or ``group_topk``; a ``scaling_factor`` that is not a number.
+        ``num_groups`` or ``group_topk``; a ``scaling_factor`` that is not a number (strings
+        included); a ``use_pre_softmax`` that is not a bool; any of these options traced.
       ValueError: rank-0 logits; ``topk`` outside ``[1, E]``; an unknown score function;
         ``use_pre_softmax`` with sigmoid / sqrtsoftplus; ``expert_bias`` with softmax or of a
         shape other than ``[E]``; only one of ``num_groups`` / ``group_topk`` given; the group
@@ -236,13 +293,20 @@ def make_options(
         ``topk % group_topk == 0``, ``topk / group_topk <= E / num_groups``); a non-finite
         ``scaling_factor``.
     """
+    # Traced options first: otherwise a traced num_groups would read as "given without
+    # group_topk" below.
+    for value, argname, kind in ((topk, "topk", "int"), (num_groups, "num_groups", "int"),
+                                 (group_topk, "group_topk", "int"),
+                                 (scaling_factor, "scaling_factor", "float"),
+                                 (use_pre_softmax, "use_pre_softmax", "bool")):
+        _traced(value, argname, kind)
     check_logits(logits)
     num_experts = int(jnp.shape(logits)[-1])
-    topk = _int(topk, "topk")
+    topk = static_int(topk, "topk")
     if not 1 <= topk <= num_experts:
         raise ValueError(f"topk must lie in [1, E={num_experts}], got {topk}")
     fn = score_function_of(score_function)
-    use_pre_softmax = bool(use_pre_softmax)
+    use_pre_softmax = static_bool(use_pre_softmax, "use_pre_softmax")
     if use_pre_softmax and fn != ScoreFunction.SOFTMAX:
         raise ValueError(
             f"use_pre_softmax=True applies to score_function='softmax' only, got {fn.name.lower()}"
@@ -269,7 +333,7 @@ def make_options(
         )
     ng = gk = 0
     if not groups_off:
-        ng, gk = _int(num_groups, "num_groups"), _int(group_topk, "group_topk")
+        ng, gk = static_int(num_groups, "num_groups"), static_int(group_topk, "group_topk")
         if ng <= 0:
             raise ValueError(f"num_groups must be positive, got {ng}")
         if gk <= 0:
@@ -289,10 +353,7 @@ def make_options(
     if scaling_factor is None:
         scale = 1.0
     else:
-        try:
-            scale = float(scaling_factor)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"scaling_factor must be a float, got {scaling_factor!r}") from e
+        scale = static_float(scaling_factor, "scaling_factor")
         if not math.isfinite(scale):
             raise ValueError(f"scaling_factor must be finite, got {scaling_factor!r}")
 

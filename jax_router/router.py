@@ -26,9 +26,11 @@ from .options import (
     RoutingMapFormat,
     RoutingMapFormatLike,
     ScoreFunctionLike,
+    as_array,
     index_dtype_of,
     make_options,
     routing_map_format_of,
+    static_bool,
 )
 
 
@@ -111,16 +113,40 @@ def _route_fwd(call, logits, bias, alias):
 
 def _route_bwd(call, residuals, cotangents):
     idx, act, logits, bias = residuals
-    grad_logits = _backward(call, cotangents[0], idx, act, logits)
+    grad_logits = autodiff_guard(_backward, call, cotangents[0], idx, act, logits)
     return grad_logits, None if bias is None else jnp.zeros_like(bias), None
 
 
 _route = jax.custom_vjp(_route_impl, nondiff_argnums=(0,))
 _route.defvjp(_route_fwd, _route_bwd)
 
+_AUTODIFF_MODES = (
+    "the kernels have a reverse-mode rule only (jax.custom_vjp), so jax.grad, jax.vjp and "
+    "jax.jacrev work but forward mode (jax.jvp, jax.jacfwd) and second-order derivatives "
+    "(grad of grad, jax.hessian) do not. Where you need those, pass implementation='xla' "
+    "(pure JAX, every autodiff mode)"
+)
+
+
+def autodiff_guard(fn, *args):
+    """``fn(*args)`` (a custom_vjp over the FFI calls), with JAX's generic errors for the
+    autodiff modes the kernels lack replaced by one that says so and what to use instead."""
+    try:
+        return fn(*args)
+    except TypeError as e:
+        if "forward-mode autodiff" not in str(e):
+            raise
+        raise TypeError(f"jax_router: forward-mode autodiff is not supported: {_AUTODIFF_MODES}"
+                        ) from e
+    except NotImplementedError as e:
+        if "Differentiation rule for 'jax_router" not in str(e):
+            raise
+        raise NotImplementedError(
+            f"jax_router: second-order autodiff is not supported: {_AUTODIFF_MODES}") from e
+
 
 def _use_kernels(implementation: str | None) -> bool:
-    return _ffi.use_kernels(implementation, (_ffi.FWD_TARGET, _ffi.BWD_TARGET), "its kernels")
+    return _ffi.use_kernels(implementation, (_ffi.FWD_TARGET, _ffi.BWD_TARGET), "router kernels")
 
 
 def fused_topk_with_score_function(
@@ -136,6 +162,7 @@ def fused_topk_with_score_function(
     topk_indices: jax.Array | None = None,
     topk_indices_dtype: DTypeLike | None = None,
     *,
+    compute_aux_scores: bool = False,
     implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fused MoE routing with TransformerEngine's signature; returns ``(probs, routing_output)``.
@@ -168,8 +195,20 @@ def fused_topk_with_score_function(
         reuses its memory. Its contents are not read.
       topk_indices_dtype: int16 / int32 / int64: requests dense indices of this dtype without a
         buffer (if both are given they must agree).
+      compute_aux_scores: keyword only. True: TransformerEngine's newer form of the aux-loss
+        scores, returning ``(scores, routing_map)`` exactly as
+        ``fused_compute_score_for_moe_aux_loss(logits, topk, score_function,
+        routing_map_format)`` returns ``(routing_map, scores)``. As in TransformerEngine,
+        ``use_pre_softmax``, the groups, ``scaling_factor`` and ``expert_bias`` are then
+        validated but ignored; dense indices are an error.
       implementation: None (the FFI kernels where this backend has them, else pure JAX),
         "ffi" (require the kernels) or "xla" (pure JAX, ``jax_router.reference``). Keyword only.
+
+    Array arguments may be anything ``jnp.asarray`` takes (numpy arrays, lists), converted by
+    its rules (float64 becomes float32 unless ``jax_enable_x64`` is on). The options other than
+    arrays are static: traced values are an error. Differentiable in reverse mode only
+    (``jax.grad``, ``jax.vjp``); forward mode and second order raise, except with
+    ``implementation="xla"``.
 
     Returns:
       ``(probs, routing_output)``. ``probs``: ``[*lead, E]`` in the logits dtype,
@@ -187,9 +226,20 @@ def fused_topk_with_score_function(
       "bitmap_u8", an unknown ``routing_map_format`` or ``implementation``, and
       ``implementation="ffi"`` in a build without the kernels.
     """
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
+    topk_indices = as_array(topk_indices)
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     fmt = routing_map_format_of(routing_map_format)
+    if static_bool(compute_aux_scores, "compute_aux_scores"):
+        if topk_indices is not None or topk_indices_dtype is not None:
+            raise ValueError("compute_aux_scores=True returns (scores, routing_map): dense "
+                             "indices (topk_indices / topk_indices_dtype) are not available")
+        from .aux_loss import fused_compute_score_for_moe_aux_loss  # aux_loss imports us
+
+        routing_map, scores = fused_compute_score_for_moe_aux_loss(
+            logits, topk, score_function, fmt, implementation=implementation)
+        return scores, routing_map
     index_dtype = reference.dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
     if not _use_kernels(implementation):
         return reference.fused_topk_with_score_function(
@@ -197,8 +247,8 @@ def fused_topk_with_score_function(
             score_function, expert_bias, routing_map_format, topk_indices, topk_indices_dtype)
     call = _Call(opts, OutputMode.DENSE if index_dtype is not None else OutputMode.MAP,
                  fmt, index_dtype, jnp.dtype(logits.dtype))
-    return _route(call, custom_calls.whole_last_dim(logits), expert_bias,
-                  custom_calls.whole_last_dim(topk_indices))
+    return autodiff_guard(_route, call, custom_calls.whole_last_dim(logits), expert_bias,
+                          custom_calls.whole_last_dim(topk_indices))
 
 
 def route_topk(
@@ -231,6 +281,8 @@ def route_topk(
       index_dtype: int16 / int32 (default) / int64, the dtype of ``topk_indices``.
       implementation: None, "ffi" or "xla", as in ``fused_topk_with_score_function``.
 
+    Arrays, static options and autodiff modes as in ``fused_topk_with_score_function``.
+
     Returns:
       ``topk_weights``: float32 ``[*lead, topk]``, the values ``probs`` would hold at the
       selected experts (``scaling_factor`` applied). ``topk_indices``: ``[*lead, topk]`` of
@@ -245,6 +297,7 @@ def route_topk(
       int16 with ``E > 32767``, int64 while ``jax_enable_x64`` is off), an unknown
       ``implementation``, or ``implementation="ffi"`` in a build without the kernels.
     """
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     idx_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
@@ -255,4 +308,4 @@ def route_topk(
             expert_bias=expert_bias, index_dtype=index_dtype)
     call = _Call(opts, OutputMode.COMPACT, RoutingMapFormat.BYTEMAP, idx_dtype,
                  jnp.dtype(logits.dtype))
-    return _route(call, custom_calls.whole_last_dim(logits), expert_bias, None)
+    return autodiff_guard(_route, call, custom_calls.whole_last_dim(logits), expert_bias, None)
