@@ -20,8 +20,11 @@ from jax_router import _ffi
 
 
 def _run(script: str, cwd=None) -> subprocess.CompletedProcess:
+    # The child runs on the CPU backend whatever this machine has: these checks are about the
+    # CPU handlers' registration and warning (a GPU would change which kernels are missing).
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+                          text=True, timeout=300, cwd=cwd, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
