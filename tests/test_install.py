@@ -78,6 +78,7 @@ def test_module_newer_than_jaxlib_is_not_registered():
         newer.registrations = real.registrations
         newer.ffi_api_version = lambda: (0, 99)
         sys.modules["jax_router._cpu"] = newer
+        sys.modules["jax_router._cuda"] = None  # a CPU-only install, also on a GPU machine
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
