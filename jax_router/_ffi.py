@@ -187,7 +187,10 @@ def default_backend_has_kernels() -> bool:
 
 
 def missing_reason(platform: str, targets: tuple[str, ...] = ()) -> str:
-    """Why ``platform`` ("cpu" / "cuda") lacks some of ``targets`` (or all kernels)."""
+    """Why ``platform`` ("cpu" / "cuda" / another backend) lacks some of ``targets``."""
+    if platform not in ("cpu", "cuda"):
+        return (f"jax_router has kernels for CPU and CUDA only, not for {platform}; there it "
+                "runs pure JAX (implementation=None or 'xla')")
     if platform in _MISSING:
         return _MISSING[platform]
     lacking = [t for t in targets if platform not in target_platforms(t)]
@@ -210,8 +213,8 @@ def use_kernels(implementation: str | None, targets: tuple[str, ...], kernels: s
     """Resolves ``implementation`` (None | "ffi" | "xla") for an op built from ``targets``.
 
     None picks the kernels where the default backend has every target, else pure JAX (warning
-    once when that backend is CPU or CUDA, which should have had kernels); "ffi" insists on
-    kernels (``kernels`` names them in the error when the build lacks them).
+    once when that backend is CPU or CUDA, which should have had kernels); "ffi" insists on the
+    default backend's kernels (``kernels`` names them in the error, with the reason).
     """
     if implementation is None:
         if all(default_backend_has_target(t) for t in targets):
@@ -219,10 +222,10 @@ def use_kernels(implementation: str | None, targets: tuple[str, ...], kernels: s
         _warn_fallback(targets)
         return False
     if implementation == "ffi":
-        if not all(target_platforms(t) for t in targets):
-            platform = _default_platform()
-            why = missing_reason(platform if platform in ("cpu", "cuda") else "cpu", targets)
-            raise ValueError(f"implementation='ffi' but jax_router has no {kernels} here: {why}")
+        platform = _default_platform()
+        if not all(platform in target_platforms(t) for t in targets):
+            raise ValueError(f"implementation='ffi', but the {kernels} are not available on "
+                             f"the {platform} backend: {missing_reason(platform, targets)}")
         return True
     if implementation == "xla":
         return False
