@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _ffi, custom_calls, reference
 from .options import (
+    aux_scores_options,
     RoutingMapFormat,
     RoutingMapFormatLike,
     ScoreFunction,
@@ -129,10 +130,9 @@ def fused_compute_score_for_moe_aux_loss(
       aux-score kernels.
     """
     logits = as_array(logits)
-    opts, fmt = reference.aux_scores_options(logits, topk, score_function, routing_map_format)
+    opts, fmt = aux_scores_options(logits, topk, score_function, routing_map_format)
     if not _use_aux_kernels(implementation):
-        return reference.fused_compute_score_for_moe_aux_loss(
-            logits, topk, score_function, routing_map_format)
+        return reference.aux_map_and_scores(opts, fmt, logits)
     call = _AuxCall(opts.num_experts, opts.topk, opts.score_function, fmt)
     return autodiff_guard(_aux_scores, call, custom_calls.whole_last_dim(logits))
 

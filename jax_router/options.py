@@ -15,6 +15,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 
 class ScoreFunction(enum.IntEnum):
@@ -367,3 +368,57 @@ def make_options(
         scaling_factor=scale,
         has_bias=expert_bias is not None,
     )
+
+
+def dense_index_dtype(
+    opts: RouteOptions,
+    logits: jax.Array,
+    fmt: RoutingMapFormat,
+    topk_indices: jax.Array | None,
+    topk_indices_dtype: DTypeLike | None,
+) -> np.dtype | None:
+    """Validates the dense-index request; returns its dtype, or None for routing-map output.
+
+    Raises:
+      ValueError: dense indices with "bitmap_u8"; a ``topk_indices`` buffer not of shape
+        ``[*lead, topk]``; ``topk_indices_dtype`` disagreeing with the buffer's dtype; the
+        int16 / int64 rules of ``options.index_dtype_of``.
+      TypeError: an index dtype other than int16 / int32 / int64.
+    """
+    if topk_indices is None and topk_indices_dtype is None:
+        return None
+    if fmt == RoutingMapFormat.BITMAP_U8:
+        raise ValueError(
+            "dense indices (topk_indices / topk_indices_dtype) cannot be combined with "
+            "routing_map_format='bitmap_u8'"
+        )
+    if topk_indices is not None:
+        d = index_dtype_of(getattr(topk_indices, "dtype", None), opts.num_experts, "topk_indices")
+        want = tuple(jnp.shape(logits)[:-1]) + (opts.topk,)
+        if tuple(jnp.shape(topk_indices)) != want:
+            raise ValueError(
+                f"topk_indices must have shape [*lead, topk]={want}, got {tuple(jnp.shape(topk_indices))}"
+            )
+        if topk_indices_dtype is not None and jnp.dtype(topk_indices_dtype) != d:
+            raise ValueError(
+                f"topk_indices_dtype={jnp.dtype(topk_indices_dtype)} disagrees with the "
+                f"topk_indices buffer's dtype {d}"
+            )
+        return d
+    return index_dtype_of(topk_indices_dtype, opts.num_experts, "topk_indices_dtype")
+
+
+def aux_scores_options(
+    logits: jax.Array,
+    topk: int,
+    score_function: ScoreFunctionLike,
+    routing_map_format: RoutingMapFormatLike,
+) -> tuple[RouteOptions, RoutingMapFormat]:
+    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (docs/semantics.md#validation).
+
+    Raises:
+      TypeError / ValueError: bad logits dtype or rank, ``topk`` not an int in ``[1, E]``, an
+      unknown score function or routing map format.
+    """
+    opts = make_options(logits, topk, score_function=score_function)
+    return opts, routing_map_format_of(routing_map_format)

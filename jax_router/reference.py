@@ -28,6 +28,8 @@ from .options import (
     ScoreFunctionLike,
     RoutingMapFormat,
     index_dtype_of,
+    aux_scores_options,
+    dense_index_dtype,
     make_options,
     routing_map_format_of,
 )
@@ -218,6 +220,13 @@ def fused_topk_with_score_function(
                         score_function, expert_bias)
     fmt = routing_map_format_of(routing_map_format)
     index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
+    return probs_and_routing(opts, fmt, index_dtype, logits, expert_bias)
+
+
+def probs_and_routing(opts: RouteOptions, fmt: RoutingMapFormat, index_dtype: Any,
+                      logits: jax.Array, expert_bias: jax.Array | None):
+    """``fused_topk_with_score_function`` for options already validated (``make_options``,
+    ``dense_index_dtype``): what the public function and jax_router's fallback both run."""
     idx, p, _ = route_core(logits, opts, expert_bias)
     probs = scatter_rows(idx, opts.scaling_factor * p, opts.num_experts, logits.dtype)
     if index_dtype is not None:
@@ -252,46 +261,15 @@ def route_topk(
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
+    return weights_and_indices(opts, index_dtype, logits, expert_bias)
+
+
+def weights_and_indices(opts: RouteOptions, index_dtype: Any, logits: jax.Array,
+                        expert_bias: jax.Array | None):
+    """``route_topk`` for options already validated: what the public function and jax_router's
+    fallback both run."""
     idx, p, _ = route_core(logits, opts, expert_bias)
     return opts.scaling_factor * p, idx.astype(index_dtype)
-
-
-def dense_index_dtype(
-    opts: RouteOptions,
-    logits: jax.Array,
-    fmt: RoutingMapFormat,
-    topk_indices: jax.Array | None,
-    topk_indices_dtype: DTypeLike | None,
-) -> np.dtype | None:
-    """Validates the dense-index request; returns its dtype, or None for routing-map output.
-
-    Raises:
-      ValueError: dense indices with "bitmap_u8"; a ``topk_indices`` buffer not of shape
-        ``[*lead, topk]``; ``topk_indices_dtype`` disagreeing with the buffer's dtype; the
-        int16 / int64 rules of ``options.index_dtype_of``.
-      TypeError: an index dtype other than int16 / int32 / int64.
-    """
-    if topk_indices is None and topk_indices_dtype is None:
-        return None
-    if fmt == RoutingMapFormat.BITMAP_U8:
-        raise ValueError(
-            "dense indices (topk_indices / topk_indices_dtype) cannot be combined with "
-            "routing_map_format='bitmap_u8'"
-        )
-    if topk_indices is not None:
-        d = index_dtype_of(getattr(topk_indices, "dtype", None), opts.num_experts, "topk_indices")
-        want = tuple(jnp.shape(logits)[:-1]) + (opts.topk,)
-        if tuple(jnp.shape(topk_indices)) != want:
-            raise ValueError(
-                f"topk_indices must have shape [*lead, topk]={want}, got {tuple(jnp.shape(topk_indices))}"
-            )
-        if topk_indices_dtype is not None and jnp.dtype(topk_indices_dtype) != d:
-            raise ValueError(
-                f"topk_indices_dtype={jnp.dtype(topk_indices_dtype)} disagrees with the "
-                f"topk_indices buffer's dtype {d}"
-            )
-        return d
-    return index_dtype_of(topk_indices_dtype, opts.num_experts, "topk_indices_dtype")
 
 
 __all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_core"]
@@ -300,22 +278,6 @@ __all__ = ["fused_topk_with_score_function", "route_topk", "order_key", "route_c
 # ---- auxiliary-loss helpers (docs/semantics.md#aux-loss) ----------------------------------------------------
 
 _AUX_TPE_DTYPES = (jnp.int16, jnp.int32, jnp.int64, jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def aux_scores_options(
-    logits: jax.Array,
-    topk: int,
-    score_function: ScoreFunctionLike,
-    routing_map_format: RoutingMapFormatLike,
-) -> tuple[RouteOptions, RoutingMapFormat]:
-    """Validates ``fused_compute_score_for_moe_aux_loss``'s arguments (docs/semantics.md#validation).
-
-    Raises:
-      TypeError / ValueError: bad logits dtype or rank, ``topk`` not an int in ``[1, E]``, an
-      unknown score function or routing map format.
-    """
-    opts = make_options(logits, topk, score_function=score_function)
-    return opts, routing_map_format_of(routing_map_format)
 
 
 def aux_scores(logits: jax.Array, fn: ScoreFunction) -> jax.Array:
@@ -344,6 +306,12 @@ def fused_compute_score_for_moe_aux_loss(
     ``implementation``).
     """
     opts, fmt = aux_scores_options(logits, topk, score_function, routing_map_format)
+    return aux_map_and_scores(opts, fmt, logits)
+
+
+def aux_map_and_scores(opts: RouteOptions, fmt: RoutingMapFormat, logits: jax.Array):
+    """``fused_compute_score_for_moe_aux_loss`` for options already validated
+    (``aux_scores_options``)."""
     scores = aux_scores(logits, opts.score_function)
     idx = spec_top_k(jax.lax.stop_gradient(scores), opts.topk)
     routing_map = scatter_rows(idx, jnp.ones(idx.shape, jnp.bool_), opts.num_experts, jnp.bool_)

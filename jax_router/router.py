@@ -21,6 +21,7 @@ from jax.typing import DTypeLike
 
 from . import _ffi, custom_calls, reference
 from .options import (
+    dense_index_dtype,
     OutputMode,
     RouteOptions,
     RoutingMapFormat,
@@ -240,11 +241,9 @@ def fused_topk_with_score_function(
         routing_map, scores = fused_compute_score_for_moe_aux_loss(
             logits, topk, score_function, fmt, implementation=implementation)
         return scores, routing_map
-    index_dtype = reference.dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
+    index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
     if not _use_kernels(implementation):
-        return reference.fused_topk_with_score_function(
-            logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
-            score_function, expert_bias, routing_map_format, topk_indices, topk_indices_dtype)
+        return reference.probs_and_routing(opts, fmt, index_dtype, logits, expert_bias)
     call = _Call(opts, OutputMode.DENSE if index_dtype is not None else OutputMode.MAP,
                  fmt, index_dtype, jnp.dtype(logits.dtype))
     return autodiff_guard(_route, call, custom_calls.whole_last_dim(logits), expert_bias,
@@ -302,10 +301,7 @@ def route_topk(
                         score_function, expert_bias)
     idx_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
     if not _use_kernels(implementation):
-        return reference.route_topk(
-            logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
-            group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
-            expert_bias=expert_bias, index_dtype=index_dtype)
+        return reference.weights_and_indices(opts, idx_dtype, logits, expert_bias)
     call = _Call(opts, OutputMode.COMPACT, RoutingMapFormat.BYTEMAP, idx_dtype,
                  jnp.dtype(logits.dtype))
     return autodiff_guard(_route, call, custom_calls.whole_last_dim(logits), expert_bias, None)
