@@ -54,7 +54,7 @@ bench: $(BUILD_STAMP)
 wheel: $(VENV)/.deps
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist . $(CMAKE_DEFS) \
 		-Cbuild-dir="build/wheel-{wheel_tag}" \
-		$(if $(WHEEL_CUDA_ARCHS),-Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$(WHEEL_CUDA_ARCHS)")
+		$(if $(filter OFF,$(CUDA)),,-Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$(WHEEL_CUDA_ARCHS)")
 
 clean:
 	rm -rf build dist $(VENV)

@@ -12,6 +12,8 @@ set(JAX_ROUTER_XLA_INCLUDE_DIR "" CACHE PATH
     "XLA FFI headers to build against (default: those of jaxlib ${JAX_ROUTER_JAXLIB_FLOOR})")
 if(JAX_ROUTER_XLA_INCLUDE_DIR)
   set(XLA_DIR "${JAX_ROUTER_XLA_INCLUDE_DIR}")
+  # Not sticky: a later configure without it goes back to the floor's headers.
+  unset(JAX_ROUTER_XLA_INCLUDE_DIR CACHE)
 else()
   set(_floor_dir "${CMAKE_BINARY_DIR}/jaxlib-${JAX_ROUTER_JAXLIB_FLOOR}")
   set(XLA_DIR "${_floor_dir}/jaxlib/include")
