@@ -28,6 +28,7 @@ from .options import (
     ScoreFunctionLike,
     RoutingMapFormat,
     index_dtype_of,
+    as_array,
     aux_scores_options,
     dense_index_dtype,
     make_options,
@@ -216,6 +217,8 @@ def fused_topk_with_score_function(
     Raises:
       TypeError / ValueError naming the argument (docs/semantics.md#validation).
     """
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
+    topk_indices = as_array(topk_indices)
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     fmt = routing_map_format_of(routing_map_format)
@@ -258,6 +261,7 @@ def route_topk(
     Raises:
       TypeError / ValueError naming the argument (docs/semantics.md#validation).
     """
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
     opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
                         score_function, expert_bias)
     index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
@@ -305,6 +309,7 @@ def fused_compute_score_for_moe_aux_loss(
     Same arguments and errors as ``jax_router.fused_compute_score_for_moe_aux_loss`` (without
     ``implementation``).
     """
+    logits = as_array(logits)
     opts, fmt = aux_scores_options(logits, topk, score_function, routing_map_format)
     return aux_map_and_scores(opts, fmt, logits)
 
