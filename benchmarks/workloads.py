@@ -5,7 +5,7 @@ Each ``Workload`` holds the number of experts ``E``, ``topk`` and the keyword ar
 ``has_bias`` says whether the model routes with a selection-only ``expert_bias`` [E], which
 ``make_inputs`` draws.
 
-Sources (see /work/shared/notes/peers-and-workloads.md §3): MaxText model configs
+Sources: MaxText model configs
 (deepseek3-671b, kimi-k2-1t, qwen3-30b-a3b, qwen3-next-80b-a3b, mixtral-8x7b) and SGLang's
 router comment for the 896-expert / top-16 tier. Softmax models renormalise over their top-k
 (``norm_topk_prob`` / Mixtral's softmax over the top-2), which is ``use_pre_softmax=False``.
