@@ -41,16 +41,13 @@ using cuda::kFullMask;
 template <typename T>
 __device__ __forceinline__ void RowStats(ScoreFn fn, const T* x, int64_t E, int lane, float* m,
                                          float* sum) {
-  float acc = 0.0f;
   if (fn == ScoreFn::kSoftmax) {
-    float mx = -INFINITY;  // fmaxf skips NaN; a NaN logit still makes its e^{x - max} NaN
-    for (int64_t e = lane; e < E; e += 32) mx = fmaxf(mx, LoadF(x, e));
-    *m = cuda::warp_max(mx);
-    for (int64_t e = lane; e < E; e += 32) acc = acc + softmax_numerator(LoadF(x, e), *m);
-  } else {
-    *m = 0.0f;
-    for (int64_t e = lane; e < E; e += 32) acc = acc + activation(fn, LoadF(x, e));
+    cuda::warp_softmax_stats([&](int64_t e) { return LoadF(x, e); }, E, lane, m, sum);
+    return;
   }
+  float acc = 0.0f;
+  *m = 0.0f;
+  for (int64_t e = lane; e < E; e += 32) acc = acc + activation(fn, LoadF(x, e));
   *sum = cuda::warp_sum_in_order(acc);
 }
 

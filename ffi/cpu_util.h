@@ -158,30 +158,8 @@ void ParallelRows(ffi::ThreadPool* pool, int64_t rows, int64_t work_per_row, Fn&
 
 // ---- scores ------------------------------------------------------------------------------
 
-// Softmax over a row (routing_math.h): numerators e^{x - max}, their sum in the order of
-// exact::combine_partials (32 strided partials), then one division each. The forward and the
-// pre-softmax backward both call it, so they see the same s. Blocks of 32 keep the partials in
-// vector registers.
-inline void Softmax(const float* x, float* s, int64_t E) {
-  float m = -INFINITY;
-  for (int64_t e = 0; e < E; ++e) m = row_max_step(m, x[e]);
-  float part[exact::kSumLanes] = {};
-  int64_t e0 = 0;
-  for (; e0 + exact::kSumLanes <= E; e0 += exact::kSumLanes) {
-    for (int l = 0; l < exact::kSumLanes; ++l) {
-      s[e0 + l] = softmax_numerator(x[e0 + l], m);
-      part[l] = part[l] + s[e0 + l];
-    }
-  }
-  for (int64_t e = e0; e < E; ++e) {
-    s[e] = softmax_numerator(x[e], m);
-    part[e - e0] = part[e - e0] + s[e];
-  }
-  const float sum = exact::combine_partials(part);
-  for (int64_t e = 0; e < E; ++e) s[e] = s[e] / sum;
-}
-
-// sum_e v[e] in the order of exact::combine_partials.
+// sum_e v[e] in the order of exact::combine_partials (32 strided partials; blocks of 32 keep
+// them in vector registers).
 inline float RowSum(const float* v, int64_t E) {
   float part[exact::kSumLanes] = {};
   int64_t e0 = 0;
@@ -190,6 +168,16 @@ inline float RowSum(const float* v, int64_t E) {
   }
   for (int64_t e = e0; e < E; ++e) part[e - e0] = part[e - e0] + v[e];
   return exact::combine_partials(part);
+}
+
+// Softmax over a row (routing_math.h): numerators e^{x - max}, their RowSum, then one division
+// each. The forward and the pre-softmax backward both call it, so they see the same s.
+inline void Softmax(const float* x, float* s, int64_t E) {
+  float m = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) m = row_max_step(m, x[e]);
+  for (int64_t e = 0; e < E; ++e) s[e] = softmax_numerator(x[e], m);
+  const float sum = RowSum(s, E);
+  for (int64_t e = 0; e < E; ++e) s[e] = s[e] / sum;
 }
 
 // Selection scores of one row and their order keys: s (activation), z (s + bias) and

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "exact_math.h"
+#include "routing_math.h"
 
 namespace jax_router {
 namespace cuda {
@@ -43,6 +44,21 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
+}
+
+// Softmax statistics of a row spread over one warp, lane l taking elements l, l + 32, ... of
+// x(0), ..., x(n - 1): the maximum (NaN ignored) and the sum of the numerators e^{x - max} in
+// exact_math.h's order, i.e. the bits of the CPU handlers' Softmax. Every lane gets both.
+template <typename X>
+__device__ __forceinline__ void warp_softmax_stats(X x, int64_t n, int lane, float* max,
+                                                   float* sum) {
+  float m = -INFINITY;
+  for (int64_t i = lane; i < n; i += 32) m = row_max_step(m, x(i));
+  m = warp_max(m);
+  float part = 0.0f;
+  for (int64_t i = lane; i < n; i += 32) part = part + softmax_numerator(x(i), m);
+  *max = m;
+  *sum = warp_sum_in_order(part);
 }
 
 __device__ __forceinline__ int warp_sum_int(int v) {

@@ -76,15 +76,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdKArgs a) {
     // takes experts j, j + 32, ...), exactly as the forward computed them.
     float mx = 0.0f, sum = 1.0f;
     if (pre) {
-      float v = -INFINITY;
-      if (ok_row)
-        for (int i = j; i < E; i += L) v = row_max_step(v, load_as_float(a.logits, a.logits_dt, ro + i));
-      mx = warp_max(v);
-      float part = 0.0f;
-      if (ok_row)
-        for (int i = j; i < E; i += L)
-          part = part + softmax_numerator(load_as_float(a.logits, a.logits_dt, ro + i), mx);
-      sum = warp_sum_in_order(part);
+      warp_softmax_stats([&](int64_t i) { return load_as_float(a.logits, a.logits_dt, ro + i); },
+                         ok_row ? E : 0, j, &mx, &sum);
     }
     auto softmax_at = [&](int64_t e) {
       return softmax_numerator(load_as_float(a.logits, a.logits_dt, ro + e), mx) / sum;

@@ -69,12 +69,8 @@ __device__ __forceinline__ void softmax_row_stats(const typename D::raw* xr, int
   __syncthreads();
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    float m = -INFINITY;
-    for (int i = lane; i < E; i += 32) m = row_max_step(m, D::to_f(xr[i]));
-    m = warp_max(m);
-    float part = 0.0f;
-    for (int i = lane; i < E; i += 32) part = part + softmax_numerator(D::to_f(xr[i]), m);
-    const float sum = warp_sum_in_order(part);
+    float m, sum;
+    warp_softmax_stats([&](int64_t i) { return D::to_f(xr[i]); }, E, lane, &m, &sum);
     if (lane == 0) {
       bc[0] = m;
       bc[1] = sum;
