@@ -35,12 +35,7 @@ using F16 = _Float16;
 
 inline float ToFloat(float v) { return v; }
 inline float ToFloat(F16 v) { return static_cast<float>(v); }
-inline float ToFloat(BF16 v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float ToFloat(BF16 v) { return exact::bf16_bits_to_float(v.bits); }
 
 template <typename T>
 inline T FromFloat(float v);

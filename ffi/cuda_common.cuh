@@ -57,9 +57,7 @@ struct DF32 {
 };
 struct DBF16 {
   using raw = uint16_t;
-  static __device__ __forceinline__ float to_f(uint16_t v) {
-    return __uint_as_float(static_cast<uint32_t>(v) << 16);
-  }
+  static __device__ __forceinline__ float to_f(uint16_t v) { return exact::bf16_bits_to_float(v); }
   static __device__ __forceinline__ uint16_t from_f(float v) { return exact::to_bf16_bits(v); }
   static __device__ __forceinline__ void unpack16(const uint4& w, float* o) {
     const uint32_t u[4] = {w.x, w.y, w.z, w.w};
