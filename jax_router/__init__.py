@@ -2,7 +2,9 @@
 
 from . import reference
 from ._ffi import KernelsMissingWarning, export_checks
+from .dispatch import dispatch_plan, permute, unpermute
 from .aux_loss import fused_compute_score_for_moe_aux_loss, fused_moe_aux_loss
+from .plan import DispatchPlan
 from .options import RouteOptions, RoutingMapFormat, ScoreFunction
 from .router import fused_topk_with_score_function, route_topk
 
@@ -11,6 +13,10 @@ __all__ = [
     "route_topk",
     "fused_compute_score_for_moe_aux_loss",
     "fused_moe_aux_loss",
+    "dispatch_plan",
+    "permute",
+    "unpermute",
+    "DispatchPlan",
     "reference",
     "export_checks",
     "KernelsMissingWarning",

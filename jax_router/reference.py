@@ -434,3 +434,66 @@ def fused_moe_aux_loss(
 
 
 __all__ += ["fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss"]
+
+
+# --- Dispatch (docs/semantics.md#dispatch): the argsort-based definition of the plan ----------
+
+
+def dispatch_plan(topk_indices: jax.Array, num_experts: int, *, capacity: int | None = None):
+    """``jax_router.dispatch_plan`` by a stable argsort of the flat expert ids (the definition).
+
+    Ids outside ``[0, num_experts)`` are dropped (position -1, not counted); their rows, at the
+    end of the buffer when there is no capacity, stay empty.
+    """
+    from .plan import DispatchPlan, plan_options
+
+    topk_indices = as_array(topk_indices)
+    o = plan_options(topk_indices, num_experts, capacity)
+    E, n = o.num_experts, o.num_tokens * o.topk
+    flat = topk_indices.reshape(n).astype(jnp.int32)
+    key = jnp.where((flat >= 0) & (flat < E), flat, E)  # E: dropped, sorts last
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sorted_key = key[order]
+    counts = jnp.zeros((E + 1,), jnp.int32).at[key].add(1)
+    starts = jnp.cumsum(counts) - counts  # exclusive scan, [E + 1]
+    p = jnp.arange(n, dtype=jnp.int32)
+    rank = p - starts[sorted_key]  # (token, slot)'s place among its expert's
+    if o.capacity is None:
+        row, kept = p, sorted_key < E
+    else:
+        row, kept = sorted_key * o.capacity + rank, (sorted_key < E) & (rank < o.capacity)
+    positions = jnp.zeros((n,), jnp.int32).at[order].set(jnp.where(kept, row, -1))
+    source = jnp.full((o.num_rows,), -1, jnp.int32).at[jnp.where(kept, row, o.num_rows)].set(
+        order, mode="drop")
+    return DispatchPlan(counts[:E], positions.reshape(topk_indices.shape), source, o.capacity)
+
+
+def permute(x: jax.Array, plan) -> jax.Array:
+    """``jax_router.permute``: ``rows[r] = x[source[r] // topk]`` (0 for an empty row)."""
+    from .plan import check_permute
+
+    x, plan = check_permute(x, plan)
+    H = x.shape[-1]
+    xf = x.reshape(-1, H)
+    if xf.shape[0] == 0:
+        return jnp.zeros((plan.num_rows, H), x.dtype)
+    src = plan.source
+    rows = xf[jnp.maximum(src, 0) // plan.topk]
+    return jnp.where((src >= 0)[:, None], rows, jnp.zeros((), x.dtype))
+
+
+def unpermute(rows: jax.Array, plan, topk_weights: jax.Array) -> jax.Array:
+    """``jax_router.unpermute``: ``out[t] = sum_j w[t, j] * rows[positions[t, j]]`` over kept
+    slots, in float32, slot by slot (``j = 0 .. topk-1``), cast to ``rows.dtype``."""
+    from .plan import check_unpermute
+
+    rows, plan, topk_weights = check_unpermute(rows, plan, topk_weights)
+    H, k = rows.shape[-1], plan.topk
+    pos = plan.positions.reshape(-1, k)
+    w = topk_weights.reshape(-1, k).astype(jnp.float32)
+    acc = jnp.zeros((pos.shape[0], H), jnp.float32)
+    if rows.shape[0] > 0:
+        for j in range(k):
+            r = rows[jnp.maximum(pos[:, j], 0)].astype(jnp.float32)
+            acc = jnp.where((pos[:, j] >= 0)[:, None], acc + w[:, j, None] * r, acc)
+    return acc.astype(rows.dtype).reshape(plan.lead_shape + (H,))
