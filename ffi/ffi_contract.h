@@ -7,6 +7,9 @@
 //      indices s16/s32/s64[T,k] | [0], act f32[T,k] | [0])
 //   output_mode kCompact: weights + indices; kMap: probs + map (+ indices for the backward);
 //   kDense: probs + indices. act (the backward's residual) is written when it has T*k elements.
+// jax_router_qb_fwd(logits, bias, bin_bounds f32[2], histogram s32[E,nb], *aliased) ->
+//     (jax_router_fwd's five outputs, cutoff f32[T], histogram s32[E,nb] (aliased to the
+//      operand, accumulated in place)); attribute num_bins >= 1, sigmoid, no groups.
 // jax_router_bwd(grad [T,E] (kMap/kDense) | f32[T,k] (kCompact), indices [T,k], act f32[T,k],
 //                logits [T,E] (pre-softmax only) | [0]) -> grad_logits [T,E]
 // jax_router_aux_scores_fwd(logits [T,E]) -> (scores f32 [T,E], map bool[T,E] | u8[T,ceil(E/8)])
@@ -36,6 +39,7 @@ struct RouteAttrs {
   float scaling_factor;
   ::jax_router::OutputMode output_mode;
   ::jax_router::MapFormat map_format;
+  int64_t num_bins;  // quantile balancing (jax_router_qb_fwd only); 0 elsewhere
 };
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
@@ -46,7 +50,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ::xla::ffi::StructMember<int64_t>("group_topk"),
     ::xla::ffi::StructMember<float>("scaling_factor"),
     ::xla::ffi::StructMember<::jax_router::OutputMode>("output_mode"),
-    ::xla::ffi::StructMember<::jax_router::MapFormat>("map_format"));
+    ::xla::ffi::StructMember<::jax_router::MapFormat>("map_format"),
+    ::xla::ffi::StructMember<int64_t>("num_bins"));
 
 // Mirrored by jax_router/aux_loss.py.
 struct AuxAttrs {
@@ -95,6 +100,11 @@ struct FwdProblem {
   void* indices;
   ffi::DataType index_dtype;
   float* act;
+  // Quantile balancing (p.num_bins > 0): bin bounds [lower, upper] (device memory on CUDA),
+  // the per-row cutoff and the int32 [E, num_bins] histogram, accumulated in place.
+  const float* bin_bounds;
+  float* cutoff;
+  int32_t* histogram;
 };
 
 // A backward call: grad_logits [rows, experts] from the selected indices.
@@ -186,12 +196,18 @@ inline ffi::Error DecodeParams(const RouteAttrs& a, int64_t experts, RouteParams
                  a.topk / a.group_topk > experts / a.num_groups)) {
     return Invalid("inconsistent num_groups / group_topk");
   }
+  if (a.num_bins < 0 || a.num_bins > kMaxQbBins) return Invalid("num_bins out of range");
+  if (a.num_bins > 0 && (a.score_function != ScoreFn::kSigmoid || groups ||
+                         a.topk + 1 > experts)) {
+    return Invalid("quantile balancing needs sigmoid, no groups and topk + 1 <= E");
+  }
   *out = RouteParams{a.topk,
                      a.score_function,
                      a.use_pre_softmax,
                      groups ? a.num_groups : 0,
                      groups ? a.group_topk : 0,
-                     a.scaling_factor};
+                     a.scaling_factor,
+                     a.num_bins};
   return ffi::Error::Success();
 }
 
@@ -253,6 +269,37 @@ inline ffi::Error MakeFwdProblem(FwdProblem& f, const RouteAttrs& attrs,
   f.act = static_cast<float*>(ptr);
   if (f.mode != OutputMode::kMap) f.map = nullptr;
   if (compact) f.probs = nullptr;
+  return ffi::Error::Success();
+}
+
+// jax_router_fwd proper: quantile balancing has its own target.
+inline ffi::Error CheckNotQb(const FwdProblem& f) {
+  if (is_qb(f.p)) return Invalid("num_bins is an attribute of jax_router_qb_fwd only");
+  return ffi::Error::Success();
+}
+
+// jax_router_qb_fwd: MakeFwdProblem's buffers plus bin_bounds f32[2], the given histogram
+// (aliased to the returned one: `hist_in` and `hist_out` are the same memory, which the
+// handler accumulates into; a handler given two buffers copies first) and cutoff f32[T].
+inline ffi::Error MakeQbFwdProblem(FwdProblem& f, const RouteAttrs& attrs,
+                                   const ffi::AnyBuffer& logits, const ffi::AnyBuffer& bias,
+                                   const ffi::AnyBuffer& bin_bounds,
+                                   const ffi::AnyBuffer& probs, const ffi::AnyBuffer& map,
+                                   const ffi::AnyBuffer& weights, const ffi::AnyBuffer& indices,
+                                   const ffi::AnyBuffer& act, const ffi::AnyBuffer& cutoff,
+                                   const ffi::AnyBuffer& hist_out) {
+  if (attrs.num_bins < 1) return Invalid("jax_router_qb_fwd needs num_bins >= 1");
+  JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, probs, map, weights, indices, act));
+  if (bin_bounds.element_type() != ffi::DataType::F32 || bin_bounds.element_count() != 2) {
+    return Invalid("bin_bounds must be f32[2]");
+  }
+  f.bin_bounds = static_cast<const float*>(bin_bounds.untyped_data());
+  void* ptr;
+  JR_RETURN_IF_ERROR(Output(cutoff, true, f.rows, ffi::DataType::F32, "cutoff", &ptr));
+  f.cutoff = static_cast<float*>(ptr);
+  JR_RETURN_IF_ERROR(Output(hist_out, true, f.experts * f.p.num_bins, ffi::DataType::S32,
+                            "histogram", &ptr));
+  f.histogram = static_cast<int32_t*>(ptr);
   return ffi::Error::Success();
 }
 

@@ -20,6 +20,7 @@
 // Target name -> handler symbol, one line per FFI target.
 #define JR_TARGETS(X)                                 \
   X("jax_router_fwd", JaxRouterFwd)                   \
+  X("jax_router_qb_fwd", JaxRouterQbFwd)              \
   X("jax_router_bwd", JaxRouterBwd)                   \
   X("jax_router_aux_scores_fwd", JaxRouterAuxScoresFwd) \
   X("jax_router_aux_scores_bwd", JaxRouterAuxScoresBwd)

@@ -1,4 +1,4 @@
-// CPU handlers for jax_router_fwd / jax_router_bwd (contract: ffi_contract.h).
+// CPU handlers for jax_router_fwd / jax_router_qb_fwd / jax_router_bwd (contract: ffi_contract.h).
 //
 // One routine per row, called for row ranges split across XLA's intra-op thread pool. Every
 // formula comes from routing_math.h, shared with the CUDA kernels; the CPU helpers
@@ -38,12 +38,13 @@ struct RowScratch {
   std::vector<uint64_t> sel, group_sel, tmp;
   std::vector<char> keep;
   RowScratch(int64_t E, int64_t k, int64_t groups)
-      : x(E), s(E), z(E), key(E), group_key(std::max<int64_t>(groups, 1)), sel(k),
+      : x(E), s(E), z(E), key(E), group_key(std::max<int64_t>(groups, 1)), sel(k + 1),
         group_sel(std::max<int64_t>({groups, k, int64_t{1}})), keep(groups) {}
 };
 
 // Routes one row whose float32 logits are in w.x; sel receives the selected slot keys in slot
-// order and p the weights before scaling. Two builds, chosen at load time by the CPU's
+// order (with quantile balancing one more: slot topk, the cutoff's) and p the weights before
+// scaling. Two builds, chosen at load time by the CPU's
 // features, so that the score loops use 8-wide vectors and fused multiply-adds where they
 // exist (the results are the same: every fma is explicit and nothing else is contracted).
 template <ScoreFn F>
@@ -70,8 +71,21 @@ __attribute__((target_clones("arch=haswell", "default"))) void RouteRow(const Fw
       if (!w.keep[g]) std::fill_n(w.key.begin() + g * gsize, gsize, kExcludedKey);
     }
   }
-  SelectTopK(w.key.data(), 0, E, K, w.sel.data(), w.tmp);
+  SelectTopK(w.key.data(), 0, E, ranked_count(P), w.sel.data(), w.tmp);
   Weights<F>(P, w.sel.data(), w.x.data(), w.s.data(), p);
+}
+
+// Quantile balancing of one routed row: its cutoff (the score of slot topk) and one histogram
+// count per expert. Rows run on several threads, hence the atomic increments (integers: the
+// counts are exact whatever the order).
+void QbRow(const FwdProblem& f, int64_t r, const RowScratch& w, float lower, float scale) {
+  const int64_t E = f.experts, nb = f.p.num_bins;
+  const float cutoff = order_key_value(static_cast<uint32_t>(w.sel[f.p.topk] >> 32));
+  f.cutoff[r] = exact::canonical(cutoff);
+  for (int64_t e = 0; e < E; ++e) {
+    __atomic_fetch_add(&f.histogram[e * nb + qb_bin(cutoff, w.s[e], lower, scale, nb)], 1,
+                       __ATOMIC_RELAXED);
+  }
 }
 
 template <typename I>
@@ -135,11 +149,15 @@ void ForwardRows(const FwdProblem& f, int64_t r0, int64_t r1) {
     avx512::RouteRows<T, F>(f, r0, r1, w.sel.data(), p.data(), w.tmp, write);
     return;
   }
+  const bool qb = is_qb(f.p);
+  const float lower = qb ? f.bin_bounds[0] : 0.0f;
+  const float scale = qb ? qb_scale(f.p.num_bins, lower, f.bin_bounds[1]) : 0.0f;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = static_cast<const T*>(f.logits) + r * E;
     for (int64_t e = 0; e < E; ++e) w.x[e] = ToFloat(xr[e]);
     RouteRow<F>(f, f.bias ? f.bias + (r / f.rows_per_bias) * E : nullptr, w, p.data());
     write(r, w.sel.data(), p.data(), w.s.data());
+    if (qb) QbRow(f, r, w, lower, scale);
   }
 }
 
@@ -194,12 +212,7 @@ void BackwardRows(const BwdProblem& b, int64_t r0, int64_t r1) {
   }
 }
 
-ffi::Error FwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logits,
-                  ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
-                  ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
-                  ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act) {
-  FwdProblem f;
-  JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, *probs, *map, *weights, *indices, *act));
+ffi::Error Forward(ffi::ThreadPool& pool, const FwdProblem& f) {
   if (f.rows == 0) return ffi::Error::Success();
   return DispatchFloat(f.logits_dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -209,6 +222,35 @@ ffi::Error FwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logits,
       });
     });
   });
+}
+
+ffi::Error FwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logits,
+                  ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
+                  ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
+                  ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act) {
+  FwdProblem f;
+  JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, *probs, *map, *weights, *indices, *act));
+  JR_RETURN_IF_ERROR(CheckNotQb(f));
+  return Forward(pool, f);
+}
+
+ffi::Error QbFwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logits,
+                    ffi::AnyBuffer bias, ffi::AnyBuffer bin_bounds, ffi::AnyBuffer hist_in,
+                    ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
+                    ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
+                    ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act,
+                    ffi::Result<ffi::AnyBuffer> cutoff, ffi::Result<ffi::AnyBuffer> hist_out) {
+  FwdProblem f;
+  JR_RETURN_IF_ERROR(MakeQbFwdProblem(f, attrs, logits, bias, bin_bounds, *probs, *map, *weights,
+                                      *indices, *act, *cutoff, *hist_out));
+  if (hist_in.untyped_data() != f.histogram) {  // not aliased: start from the given counts
+    if (hist_in.element_type() != ffi::DataType::S32 ||
+        hist_in.element_count() != hist_out->element_count()) {
+      return Invalid("the given histogram must be s32 with E * num_bins elements");
+    }
+    std::memcpy(f.histogram, hist_in.untyped_data(), hist_out->element_count() * sizeof(int32_t));
+  }
+  return Forward(pool, f);
 }
 
 ffi::Error BwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer grad,
@@ -247,6 +289,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterFwdCpu, jax_router::FwdCpu,
                                   .Ret<xla::ffi::AnyBuffer>()  // weights
                                   .Ret<xla::ffi::AnyBuffer>()  // indices
                                   .Ret<xla::ffi::AnyBuffer>()  // act (residual)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterQbFwdCpu, jax_router::QbFwdCpu,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Attrs<RouteAttrs>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // logits
+                                  .Arg<xla::ffi::AnyBuffer>()  // expert_bias
+                                  .Arg<xla::ffi::AnyBuffer>()  // bin_bounds
+                                  .Arg<xla::ffi::AnyBuffer>()  // histogram (aliased)
+                                  .RemainingArgs()             // caller's indices buffer (aliased)
+                                  .Ret<xla::ffi::AnyBuffer>()  // probs
+                                  .Ret<xla::ffi::AnyBuffer>()  // routing map
+                                  .Ret<xla::ffi::AnyBuffer>()  // weights
+                                  .Ret<xla::ffi::AnyBuffer>()  // indices
+                                  .Ret<xla::ffi::AnyBuffer>()  // act (residual)
+                                  .Ret<xla::ffi::AnyBuffer>()  // cutoff
+                                  .Ret<xla::ffi::AnyBuffer>()  // histogram
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterBwdCpu, jax_router::BwdCpu,

@@ -48,7 +48,7 @@ inline bool Available() {
 inline bool Supports(const FwdProblem& f) {
   const RouteParams& P = f.p;
   const int64_t E = f.experts, K = P.topk;
-  if (E % 16 != 0 || E > kMaxE || K < 1 || K > kMaxK) return false;
+  if (E % 16 != 0 || E > kMaxE || K < 1 || K > kMaxK || is_qb(P)) return false;
   if (P.group_topk > 0) {
     const int64_t G = P.num_groups, gsize = E / G, m = K / P.group_topk;
     if (G > 16 || gsize % 16 != 0 || (m != 1 && m != 2)) return false;

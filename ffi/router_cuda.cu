@@ -1,4 +1,4 @@
-// CUDA handlers for jax_router_fwd / jax_router_bwd (contract: ffi_contract.h). The kernels
+// CUDA handlers for jax_router_fwd / jax_router_qb_fwd / jax_router_bwd (contract: ffi_contract.h). The kernels
 // live in router_fwd_fast.cuh, router_fwd_general.cuh and router_bwd.cuh, their planning and
 // launching in router_launch.cuh.
 //
@@ -15,12 +15,7 @@
 namespace ffi = xla::ffi;
 using namespace jax_router;
 
-static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer logits,
-                          ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
-                          ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
-                          ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act) {
-  FwdProblem f;
-  JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, *probs, *map, *weights, *indices, *act));
+static ffi::Error Forward(cudaStream_t stream, const FwdProblem& f) {
   if (f.rows == 0) return ffi::Error::Success();
   cuda::FwdArgs a;
   a.rows = f.rows;
@@ -37,6 +32,9 @@ static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer 
   a.indices = f.indices;
   a.index_dt = ToIt(f.index_dtype);
   a.act = f.act;
+  a.bin_bounds = f.bin_bounds;
+  a.cutoff = f.cutoff;
+  a.histogram = f.histogram;
   if (cuda::PlanForward(f.experts, f.p).path == cuda::FwdPath::kGeneral &&
       f.experts > cuda::MaxGeneralExperts(cuda::CurrentDevice())) {
     return ffi::Error::InvalidArgument(
@@ -46,6 +44,39 @@ static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer 
   cudaError_t e = cuda::LaunchForward(a, stream);
   if (e != cudaSuccess) return CudaError("forward launch failed", e);
   return ffi::Error::Success();
+}
+
+static ffi::Error FwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer logits,
+                          ffi::AnyBuffer bias, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
+                          ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
+                          ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act) {
+  FwdProblem f;
+  JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, *probs, *map, *weights, *indices, *act));
+  JR_RETURN_IF_ERROR(CheckNotQb(f));
+  return Forward(stream, f);
+}
+
+static ffi::Error QbFwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer logits,
+                            ffi::AnyBuffer bias, ffi::AnyBuffer bin_bounds, ffi::AnyBuffer hist_in,
+                            ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> probs,
+                            ffi::Result<ffi::AnyBuffer> map, ffi::Result<ffi::AnyBuffer> weights,
+                            ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act,
+                            ffi::Result<ffi::AnyBuffer> cutoff,
+                            ffi::Result<ffi::AnyBuffer> hist_out) {
+  FwdProblem f;
+  JR_RETURN_IF_ERROR(MakeQbFwdProblem(f, attrs, logits, bias, bin_bounds, *probs, *map, *weights,
+                                      *indices, *act, *cutoff, *hist_out));
+  if (hist_in.untyped_data() != f.histogram) {  // not aliased: start from the given counts
+    if (hist_in.element_type() != ffi::DataType::S32 ||
+        hist_in.element_count() != hist_out->element_count()) {
+      return Invalid("the given histogram must be s32 with E * num_bins elements");
+    }
+    cudaError_t e = cudaMemcpyAsync(f.histogram, hist_in.untyped_data(),
+                                    hist_out->element_count() * sizeof(int32_t),
+                                    cudaMemcpyDeviceToDevice, stream);
+    if (e != cudaSuccess) return CudaError("histogram copy failed", e);
+  }
+  return Forward(stream, f);
 }
 
 static ffi::Error BwdCuda(cudaStream_t stream, RouteAttrs attrs, ffi::AnyBuffer grad,
@@ -85,6 +116,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterFwdCuda, FwdCuda,
                                   .Ret<ffi::AnyBuffer>()  // weights
                                   .Ret<ffi::AnyBuffer>()  // indices
                                   .Ret<ffi::AnyBuffer>(),  // act (residual)
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterQbFwdCuda, QbFwdCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Attrs<RouteAttrs>()
+                                  .Arg<ffi::AnyBuffer>()  // logits
+                                  .Arg<ffi::AnyBuffer>()  // expert_bias
+                                  .Arg<ffi::AnyBuffer>()  // bin_bounds
+                                  .Arg<ffi::AnyBuffer>()  // histogram (aliased)
+                                  .RemainingArgs()        // caller's indices buffer (aliased)
+                                  .Ret<ffi::AnyBuffer>()  // probs
+                                  .Ret<ffi::AnyBuffer>()  // routing map
+                                  .Ret<ffi::AnyBuffer>()  // weights
+                                  .Ret<ffi::AnyBuffer>()  // indices
+                                  .Ret<ffi::AnyBuffer>()  // act (residual)
+                                  .Ret<ffi::AnyBuffer>()  // cutoff
+                                  .Ret<ffi::AnyBuffer>(),  // histogram
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRouterBwdCuda, BwdCuda,

@@ -34,6 +34,10 @@ struct FwdArgs {
   void* indices = nullptr;
   It index_dt = It::kS32;
   float* act = nullptr;
+  // quantile balancing (p.num_bins > 0)
+  const float* bin_bounds = nullptr;
+  float* cutoff = nullptr;
+  int32_t* histogram = nullptr;
 };
 
 struct BwdArgs {
@@ -117,7 +121,7 @@ inline FwdPlan PlanForward(int64_t E64, const RouteParams& p) {
   FwdPlan plan;
   plan.path = FwdPath::kGeneral;
   if (E64 > 1024) return plan;
-  const int E = static_cast<int>(E64), k = static_cast<int>(p.topk);
+  const int E = static_cast<int>(E64), k = static_cast<int>(ranked_count(p));
   if (p.score_fn == ScoreFn::kSoftmax && p.pre_softmax) return plan;
   const bool grouped = p.group_topk > 0;
   for (int li = 0; li < kNumFastLayouts; ++li) {
@@ -182,9 +186,9 @@ inline std::atomic<long long>& LastFastLaunch() {
   return v;
 }
 
-template <ScoreFn F, int L, int V, int P>
+template <ScoreFn F, int L, int V, int P, bool QB>
 inline cudaError_t LaunchFastT(const FastArgs& fa, cudaStream_t stream, int dev) {
-  auto kernel = fwd_fast_kernel<F, L, V, P>;
+  auto kernel = fwd_fast_kernel<F, L, V, P, QB>;
   static std::atomic<int> occ{0};
   const int per_sm = CachedBlocksPerSm(kernel, kFastThreads, 0, occ);
   constexpr int TPB = kFastThreads / L;
@@ -196,33 +200,37 @@ inline cudaError_t LaunchFastT(const FastArgs& fa, cudaStream_t stream, int dev)
   return cudaGetLastError();
 }
 
-template <ScoreFn F, int P>
+template <ScoreFn F, int P, bool QB>
 inline cudaError_t LaunchFastLayout(int li, const FastArgs& fa, cudaStream_t s, int dev) {
   switch (li) {
     case 0:
-      return LaunchFastT<F, 1, 8, P>(fa, s, dev);
+      return LaunchFastT<F, 1, 8, P, QB>(fa, s, dev);
     case 1:
-      return LaunchFastT<F, 4, 16, P>(fa, s, dev);
+      return LaunchFastT<F, 4, 16, P, QB>(fa, s, dev);
     case 2:
-      return LaunchFastT<F, 8, 16, P>(fa, s, dev);
+      return LaunchFastT<F, 8, 16, P, QB>(fa, s, dev);
     case 3:
-      return LaunchFastT<F, 8, 32, P>(fa, s, dev);
+      return LaunchFastT<F, 8, 32, P, QB>(fa, s, dev);
     case 4:
-      return LaunchFastT<F, 16, 24, P>(fa, s, dev);
+      return LaunchFastT<F, 16, 24, P, QB>(fa, s, dev);
     case 5:
-      return LaunchFastT<F, 16, 32, P>(fa, s, dev);
+      return LaunchFastT<F, 16, 32, P, QB>(fa, s, dev);
     case 6:
-      return LaunchFastT<F, 32, 32, P>(fa, s, dev);
+      return LaunchFastT<F, 32, 32, P, QB>(fa, s, dev);
   }
   return cudaErrorInvalidValue;  // not a row of kFastLayouts
 }
 
-inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, const FastArgs& fa,
+inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,
                                  cudaStream_t s, int dev) {
+  if (qb) {  // sigmoid only (checked when the attributes were decoded)
+    return plan.P == 1 ? LaunchFastLayout<ScoreFn::kSigmoid, 1, true>(plan.layout, fa, s, dev)
+                       : LaunchFastLayout<ScoreFn::kSigmoid, 2, true>(plan.layout, fa, s, dev);
+  }
   return DispatchScoreFn(fn, [&](auto tag) {
     constexpr ScoreFn F = decltype(tag)::value;
-    return plan.P == 1 ? LaunchFastLayout<F, 1>(plan.layout, fa, s, dev)
-                       : LaunchFastLayout<F, 2>(plan.layout, fa, s, dev);
+    return plan.P == 1 ? LaunchFastLayout<F, 1, false>(plan.layout, fa, s, dev)
+                       : LaunchFastLayout<F, 2, false>(plan.layout, fa, s, dev);
   });
 }
 
@@ -299,8 +307,12 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
     fa.probs_vec = f.probs && Aligned16(f.probs) && (f.experts * es) % 16 == 0;
     const int mv = lay.V < 16 ? lay.V : 16;
     fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
+    fa.bin_bounds = f.bin_bounds;
+    fa.cutoff = f.cutoff;
+    fa.histogram = f.histogram;
+    fa.num_bins = f.p.num_bins;
     if (taken) *taken = FwdPath::kFast;
-    return LaunchFastAny(plan, f.p.score_fn, fa, stream, dev);
+    return LaunchFastAny(plan, f.p.score_fn, is_qb(f.p), fa, stream, dev);
   }
   // General path.
   GenArgs ga{};
@@ -329,6 +341,12 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
   ga.act = f.act;
   ga.scaling = f.p.scaling;
   ga.pre_softmax = f.p.score_fn == ScoreFn::kSoftmax && f.p.pre_softmax;
+  if (is_qb(f.p)) {
+    ga.bin_bounds = f.bin_bounds;
+    ga.cutoff = f.cutoff;
+    ga.histogram = f.histogram;
+    ga.num_bins = f.p.num_bins;
+  }
   int threads = ga.n2 / 2;
   threads = threads < 32 ? 32 : (threads > 512 ? 512 : threads);
   size_t smem = static_cast<size_t>(ga.n2) * 8 + static_cast<size_t>(ga.n2g) * 8 +

@@ -85,7 +85,13 @@ struct RouteParams {
   int64_t num_groups;  // 0: no group-limited routing
   int64_t group_topk;  // 0: no group-limited routing
   float scaling;
+  int64_t num_bins;    // quantile balancing's histogram bins; 0: no quantile balancing
 };
+
+// Quantile balancing (docs/semantics.md#qb) ranks one expert more than it keeps: the
+// (topk + 1)-th selection score is the row's cutoff.
+JR_HD bool is_qb(const RouteParams& p) { return p.num_bins > 0; }
+JR_HD int64_t ranked_count(const RouteParams& p) { return p.topk + (is_qb(p) ? 1 : 0); }
 
 // Added to sums of selected scores before dividing (forward normalisation and its gradient).
 constexpr float kEps = 1e-20f;
@@ -253,6 +259,29 @@ JR_HD float grad_logit(int64_t k, float g, float r, float A, float B) {
     const float ds = k > 1 ? normalised_grad(g, A, B) : g;
     return ds * activation_grad<F>(r);
   }
+}
+
+// ---- quantile balancing (docs/semantics.md#qb) ---------------------------------------------
+//
+// Per row, with cutoff c = the score of slot topk (the best expert not kept), every expert e
+// adds one to histogram[e, qb_bin(c, s_e, ...)]: the bias it would have needed to be kept, on
+// num_bins bins of [lower, upper). scale = num_bins / (upper - lower), once per call.
+
+// The largest num_bins: float32(num_bins) and every bin edge below it are exact.
+constexpr int64_t kMaxQbBins = int64_t{1} << 24;
+
+JR_HD float qb_scale(int64_t num_bins, float lower, float upper) {
+  return static_cast<float>(num_bins) / (upper - lower);
+}
+
+// clamp(floor(((c - s) - lower) * scale), 0, num_bins - 1), NaN to bin 0. The first test is
+// false for NaN and for every v < 1 (whose floor clamps to 0); past it, v in [1, num_bins)
+// truncates to its floor.
+JR_HD int64_t qb_bin(float cutoff, float s, float lower, float scale, int64_t num_bins) {
+  const float v = ((cutoff - s) - lower) * scale;
+  if (!(v >= 1.0f)) return 0;
+  if (v >= static_cast<float>(num_bins)) return num_bins - 1;
+  return static_cast<int64_t>(v);
 }
 
 // ---- sizes --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import warnings
 import jax
 
 FWD_TARGET = "jax_router_fwd"
+QB_FWD_TARGET = "jax_router_qb_fwd"
 BWD_TARGET = "jax_router_bwd"
 AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
 AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
@@ -237,7 +238,7 @@ def export_checks() -> list:
 
     ``jax.export`` refuses custom calls whose targets have no compatibility guarantee from JAX
     itself (``Cannot serialize code with custom calls whose targets have no compatibility
-    guarantees``). These are exactly this package's four FFI targets, nothing more::
+    guarantees``). These are exactly this package's FFI targets, nothing more::
 
         exported = jax.export.export(jax.jit(f), disabled_checks=jax_router.export_checks())(
             *args)
@@ -248,4 +249,5 @@ def export_checks() -> list:
     from jax import export
 
     return [export.DisabledSafetyCheck.custom_call(target) for target in
-            (FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET, AUX_SCORES_BWD_TARGET)]
+            (FWD_TARGET, QB_FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET,
+             AUX_SCORES_BWD_TARGET)]

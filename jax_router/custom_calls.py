@@ -199,6 +199,27 @@ def _make_primitive(target: str) -> Primitive:
     return p
 
 
+def _plain_lowering(target: str, ctx, *operands, out_types, aliases, attrs):
+    """The custom call as it is, for targets partitioned outside XLA's batch partitioner."""
+    del out_types
+    return jax.ffi.ffi_lowering(target, operand_output_aliases=dict(aliases))(
+        ctx, *operands, **dict(attrs))
+
+
+def _plain_abstract_eval(*avals, out_types, aliases, attrs):
+    del avals, aliases, attrs
+    return out_types
+
+
+def _make_plain_primitive(target: str) -> Primitive:
+    p = Primitive(target)
+    p.multiple_results = True
+    p.def_impl(functools.partial(dispatch.apply_primitive, p))
+    p.def_abstract_eval(_plain_abstract_eval)
+    mlir.register_lowering(p, functools.partial(_plain_lowering, target))
+    return p
+
+
 fwd_p = _make_primitive(_ffi.FWD_TARGET)
 bwd_p = _make_primitive(_ffi.BWD_TARGET)
 aux_fwd_p = _make_primitive(_ffi.AUX_SCORES_FWD_TARGET)
@@ -216,6 +237,21 @@ def ffi_forward(out_types, logits, bias, alias, attrs: dict[str, Any]):
         *args, target_name=_ffi.FWD_TARGET, out_types=tuple(out_types),
         aliases=((2, 3),) if alias is not None else (), attrs=_hashable_attrs(attrs),
         bias_operand=1))
+
+
+# Quantile balancing's forward returns a histogram summed over all rows, which XLA's batch
+# partitioner cannot produce (it would leave each device's partial counts); qb.py partitions
+# it with custom_partitioning instead, so its primitive lowers to the plain custom call.
+qb_fwd_p = _make_plain_primitive(_ffi.QB_FWD_TARGET)
+
+
+def ffi_qb_forward(out_types, logits, bias, bin_bounds, histogram, alias, attrs: dict[str, Any]):
+    """``jax_router_qb_fwd(logits, bias, bin_bounds, histogram[, alias])``; its 7 outputs. The
+    histogram operand is aliased to the last output, which the kernel accumulates into."""
+    args = (logits, bias, bin_bounds, histogram) + ((alias,) if alias is not None else ())
+    aliases = ((3, 6),) + (((4, 3),) if alias is not None else ())
+    return tuple(qb_fwd_p.bind(*args, out_types=tuple(out_types), aliases=aliases,
+                               attrs=_hashable_attrs(attrs)))
 
 
 def ffi_backward(out_type, g, idx, act, logits, attrs: dict[str, Any]):

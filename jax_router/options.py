@@ -252,10 +252,11 @@ class RouteOptions:
         """Softmax over all E before selection (the one mode whose backward needs the logits)."""
         return self.score_function == ScoreFunction.SOFTMAX and self.use_pre_softmax
 
-    def ffi_attrs(self, mode: OutputMode, map_format: RoutingMapFormat) -> dict[str, Any]:
+    def ffi_attrs(self, mode: OutputMode, map_format: RoutingMapFormat,
+                  num_bins: int = 0) -> dict[str, Any]:
         """Attributes of the router's FFI targets, typed exactly as ``RouteAttrs``
         (ffi/ffi_contract.h): the handlers decode them once into typed options and reject
-        any value they do not know."""
+        any value they do not know. ``num_bins`` > 0 only for quantile balancing."""
         return dict(
             topk=np.int64(self.topk),
             score_function=score_function_attr(self.score_function),
@@ -265,6 +266,7 @@ class RouteOptions:
             scaling_factor=np.float32(self.scaling_factor),
             output_mode=np.int32(int(mode)),
             map_format=map_format_attr(map_format),
+            num_bins=np.int64(num_bins),
         )
 
 
@@ -422,3 +424,58 @@ def aux_scores_options(
     """
     opts = make_options(logits, topk, score_function=score_function)
     return opts, routing_map_format_of(routing_map_format)
+
+
+# ---- quantile balancing (docs/semantics.md#qb) ------------------------------------------------
+
+MAX_QB_BINS = 1 << 24  # routing_math.h kMaxQbBins: float32(num_bins) and every bin edge exact
+
+
+def qb_options(logits: Any, topk: Any, expert_bias: Any, bin_bounds: Any, num_bins: Any,
+               histogram: Any, scaling_factor: Any, score_function: Any, use_pre_softmax: Any,
+               num_groups: Any, group_topk: Any) -> tuple[RouteOptions, int]:
+    """Validates the quantile-balancing functions' arguments; returns ``(RouteOptions, num_bins)``.
+
+    Raises (TypeError / ValueError naming the argument): every ``make_options`` rule; a score
+    function other than sigmoid; ``use_pre_softmax`` or group-limited routing; ``topk + 1 > E``;
+    ``num_bins`` not a static int in ``[1, 2^24]``; ``bin_bounds`` not a float ``[2]`` array;
+    concrete ``bin_bounds`` not finite with ``lower < upper``; a ``histogram`` not int32
+    ``[E, num_bins]``.
+    """
+    opts = make_options(logits, topk, use_pre_softmax, num_groups, group_topk, scaling_factor,
+                        score_function, expert_bias)
+    if opts.score_function != ScoreFunction.SIGMOID:
+        raise ValueError("quantile balancing needs score_function='sigmoid', got "
+                         f"{opts.score_function.name.lower()}")
+    if opts.use_pre_softmax:  # unreachable for sigmoid (make_options), kept for clarity
+        raise ValueError("quantile balancing does not take use_pre_softmax")
+    if opts.group_topk > 0:
+        raise ValueError("quantile balancing does not take num_groups / group_topk (group-"
+                         "limited routing)")
+    E = opts.num_experts
+    if opts.topk + 1 > E:
+        raise ValueError(f"quantile balancing needs topk + 1 <= E (the cutoff is the "
+                         f"(topk + 1)-th score), got topk={opts.topk}, E={E}")
+    nb = static_int(num_bins, "num_bins")
+    if not 1 <= nb <= MAX_QB_BINS:
+        raise ValueError(f"num_bins must lie in [1, 2^24], got {nb}")
+    bdtype = getattr(bin_bounds, "dtype", None)
+    if bdtype is None or jnp.dtype(bdtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise TypeError(f"bin_bounds must be a float32 (or bfloat16 / float16) array [lower, "
+                        f"upper], got {bdtype if bdtype is not None else type(bin_bounds).__name__}")
+    if tuple(jnp.shape(bin_bounds)) != (2,):
+        raise ValueError(f"bin_bounds must have shape (2,) = [lower, upper], got "
+                         f"{tuple(jnp.shape(bin_bounds))}")
+    if not isinstance(bin_bounds, jax.core.Tracer):
+        lo, hi = (float(v) for v in np.asarray(bin_bounds, np.float32))
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bin_bounds must be finite with lower < upper, got [{lo}, {hi}]")
+    if histogram is not None:
+        hdtype = getattr(histogram, "dtype", None)
+        if hdtype is None or jnp.dtype(hdtype) != jnp.int32:
+            raise TypeError(f"histogram must be an int32 array [E, num_bins], got "
+                            f"{hdtype if hdtype is not None else type(histogram).__name__}")
+        if tuple(jnp.shape(histogram)) != (E, nb):
+            raise ValueError(f"histogram must have shape [E, num_bins] = ({E}, {nb}), got "
+                             f"{tuple(jnp.shape(histogram))}")
+    return opts, nb

@@ -436,6 +436,109 @@ def fused_moe_aux_loss(
 __all__ += ["fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss"]
 
 
+
+# ---- quantile balancing (docs/semantics.md#qb) --------------------------------------------------
+
+
+def qb_bins(s: jax.Array, cutoff: jax.Array, bin_bounds: jax.Array, num_bins: int) -> jax.Array:
+    """int32 bins ``clamp(floor(((cutoff - s) - lower) * scale), 0, num_bins - 1)`` of every
+    expert of every row, NaN to bin 0; ``scale = float32(num_bins) / (upper - lower)``."""
+    bounds = bin_bounds.astype(jnp.float32)
+    lower = bounds[0]
+    scale = jnp.float32(num_bins) / (bounds[1] - lower)
+    v = ((cutoff[..., None] - s) - lower) * scale
+    inside = jnp.where(v >= 1.0, jnp.minimum(v, jnp.float32(num_bins - 1)), 0.0)
+    return jnp.where(v >= num_bins, num_bins - 1, jnp.floor(inside).astype(jnp.int32))
+
+
+def qb_core(opts: RouteOptions, num_bins: int, logits: jax.Array, expert_bias: jax.Array | None,
+            bin_bounds: jax.Array, histogram: jax.Array | None):
+    """Quantile-balancing routing for validated options (``options.qb_options``).
+
+    Returns ``(idx, p, cutoff, histogram)``: int32 ``[*lead, k]`` ids in the documented order,
+    float32 ``[*lead, k]`` weights before ``scaling_factor`` (differentiable w.r.t. ``logits``),
+    float32 ``[*lead]`` cutoff (the ``(k + 1)``-th selection score) and the int32
+    ``[E, num_bins]`` histogram: the given one (zeros for None) plus this call's counts.
+    """
+    k, E = opts.topk, opts.num_experts
+    s = activation(ScoreFunction.SIGMOID, logits.astype(jnp.float32))
+    z = s + expert_bias.astype(jnp.float32) if expert_bias is not None else s
+    z = jax.lax.stop_gradient(z)
+    ranked = spec_top_k(z, k + 1)
+    idx = ranked[..., :k]
+    s_sel = _take(s, idx)
+    p = _normalize(s_sel) if k > 1 else s_sel
+    cutoff = _take(z, ranked[..., k:])[..., 0]
+    bins = qb_bins(jax.lax.stop_gradient(s), cutoff, bin_bounds, num_bins).reshape(-1, E)
+    base = jnp.zeros((E, num_bins), jnp.int32) if histogram is None else histogram
+    experts = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), bins.shape)
+    hist = base.at[experts.reshape(-1), bins.reshape(-1)].add(1)
+    return idx, p, cutoff, hist
+
+
+def route_topk_qb(logits: jax.Array, topk: int, expert_bias: jax.Array | None,
+                  bin_bounds: jax.Array, num_bins: int, histogram: jax.Array | None = None, *,
+                  scaling_factor: float | None = None, index_dtype: DTypeLike = jnp.int32,
+                  score_function: ScoreFunctionLike = "sigmoid", use_pre_softmax: bool = False,
+                  num_groups: int | None = None, group_topk: int | None = None):
+    """Pure-JAX ``jax_router.route_topk_qb``: same arguments (without ``implementation``),
+    outputs and errors. Returns ``(topk_weights, topk_indices, cutoff, histogram)``."""
+    from .options import qb_options
+
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
+    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
+    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
+                          scaling_factor, score_function, use_pre_softmax, num_groups,
+                          group_topk)
+    index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
+    return qb_weights_and_indices(opts, nb, index_dtype, logits, expert_bias, bin_bounds,
+                                  histogram)
+
+
+def qb_weights_and_indices(opts, num_bins, index_dtype, logits, expert_bias, bin_bounds,
+                           histogram):
+    """``route_topk_qb`` for validated options (the public function's fallback runs this)."""
+    idx, p, cutoff, hist = qb_core(opts, num_bins, logits, expert_bias, bin_bounds, histogram)
+    return opts.scaling_factor * p, idx.astype(index_dtype), cutoff, hist
+
+
+def fused_topk_with_score_function_qb(
+        logits: jax.Array, topk: int, expert_bias: jax.Array | None, bin_bounds: jax.Array,
+        num_bins: int, histogram: jax.Array | None = None, scaling_factor: float | None = None,
+        routing_map_format: RoutingMapFormatLike = "bytemap",
+        topk_indices: jax.Array | None = None, topk_indices_dtype: DTypeLike | None = None, *,
+        score_function: ScoreFunctionLike = "sigmoid", use_pre_softmax: bool = False,
+        num_groups: int | None = None, group_topk: int | None = None):
+    """Pure-JAX ``jax_router.fused_topk_with_score_function_qb``: same arguments (without
+    ``implementation``), outputs and errors. Returns ``(probs, routing_output, cutoff,
+    histogram)``."""
+    from .options import qb_options
+
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
+    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
+    topk_indices = as_array(topk_indices)
+    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
+                          scaling_factor, score_function, use_pre_softmax, num_groups,
+                          group_topk)
+    fmt = routing_map_format_of(routing_map_format)
+    index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
+    return qb_probs_and_routing(opts, nb, fmt, index_dtype, logits, expert_bias, bin_bounds,
+                                histogram)
+
+
+def qb_probs_and_routing(opts, num_bins, fmt, index_dtype, logits, expert_bias, bin_bounds,
+                         histogram):
+    """``fused_topk_with_score_function_qb`` for validated options (the fallback runs this)."""
+    idx, p, cutoff, hist = qb_core(opts, num_bins, logits, expert_bias, bin_bounds, histogram)
+    probs = scatter_rows(idx, opts.scaling_factor * p, opts.num_experts, logits.dtype)
+    if index_dtype is not None:
+        return probs, idx.astype(index_dtype), cutoff, hist
+    routing_map = scatter_rows(idx, jnp.ones(idx.shape, jnp.bool_), opts.num_experts, jnp.bool_)
+    if fmt == RoutingMapFormat.BITMAP_U8:
+        routing_map = pack_bitmap(routing_map)
+    return probs, routing_map, cutoff, hist
+
+
 # --- Dispatch (docs/semantics.md#dispatch): the argsort-based definition of the plan ----------
 
 
