@@ -72,7 +72,8 @@ def _out_types(call: _QbCall, logits, residuals: bool):
         _aval(logits, lead + (k,), idx_dtype)
         if c.mode != OutputMode.MAP or residuals else _empty(logits, idx_dtype),
         _aval(logits, lead + (k,), jnp.float32) if residuals else _empty(logits, jnp.float32),
-        _aval(logits, lead, jnp.float32),
+        t.update(shape=lead, dtype=jnp.float32,  # [*lead], sharded as the token dims
+                 sharding=t.sharding.update(spec=P(*_lead_spec(t, len(lead))))),
         hist,
     )
 
@@ -136,7 +137,8 @@ def _partition(call, residuals, mesh, arg_shapes, result_shape):
 
 def _rule(call, residuals, mesh, arg_types, result_types):
     """Shardy: token dims shared by the [*lead, X] / [*lead] buffers; every other dim replicated."""
-    n = arg_types[0].ndim - 1
+    # arg_types / result_types are MLIR tensor types: .shape only
+    n = len(arg_types[0].shape) - 1
     lead_shape = tuple(arg_types[0].shape[:n])
     factors = tuple(f"t{i}" for i in range(n))
     own: list[str] = []

@@ -95,6 +95,14 @@ class Impl:
         return jr.fused_topk_with_score_function(logits, topk,
                                                  implementation=self.implementation, **kwargs)
 
+    def route_topk_qb(self, logits, topk, *args, **kwargs):
+        return jr.route_topk_qb(logits, topk, *args, implementation=self.implementation,
+                                **kwargs)
+
+    def fused_topk_with_score_function_qb(self, logits, topk, *args, **kwargs):
+        return jr.fused_topk_with_score_function_qb(logits, topk, *args,
+                                                    implementation=self.implementation, **kwargs)
+
     def fused_compute_score_for_moe_aux_loss(self, logits, topk, score_function,
                                              routing_map_format="bytemap"):
         return jr.fused_compute_score_for_moe_aux_loss(

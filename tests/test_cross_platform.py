@@ -1,5 +1,6 @@
 """docs/semantics.md#numerics: the CPU and the CUDA kernels give bit-identical outputs for the same inputs
-and options (indices, maps, weights, probs, aux scores and gradients).
+and options (indices, maps, weights, probs, aux scores, quantile balancing's cutoffs and
+histograms, and gradients).
 
 The inputs are built once on the host (numpy): random rows, plus hard rows scattered among them
 (near-zero and subnormal-scale values, rows whose sigmoid / softplus / softmax results are
@@ -294,4 +295,54 @@ def test_aux_scores_bits_equal(cpu_and_cuda, shape, fn):
     cpu_out, cuda_out = run_on_both(cpu_and_cuda, aux_program(topk, fn), x, cot)
     assert np.count_nonzero(cpu_out["scores"]) > 0
     assert np.count_nonzero(np.asarray(cpu_out["scores grad"], F32)) > 0
+    assert_same_bits(cpu_out, cuda_out, x, labels)
+
+
+# ---- quantile balancing ------------------------------------------------------------------
+
+# (E, topk): on CUDA the fast kernel's layouts (E <= 1024, topk + 1 <= 32) and the general
+# kernel (topk + 1 > 32, E > 1024); topk + 1 == E
+QB_SHAPES = [(8, 7), (37, 5), (130, 8), (896, 16), (1024, 32), (2048, 8)]
+
+
+def qb_program(topk, num_bins, index_dtype):
+    def make(impl):
+        def program(x, bias, bounds, hist, cot):
+            qb = lambda x: impl.route_topk_qb(x, topk, bias, bounds, num_bins, hist,
+                                              scaling_factor=1.5, index_dtype=index_dtype)
+            out = {}
+            out["weights"], out["indices"], out["cutoff"], out["histogram"] = qb(x)
+            probs, out["map"], out["map cutoff"], out["map histogram"] = (
+                impl.fused_topk_with_score_function_qb(x, topk, bias, bounds, num_bins))
+            out["probs"] = probs
+            out["grad"] = jax.vjp(lambda x: qb(x)[0], x)[1](cot)[0]
+            return out
+
+        return program
+
+    return make
+
+
+@pytest.mark.parametrize("shape", range(len(QB_SHAPES)),
+                         ids=[f"E{E}-k{k}" for E, k in QB_SHAPES])
+def test_qb_bits_equal(cpu_and_cuda, shape):
+    E, topk = QB_SHAPES[shape]
+    dtype = FLOAT_DTYPES[shape % 3]
+    seed = 9000 + shape
+    x, labels = make_logits(E, seed, dtype, random_rows=2048 if E <= 512 else 1024)
+    bias = make_bias(E, seed, BIAS_KINDS[shape % 4])
+    rng = np.random.default_rng(seed + 1)
+    bounds = np.array([-1.5, 1.25], F32)
+    hist = rng.integers(0, 5, (E, 97)).astype(np.int32)
+    cot = rng.standard_normal((x.shape[0], topk)).astype(F32)
+    index_dtype = jnp.int16 if shape % 2 else jnp.int32
+    cpu_out, cuda_out = run_on_both(cpu_and_cuda, qb_program(topk, 97, index_dtype),
+                                    x, bias, bounds, hist, cot)
+    assert np.count_nonzero(cpu_out["weights"]) > 0
+    assert np.count_nonzero(np.asarray(cpu_out["grad"], F32)) > 0
+    for name in ("histogram", "map histogram"):  # [E, bins]: compared whole, not by token row
+        h_cpu, h_cuda = cpu_out.pop(name), cuda_out.pop(name)
+        assert (h_cpu.sum(axis=1) == hist.sum(axis=1) + x.shape[0]).all()
+        assert np.array_equal(h_cpu, h_cuda), (
+            f"{name}: {np.count_nonzero(h_cpu != h_cuda)} of {h_cpu.size} counts differ")
     assert_same_bits(cpu_out, cuda_out, x, labels)
