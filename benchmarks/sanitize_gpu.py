@@ -1,5 +1,5 @@
-"""Small driver for compute-sanitizer: runs every CUDA router and aux-score kernel once through the
-public API.
+"""Small driver for compute-sanitizer: runs every CUDA router, quantile-balancing and aux-score
+kernel once through the public API.
 
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
     compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
@@ -82,8 +82,32 @@ def run_aux(E, topk, dtype):
     jax.block_until_ready(outs)
 
 
+# Quantile balancing: (E, topk) for the fast kernel's layouts (small, partial lanes, 896/16) and
+# the general kernel (topk + 1 > 32, E > 1024), with traced-looking bounds outside the scores.
+QB_CASES = [(8, 7), (37, 5), (896, 16), (1024, 32), (1100, 8)]
+
+
+def run_qb(E, topk, dtype):
+    x = 2.0 * jax.random.normal(jax.random.key(E + 7 * topk), (37, E), jnp.float32)
+    x = x.at[0, 0].set(jnp.nan).at[1, :].set(0.0).at[2, 1].set(-jnp.inf).astype(dtype)
+    bias = 0.1 * jax.random.normal(jax.random.key(E), (E,), jnp.float32)
+    outs = []
+    for bounds in ((-1.0, 1.0), (5.0, 6.0), (-6.0, -5.0)):
+        b = jnp.array(bounds, jnp.float32)
+        outs += list(jr.route_topk_qb(x, topk, bias, b, 100))
+        outs += list(jr.fused_topk_with_score_function_qb(x, topk, bias, b, 7,
+                                                          routing_map_format="bitmap_u8"))
+    r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+    outs.append(jax.grad(lambda x: jnp.sum(jr.route_topk_qb(x, topk, bias, b, 3)[0] * r))(x))
+    jax.block_until_ready(outs)
+
+
 def main():
     print(jax.devices())
+    for E, topk in QB_CASES:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            run_qb(E, topk, dtype)
+        print(f"ok qb E={E} topk={topk}", flush=True)
     for E, topk, opts in CASES:
         for dtype in (jnp.bfloat16, jnp.float32):
             run(E, topk, opts, dtype=dtype)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-machine session: build the extension for the H200, then the steps named in
+# $STEPS (default: all), each logged to $OUT/<step>.log. Used for the runs in RESULTS.md.
+#   STEPS="build qb cross sanitize benchqb" bash benchmarks/gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/jr_out}; mkdir -p "$OUT"
+STEPS=${STEPS:-build suite cross sanitize benchqb bench}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+py=python3
+for step in $STEPS; do
+  start=$(date +%s)
+  case $step in
+    build) $py -m pip install -q --no-build-isolation --no-deps -e . \
+             -Ccmake.define.JAX_ROUTER_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+             -Ccmake.define.JAX_ROUTER_XLA_INCLUDE_DIR="$($py -c 'import jax.ffi; print(jax.ffi.include_dir())')" ;;
+    suite) $py -m pytest -q -p no:cacheprovider -n 12 --require-gpu tests ;;
+    qb) $py -m pytest -q -p no:cacheprovider -n 8 --require-gpu tests/test_qb.py ;;
+    dispatch) $py -m pytest -q -p no:cacheprovider -n 8 --require-gpu tests/test_dispatch*.py ;;
+    cross) $py -m pytest -q -p no:cacheprovider -n 8 --require-gpu tests/test_cross_platform.py ;;
+    sanitize) for tool in memcheck racecheck; do
+                compute-sanitizer --tool $tool --kernel-name kns=jax_router $py benchmarks/sanitize_gpu.py | tail -4
+              done ;;
+    benchqb) $py benchmarks/bench_qb.py ;;
+    bench) $py benchmarks/bench_gpu.py --configs ${BENCH_CONFIGS:-large,kimi-k2,deepseek-v3} --tokens 65536 --modes compact ;;
+    *) $py $step ;;  # any other step: a script path
+  esac > "$OUT/$step.log" 2>&1
+  rc=$?
+  echo "== $step rc=$rc $(( $(date +%s) - start ))s: $(tail -n 2 "$OUT/$step.log" | tr '\n' ' ' | cut -c1-300)"
+done
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+git log --oneline -1
