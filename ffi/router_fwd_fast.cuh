@@ -16,8 +16,7 @@
 //   5. each candidate's slot = the number of candidates with a larger slot key. Slots < k
 //      are the selection, already in order (score descending, ties to the lower id).
 // Quantile balancing (QB, sigmoid only) ranks k + 1 slots: slot k's score is the row's cutoff,
-// and each lane then counts its experts into the histogram (routing_math.h qb_bin) with
-// integer atomics, from the activations it kept in registers.
+// written to a.cutoff (qb_histogram.cuh then counts the histogram from it).
 // If a token has more than CMAX candidates (many exact ties), the ranks are counted against
 // every expert of the token instead: slower, same result.
 //
@@ -136,11 +135,7 @@ struct FastArgs {
   int group_topk;
   int m;           // topk / group_topk (grouped)
   bool x_vec, bias_vec, probs_vec, map_vec;
-  // quantile balancing (the QB kernels only)
-  const float* bin_bounds;
-  float* cutoff;
-  int32_t* histogram;
-  int64_t num_bins;
+  float* cutoff;  // quantile balancing (the QB kernels only): [rows]
 };
 
 // 1/y rounded to nearest, through the same fast path as the CUDA library's reciprocal; *odd is
@@ -171,10 +166,10 @@ __device__ __noinline__ float4 activation4_slow(float4 x) {
 // check done
 // once per 4 elements instead of once per element. Bias (nullptr: none) is read 4 floats at a
 // time (16-byte loads when `bias_vec` and the chunk is whole).
-template <ScoreFn F, int V, int P, bool QB>
+template <ScoreFn F, int V, int P>
 __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bias, bool bias_vec,
                                            int nvalid, uint4 (*keys_sm)[kFastThreads], int tid,
-                                           uint32_t (&top)[P], float (&s_kept)[QB ? V : 1]) {
+                                           uint32_t (&top)[P]) {
 #pragma unroll
   for (int p = 0; p < P; ++p) top[p] = 0;
   const bool whole = nvalid == V;
@@ -211,10 +206,6 @@ __device__ __forceinline__ void chunk_keys(const float (&x)[V], const float* bia
     } else if (F != ScoreFn::kSoftmax) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) s[u] = activation<F>(x[4 * q + u]);
-    }
-    if constexpr (QB) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) s_kept[4 * q + u] = s[u];
     }
     uint32_t kk[4];
 #pragma unroll
@@ -264,7 +255,6 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
   __shared__ int sel_e[TPB][SS];
   __shared__ float sel_v[TPB][SS];
   __shared__ float sel_u[kRaw ? TPB : 1][SS];
-  __shared__ float cutoff_sm[QB ? TPB : 1];
 
   const int tid = threadIdx.x;
   const int j = tid % L;
@@ -272,8 +262,6 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
   const int E = a.E;
   const int k = a.k;
   const int ranked = QB ? k + 1 : k;  // slots ranked: QB's slot k is the cutoff
-  const float qb_lower = QB ? a.bin_bounds[0] : 0.0f;
-  const float qb_scale_ = QB ? qb_scale(a.num_bins, qb_lower, a.bin_bounds[1]) : 0.0f;
   const int base_e = j * V;
   const int nvalid = max(0, min(V, E - base_e));
   const int gthread0 = tid - j;  // first thread of my group
@@ -305,8 +293,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
     }
 
     uint32_t top[P];
-    float s_kept[QB ? V : 1];
-    chunk_keys<F, V, P, QB>(x, brow, a.bias_vec, nv, keys_sm, tid, top, s_kept);
+    chunk_keys<F, V, P>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
 
     // Group-limited routing and the candidate threshold.
     bool keep = tok;
@@ -394,7 +381,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
     // Ranks: slot of a candidate = number of candidates with a larger slot key.
     auto record = [&](int rank, unsigned long long sk) {
       if (QB && rank == k) {
-        cutoff_sm[QB ? tb : 0] = order_key_value(static_cast<uint32_t>(sk >> 32));
+        a.cutoff[t] = exact::canonical(order_key_value(static_cast<uint32_t>(sk >> 32)));
         return;
       }
       const int e = static_cast<int>(slot_expert(sk));
@@ -433,21 +420,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
         if (rank < ranked) record(rank, my);
       }
     }
-    __syncwarp();  // sel_* and cutoff_sm written before any lane of the token reads them
-
-    if constexpr (QB) {
-      if (tok) {
-        const float c = cutoff_sm[tb];
-        if (j == 0) a.cutoff[t] = exact::canonical(c);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          if (i < nv) {
-            const int64_t bin = qb_bin(c, s_kept[i], qb_lower, qb_scale_, a.num_bins);
-            atomicAdd(a.histogram + static_cast<int64_t>(base_e + i) * a.num_bins + bin, 1);
-          }
-        }
-      }
-    }
+    __syncwarp();
 
     // Weights, in slot order (routing_math.h weight_numerator / weight_denominator / weight).
     constexpr int NQ = (KMAX + L - 1) / L;

@@ -2,8 +2,7 @@
 // topk, pre-softmax. One block per row sorts the row's 64-bit slot keys (routing_math.h) in
 // shared memory (bitonic); group-limited routing sorts (group, key) composites first, then
 // group keys. Weights: routing_math.h's formulas, numerator sums in slot order by one thread.
-// Quantile balancing reads its cutoff from the sorted slot k and counts every expert of the row
-// into the histogram with integer atomics.
+// Quantile balancing writes the score of sorted slot k as the row's cutoff.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,11 +40,7 @@ struct GenArgs {
   int num_groups;
   int group_topk;
   int m;
-  // quantile balancing: nullptr / 0 when off
-  const float* bin_bounds;
-  float* cutoff;
-  int32_t* histogram;
-  int64_t num_bins;
+  float* cutoff;  // quantile balancing: [rows]; nullptr when off
 };
 
 // Descending bitonic sort of n (a power of two) keys in shared memory, all threads of the block.
@@ -165,15 +160,8 @@ __global__ void fwd_general_kernel(const GenArgs a) {
     __syncthreads();
     bitonic_desc(sk, n2);  // ends with a barrier: the sorted keys are visible to every thread
 
-    if (a.histogram) {  // sk[k] exists: E >= k + 1; the packing below rewrites slots < k only
-      const float c = order_key_value(static_cast<uint32_t>(sk[k] >> 32));
-      if (tid == 0) a.cutoff[row] = exact::canonical(c);
-      const float lower = a.bin_bounds[0];
-      const float scale = qb_scale(a.num_bins, lower, a.bin_bounds[1]);
-      for (int i = tid; i < E; i += nt) {
-        const int64_t bin = qb_bin(c, act_of(D::to_f(xr[i])), lower, scale, a.num_bins);
-        atomicAdd(a.histogram + static_cast<int64_t>(i) * a.num_bins + bin, 1);
-      }
+    if (a.cutoff && tid == 0) {  // sk[k] exists (E >= k + 1); the packing below rewrites slots < k
+      a.cutoff[row] = exact::canonical(order_key_value(static_cast<uint32_t>(sk[k] >> 32)));
     }
 
     // Slots 0..k-1: pack (value bits, expert) in place.

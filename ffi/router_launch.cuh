@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "qb_histogram.cuh"
 #include "router_bwd.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_general.cuh"
@@ -272,7 +273,46 @@ inline int64_t MaxGeneralExperts(int dev) {
   return e;
 }
 
-inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath* taken = nullptr) {
+// Quantile balancing's histogram from the cutoffs the routing kernel wrote (qb_histogram.cuh).
+inline cudaError_t LaunchQbHistogram(const FwdArgs& f, cudaStream_t stream, int dev) {
+  QbHistArgs h{};
+  h.rows = f.rows;
+  h.E = static_cast<int>(f.experts);
+  h.logits = f.logits;
+  h.cutoff = f.cutoff;
+  h.bin_bounds = f.bin_bounds;
+  h.num_bins = f.p.num_bins;
+  h.histogram = f.histogram;
+  // Up to 64 KiB of counts a block (three blocks an SM on sm_90), more only when one expert's
+  // counts need it.
+  int64_t smem_cap = SmemOptin(dev) - 1024;
+  h.eb = QbExpertsPerBlock(h.num_bins, 64 * 1024);
+  if (h.eb == 0) h.eb = QbExpertsPerBlock(h.num_bins, smem_cap);
+  const int eb = h.eb > 0 ? h.eb : 1;
+  const int64_t tiles = (f.experts + eb - 1) / eb;
+  // About two blocks an SM in all; chunks of at least 1024 rows.
+  const int64_t want = 2 * static_cast<int64_t>(SmCount(dev));
+  int64_t chunks = (want + tiles - 1) / tiles;
+  const int64_t max_chunks = (f.rows + 1023) / 1024;
+  chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
+  if (chunks > 65535) chunks = 65535;
+  h.rows_per_chunk = (f.rows + chunks - 1) / chunks;
+  const size_t smem = h.eb > 0 ? static_cast<size_t>(h.eb) * h.num_bins * 4 : 0;
+  return DispatchDt(f.logits_dt, [&](auto d) {
+    auto kernel = qb_histogram_kernel<decltype(d)>;
+    if (smem > 48 * 1024) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), kQbThreads, smem,
+             stream>>>(h);
+    return cudaGetLastError();
+  });
+}
+
+// The routing kernel of a forward call (fast or general path, PlanForward).
+inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath* taken) {
   if (taken) *taken = FwdPath::kNone;
   if (f.rows <= 0) return cudaSuccess;
   if (!f.probs && !f.map && !f.weights && !f.indices && !f.act) return cudaSuccess;
@@ -307,10 +347,7 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
     fa.probs_vec = f.probs && Aligned16(f.probs) && (f.experts * es) % 16 == 0;
     const int mv = lay.V < 16 ? lay.V : 16;
     fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
-    fa.bin_bounds = f.bin_bounds;
     fa.cutoff = f.cutoff;
-    fa.histogram = f.histogram;
-    fa.num_bins = f.p.num_bins;
     if (taken) *taken = FwdPath::kFast;
     return LaunchFastAny(plan, f.p.score_fn, is_qb(f.p), fa, stream, dev);
   }
@@ -341,12 +378,7 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
   ga.act = f.act;
   ga.scaling = f.p.scaling;
   ga.pre_softmax = f.p.score_fn == ScoreFn::kSoftmax && f.p.pre_softmax;
-  if (is_qb(f.p)) {
-    ga.bin_bounds = f.bin_bounds;
-    ga.cutoff = f.cutoff;
-    ga.histogram = f.histogram;
-    ga.num_bins = f.p.num_bins;
-  }
+  ga.cutoff = is_qb(f.p) ? f.cutoff : nullptr;
   int threads = ga.n2 / 2;
   threads = threads < 32 ? 32 : (threads > 512 ? 512 : threads);
   size_t smem = static_cast<size_t>(ga.n2) * 8 + static_cast<size_t>(ga.n2g) * 8 +
@@ -357,6 +389,13 @@ inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath*
       return LaunchGeneralT<decltype(d), decltype(fn)::value>(ga, threads, smem, stream, dev);
     });
   });
+}
+
+// A forward call: the routing kernel, then quantile balancing's histogram where asked for.
+inline cudaError_t LaunchForward(const FwdArgs& f, cudaStream_t stream, FwdPath* taken = nullptr) {
+  cudaError_t e = LaunchRouting(f, stream, taken);
+  if (e != cudaSuccess || !is_qb(f.p) || f.rows <= 0) return e;
+  return LaunchQbHistogram(f, stream, CurrentDevice());
 }
 
 inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {

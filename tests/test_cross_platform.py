@@ -313,7 +313,7 @@ def qb_program(topk, num_bins, index_dtype):
             out = {}
             out["weights"], out["indices"], out["cutoff"], out["histogram"] = qb(x)
             probs, out["map"], out["map cutoff"], out["map histogram"] = (
-                impl.fused_topk_with_score_function_qb(x, topk, bias, bounds, num_bins))
+                impl.fused_topk_with_score_function_qb(x, topk, bias, bounds, num_bins, hist))
             out["probs"] = probs
             out["grad"] = jax.vjp(lambda x: qb(x)[0], x)[1](cot)[0]
             return out
