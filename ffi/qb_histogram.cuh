@@ -21,6 +21,7 @@ namespace jax_router {
 namespace cuda {
 
 constexpr int kQbThreads = 256;
+constexpr int kQbUnroll = 8;
 
 struct QbHistArgs {
   int64_t rows;
@@ -54,10 +55,26 @@ __global__ void __launch_bounds__(kQbThreads) qb_histogram_kernel(const QbHistAr
   const float scale = qb_scale(nb, lower, __ldg(a.bin_bounds + 1));
   const int eo = threadIdx.x % eb;
   const R* logits = static_cast<const R*>(a.logits);
+  // Each thread takes every (kQbThreads / eb)-th row of the chunk, kQbUnroll at a time: all
+  // their loads are issued before the first count, so that many loads are in flight per thread
+  // (one at a time left the kernel waiting on memory latency: 0.8 ms at 65536 x 896).
+  const int64_t step = kQbThreads / eb;
   if (eo < ne) {
-    for (int64_t r = r0 + threadIdx.x / eb; r < r1; r += kQbThreads / eb) {
-      const float s = activation<ScoreFn::kSigmoid>(D::to_f(__ldg(logits + r * a.E + e0 + eo)));
-      atomicAdd(counts + eo * nb + qb_bin(__ldg(a.cutoff + r), s, lower, scale, nb), 1);
+    for (int64_t rb = r0 + threadIdx.x / eb; rb < r1; rb += kQbUnroll * step) {
+      float x[kQbUnroll], c[kQbUnroll];
+#pragma unroll
+      for (int u = 0; u < kQbUnroll; ++u) {
+        const int64_t r = rb + u * step;
+        x[u] = r < r1 ? D::to_f(__ldg(logits + r * a.E + e0 + eo)) : 0.0f;
+        c[u] = r < r1 ? __ldg(a.cutoff + r) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kQbUnroll; ++u) {
+        if (rb + u * step < r1) {
+          const float s = activation<ScoreFn::kSigmoid>(x[u]);
+          atomicAdd(counts + eo * nb + qb_bin(c[u], s, lower, scale, nb), 1);
+        }
+      }
     }
   }
   if (!shared) return;

@@ -283,15 +283,15 @@ inline cudaError_t LaunchQbHistogram(const FwdArgs& f, cudaStream_t stream, int 
   h.bin_bounds = f.bin_bounds;
   h.num_bins = f.p.num_bins;
   h.histogram = f.histogram;
-  // Up to 64 KiB of counts a block (three blocks an SM on sm_90), more only when one expert's
+  // Up to 32 KiB of counts a block (seven blocks an SM on sm_90), more only when one expert's
   // counts need it.
   int64_t smem_cap = SmemOptin(dev) - 1024;
-  h.eb = QbExpertsPerBlock(h.num_bins, 64 * 1024);
+  h.eb = QbExpertsPerBlock(h.num_bins, 32 * 1024);
   if (h.eb == 0) h.eb = QbExpertsPerBlock(h.num_bins, smem_cap);
   const int eb = h.eb > 0 ? h.eb : 1;
   const int64_t tiles = (f.experts + eb - 1) / eb;
-  // About two blocks an SM in all; chunks of at least 1024 rows.
-  const int64_t want = 2 * static_cast<int64_t>(SmCount(dev));
+  // About four blocks an SM in all; chunks of at least 1024 rows.
+  const int64_t want = 4 * static_cast<int64_t>(SmCount(dev));
   int64_t chunks = (want + tiles - 1) / tiles;
   const int64_t max_chunks = (f.rows + 1023) / 1024;
   chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
