@@ -72,11 +72,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_router  # noqa: E402
 
-# Both versions must see the same float32 products: with the default precision a GPU runs
-# float32 matmuls in TF32, whose rounding would differ between the two layouts and could flip
-# near-tied top-k choices. The example checks equality, so it asks for full float32.
-jax.config.update("jax_default_matmul_precision", "highest")
-
 AXIS = "ep"
 EXCHANGES = ("auto", "padded", "ragged")
 
@@ -105,7 +100,7 @@ PRESETS = {
     "cpu": Config(),
     # Capacity factor 2: with C = T every device would run E / k times the expert work it needs.
     "gpu": Config(tokens=4096, dim=512, ffn=1024, experts=32, topk=4, capacity_factor=2.0,
-                  steps=10, lr=1.0),
+                  steps=10, lr=10.0),
 }
 
 
@@ -327,29 +322,33 @@ def run(cfg: Config, devices: list, exchange: str = "auto", log=print) -> Result
         f"{'dropped':>7}  rows filled / sent")
     result = Result(exchange, [], [], [], [], [], 0.0)
     start = time.perf_counter()
-    for step in range(cfg.steps):
-        x, target = batch(step)
-        x_ep = jax.device_put(x, NamedSharding(mesh, P(AXIS)))
-        t_ep = jax.device_put(target, NamedSharding(mesh, P(AXIS)))
-        params_ep, loss_ep, grads_ep, dropped_ep = step_ep(params_ep, x_ep, t_ep)
-        # Fetched every step: the host needs the numbers, and on XLA:CPU several queued
-        # collective steps can starve its shared thread pool.
-        loss_ep, dropped_ep = float(loss_ep), int(dropped_ep)
-        result.seconds += time.perf_counter() - start
-        params_ref, loss_ref, grads_ref, dropped_ref = step_ref(
-            params_ref, *jax.device_put((x, target), devices[0]))
-        diff, scale = max_grad_difference(grads_ep, grads_ref)
-        filled = n * cfg.tokens * cfg.topk - dropped_ep  # rows carrying a (token, slot)
-        sent = n * cfg.experts * C if exchange == "padded" else filled
-        log(f"{step:4d}  {loss_ep:12.6f}  {float(loss_ref):12.6f}  {scale:9.2e}  {diff:10.2e}  "
-            f"{dropped_ep:7d}  {filled} / {sent}")
-        result.loss_ep.append(loss_ep)
-        result.loss_ref.append(float(loss_ref))
-        result.grad_diff.append(diff)
-        result.dropped.append(dropped_ep)
-        result.problems += [f"step {step}: {p}" for p in mismatches(
-            loss_ep, float(loss_ref), diff, scale, dropped_ep, int(dropped_ref))]
-        start = time.perf_counter()
+    # Both versions must see the same float32 products: with the default precision a GPU runs
+    # float32 matmuls in TF32, whose rounding would differ between the two layouts and could
+    # flip near-tied top-k choices. The steps are traced (and compiled) inside the context.
+    with jax.default_matmul_precision("highest"):
+        for step in range(cfg.steps):
+            x, target = batch(step)
+            x_ep = jax.device_put(x, NamedSharding(mesh, P(AXIS)))
+            t_ep = jax.device_put(target, NamedSharding(mesh, P(AXIS)))
+            params_ep, loss_ep, grads_ep, dropped_ep = step_ep(params_ep, x_ep, t_ep)
+            # Fetched every step: the host needs the numbers, and on XLA:CPU several queued
+            # collective steps can starve its shared thread pool.
+            loss_ep, dropped_ep = float(loss_ep), int(dropped_ep)
+            result.seconds += time.perf_counter() - start
+            params_ref, loss_ref, grads_ref, dropped_ref = step_ref(
+                params_ref, *jax.device_put((x, target), devices[0]))
+            diff, scale = max_grad_difference(grads_ep, grads_ref)
+            filled = n * cfg.tokens * cfg.topk - dropped_ep  # rows carrying a (token, slot)
+            sent = n * cfg.experts * C if exchange == "padded" else filled
+            log(f"{step:4d}  {loss_ep:12.6f}  {float(loss_ref):12.6f}  {scale:9.2e}  "
+                f"{diff:10.2e}  {dropped_ep:7d}  {filled} / {sent}")
+            result.loss_ep.append(loss_ep)
+            result.loss_ref.append(float(loss_ref))
+            result.grad_diff.append(diff)
+            result.dropped.append(dropped_ep)
+            result.problems += [f"step {step}: {p}" for p in mismatches(
+                loss_ep, float(loss_ref), diff, scale, dropped_ep, int(dropped_ref))]
+            start = time.perf_counter()
     return result
 
 
