@@ -6,13 +6,14 @@ The block, per token ``x [D]``:
 2. route: ``jax_router.route_topk`` with DeepSeek-V3-style routing -- sigmoid scores, a
    selection-only ``expert_bias``, group-limited top-k and a scaling factor -- giving compact
    ``weights [T, k]`` and dense ``indices [T, k]``; no ``[T, E]`` tensor is written;
-3. dispatch: the ``T * k`` (token, expert) pairs sorted by expert id, so that each expert's
-   tokens are contiguous;
-4. experts: a two-layer GELU MLP per expert, its weights stacked ``[E, D, H]`` / ``[E, H, D]``.
-   Each expert takes up to ``capacity = C * T * k / E`` of its sorted rows into an
-   ``[E, capacity, D]`` buffer (``--capacity-factor C``) and all experts run as one batched
-   matmul; rows past capacity are dropped, which the load balancing below makes rare;
-5. combine: each row scaled by its routing weight and scatter-added back to its token.
+3. dispatch: ``jax_router.dispatch_plan`` with ``capacity = C * T * k / E``
+   (``--capacity-factor C``) places each (token, expert) pair in an expert-major
+   ``[E * capacity, D]`` buffer, which ``jax_router.permute`` fills; an expert's pairs past its
+   capacity are dropped (in token order), which the load balancing below makes rare;
+4. experts: a two-layer GELU MLP per expert, its weights stacked ``[E, D, H]`` / ``[E, H, D]``,
+   all experts run as one batched matmul over the buffer viewed as ``[E, capacity, D]``;
+5. combine: ``jax_router.unpermute`` sums each token's expert outputs, scaled by its routing
+   weights.
 
 Load balancing is DeepSeek-V3's auxiliary-loss-free rule: after every optimizer step,
 ``expert_bias += rate * sign(mean_load - load_e)``. The bias lives in an ``nnx.Variable``
@@ -129,32 +130,24 @@ class MoE(nnx.Module):
         return experts(x, weights, indices, self.w_in[...], self.w_out[...])
 
     def _local_experts(self, x, weights, indices, w_in, w_out):
-        """One device's tokens: sort-based dispatch, batched expert MLPs, weighted combine.
+        """One device's tokens: planned dispatch, batched expert MLPs, weighted combine.
 
         Returns ``(y [T, D], load [E], dropped)``, load and dropped summed over devices.
         """
-        num_experts, k = w_in.shape[0], indices.shape[-1]
-        flat = indices.reshape(-1)
-        order = jnp.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        rows_w = weights.reshape(-1)[order][:, None]
-        counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        num_experts = w_in.shape[0]
         # Fixed [E, capacity, D] buffers, so all experts run as one batched matmul; pairs past
         # an expert's capacity are dropped (the token keeps its other experts), which a
         # balanced load avoids. (jax.lax.ragged_dot would be dropless, but XLA expands it to
         # dense per-expert products here: E times the work, and out of memory at GPU sizes.)
-        cap = max(1, int(np.ceil(self.capacity_factor * flat.size / num_experts)))
-        expert = flat[order]
-        pos = jnp.arange(flat.size) - (jnp.cumsum(counts) - counts)[expert]
-        slot = jnp.where(pos < cap, expert * cap + pos, num_experts * cap)  # past the end: drop
-        buf = jnp.zeros((num_experts * cap, x.shape[-1]), x.dtype)
-        buf = buf.at[slot].set(x[token], mode="drop").reshape(num_experts, cap, -1)
+        cap = max(1, int(np.ceil(self.capacity_factor * indices.size / num_experts)))
+        plan = jax_router.dispatch_plan(indices, num_experts, capacity=cap)
+        buf = jax_router.permute(x, plan).reshape(num_experts, cap, -1)
         h = jax.nn.gelu(jnp.einsum("ecd,edh->ech", buf, w_in))
         out = jnp.einsum("ech,ehd->ecd", h, w_out).reshape(num_experts * cap, -1)
-        rows = out.at[slot].get(mode="fill", fill_value=0)
-        dropped = jnp.sum(pos >= cap)
-        y = jnp.zeros_like(x).at[token].add((rows * rows_w).astype(x.dtype))
-        return y, jax.lax.psum(counts, "data"), jax.lax.psum(dropped, "data")
+        y = jax_router.unpermute(out, plan, weights)
+        # Every id from route_topk is in [0, E), so a dropped pair is one past capacity.
+        dropped = jnp.sum(plan.positions < 0)
+        return y, jax.lax.psum(plan.tokens_per_expert, "data"), jax.lax.psum(dropped, "data")
 
     def update_bias(self, load: jax.Array, rate: float) -> None:
         load = load.astype(jnp.float32)

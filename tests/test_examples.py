@@ -148,3 +148,136 @@ def test_demo_plot_skipped_without_matplotlib(demo, tmp_path, monkeypatch, capsy
     assert not demo.plot(*_rows(demo), str(path), "test")
     assert not path.exists()
     assert "matplotlib" in capsys.readouterr().out
+
+
+# --- examples/moe_ep.py: expert parallelism over the ep axis -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_ep():
+    return _load("moe_ep")
+
+
+def test_moe_ep_script_matches_one_device_on_8_cpu_devices():
+    # The script as a user runs it: its own process, forced onto the host's 8 XLA devices.
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "moe_ep.py"), "--devices", "8"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "exchange: padded" in proc.stdout  # auto on CPU
+    assert "OK: expert-parallel losses and gradients equal the one-device layer's (10 steps, " \
+           "8 devices, padded exchange" in proc.stdout, proc.stdout
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                recv_sizes, *, axis_name, axis_index_groups=None):
+    """jax.lax.ragged_all_to_all's documented semantics from all_gather and a scatter, for
+    XLA:CPU, which cannot compile the real one; differentiable like any gather / scatter."""
+    assert axis_index_groups is None
+    n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    per = input_offsets.shape[0] // n  # slices each device sends to each device
+    ops, starts, sizes, dests = (jax.lax.all_gather(a, axis_name)
+                                 for a in (operand, input_offsets, send_sizes, output_offsets))
+    mine = me * per + jnp.arange(per)  # the slices of every sender addressed to this device
+    r = jnp.arange(operand.shape[0])
+    src = jnp.minimum(starts[:, mine, None] + r, operand.shape[0] - 1)  # [n, per, rows]
+    dst = jnp.where(r < sizes[:, mine, None], dests[:, mine, None] + r, output.shape[0])
+    # The receiver's recv_sizes must be what the senders say they send.
+    got = sizes[:, mine].reshape(-1)
+    output = output + jnp.where(jnp.all(got == recv_sizes), 0.0, jnp.nan).astype(output.dtype)
+    vals = ops[jnp.arange(n)[:, None, None], src]
+    return output.at[dst.reshape(-1)].set(vals.reshape(-1, operand.shape[-1]), mode="drop")
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_ep_ragged_exchange_matches_one_device(moe_ep, monkeypatch, capacity_factor):
+    # The ragged path's offsets and sizes, checked on CPU through an emulated collective
+    # (on a GPU the real one runs); with capacity factor 1 pairs drop and must drop alike.
+    n = 8 if jax.device_count() >= 8 else 2
+    if jax.device_count() < n:
+        pytest.skip("needs 2 devices")
+    if jax.devices()[0].platform == "cpu":
+        monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    cfg = dataclasses.replace(moe_ep.PRESETS["cpu"], steps=3, capacity_factor=capacity_factor)
+    result = moe_ep.run(cfg, jax.devices()[:n], "ragged", log=lambda *a: None)
+    assert result.exchange == "ragged"
+    assert result.ok, result.problems
+    assert (sum(result.dropped) > 0) == (capacity_factor is not None)
+
+
+def test_moe_ep_ragged_step_lowers_with_the_real_collective(moe_ep):
+    # XLA:CPU cannot compile ragged-all-to-all, but tracing and lowering (shapes, the
+    # shard_map varying-axis rules, the transpose in the gradient) need no backend support.
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cfg = dataclasses.replace(moe_ep.PRESETS["cpu"], capacity_factor=1.0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), (moe_ep.AXIS,))
+    step = moe_ep.sgd_step(moe_ep.expert_parallel_layer(cfg, mesh, "ragged"), cfg.lr)
+    params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+                  mesh, P() if k == "gate" else P(moe_ep.AXIS)))
+              for k, v in moe_ep.init_params(cfg, np.random.default_rng(0)).items()}
+    x = jax.ShapeDtypeStruct((2 * cfg.tokens, cfg.dim), jnp.float32,
+                             sharding=NamedSharding(mesh, P(moe_ep.AXIS)))
+    text = step.lower(params, x, x).as_text()
+    # out and back, and back's transpose (the first exchange carries no parameter's gradient)
+    assert text.count("ragged_all_to_all") == 3
+
+
+def test_moe_ep_emulated_ragged_all_to_all_follows_the_docstring_example(moe_ep):
+    # jax.lax.ragged_all_to_all's own example (2 devices): the emulation the test above
+    # relies on must give its documented result.
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+    args = [np.array(a, np.int32) for a in (
+        [[1, 2, 2], [3, 4, 0]], [[0, 0, 0, 0]] * 2, [[0, 1]] * 2, [[1, 2], [1, 1]],
+        [[0, 0], [1, 2]], [[1, 1], [2, 1]])]
+    f = jax.shard_map(lambda *a: _emulated_ragged_all_to_all(
+        *(v[0] for v in a), axis_name="x")[None], mesh=mesh,
+        in_specs=(jax.sharding.PartitionSpec("x"),) * 6, out_specs=jax.sharding.PartitionSpec("x"))
+    args[:2] = [a[..., None].astype(np.float32) for a in args[:2]]  # rows of width 1
+    out = np.asarray(f(*args))[..., 0]
+    assert out.tolist() == [[1, 3, 0, 0], [2, 2, 4, 0]]
+
+
+def test_moe_ep_check_catches_a_difference(moe_ep):
+    assert moe_ep.mismatches(1.0, 1.0, 1e-9, 1.0, 3, 3) == []
+    assert moe_ep.mismatches(1.0 + 1e-3, 1.0, 1e-9, 1.0, 3, 3)
+    assert moe_ep.mismatches(1.0, 1.0, 1e-2, 1.0, 3, 3)
+    assert moe_ep.mismatches(1.0, 1.0, 1e-9, 1.0, 3, 4)
+    assert moe_ep.mismatches(float("nan"), float("nan"), 0.0, 1.0, 0, 0)
+
+
+def test_moe_ep_capacity(moe_ep):
+    cfg = moe_ep.PRESETS["cpu"]
+    assert cfg.capacity() == cfg.tokens  # dropless default
+    c = dataclasses.replace(cfg, tokens=32, topk=2, experts=16, capacity_factor=1.0)
+    assert c.capacity() == 4  # ceil(1.0 * 32 * 2 / 16)
+    assert dataclasses.replace(c, capacity_factor=100.0).capacity() == 32  # at most tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experts", "12", "--devices", "8"], "multiple of --devices"),
+    (["--topk", "20"], "--topk (20) must be <= --experts"),
+    (["--capacity-factor", "0"], "--capacity-factor must be > 0"),
+    (["--devices", "1000"], "--devices must be in"),
+    (["--exchange", "bogus"], "invalid choice"),
+])
+def test_moe_ep_rejects_bad_arguments(moe_ep, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        moe_ep.parse_args(["--preset", "cpu", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_moe_ep_auto_exchange(moe_ep):
+    assert moe_ep.resolve_exchange("auto", "cpu") == "padded"
+    assert moe_ep.resolve_exchange("auto", "gpu") == "ragged"
+    assert moe_ep.resolve_exchange("padded", "gpu") == "padded"
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        moe_ep.resolve_exchange("nccl", "gpu")
