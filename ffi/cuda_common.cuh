@@ -157,5 +157,25 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// 1/y rounded to nearest, through the same fast path as the CUDA library's reciprocal; *odd is
+// set when y is outside the range where that path is exact (the caller then redoes the chunk
+// with routing_math.h's plain division, which takes the library's slow path).
+__device__ __forceinline__ float rcp_rn_fast(float y, bool* odd) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  const float e = fmaf(-y, r, 1.0f);
+  r = fmaf(r, e, r);
+  const uint32_t ex = (__float_as_uint(y) + 0x1800000u) & 0x7F800000u;
+  *odd |= ex <= 0x1FFFFFFu;
+  return r;
+}
+
+// routing_math.h's sigmoid, 1 / (1 + exact::exp_for_sigmoid(-x)), with the reciprocal through
+// rcp_rn_fast; *odd is set where that path is not exact (the caller then uses
+// activation<kSigmoid>, whose IEEE division gives the same bits everywhere).
+__device__ __forceinline__ float sigmoid_rn_fast(float x, bool* odd) {
+  return rcp_rn_fast(1.0f + exact::exp_for_sigmoid(-x), odd);
+}
+
 }  // namespace cuda
 }  // namespace jax_router

@@ -5,8 +5,9 @@
 // global atomic, T * E of them (59 million at 65536 x 896), which took 0.7 ms on an H200, three
 // times the routing. Here a block owns a tile of `eb` experts and a chunk of rows: it counts in
 // shared memory, then adds its nonzero counts to the global histogram, so the global atomics
-// number at most (tiles x chunks x eb x num_bins). The activation is routing_math.h's, as in
-// every routing path, so the counts match the CPU kernel's exactly. Histograms too large for
+// number at most (tiles x chunks x eb x num_bins). The activation is routing_math.h's sigmoid
+// (its reciprocal through the exact fast path of cuda_common.cuh, as in the fast routing
+// kernel), so the counts match the CPU kernel's exactly. Histograms too large for
 // shared memory (num_bins beyond ~50000 with one expert a block) count in global memory.
 #pragma once
 
@@ -71,7 +72,9 @@ __global__ void __launch_bounds__(kQbThreads) qb_histogram_kernel(const QbHistAr
 #pragma unroll
       for (int u = 0; u < kQbUnroll; ++u) {
         if (rb + u * step < r1) {
-          const float s = activation<ScoreFn::kSigmoid>(x[u]);
+          bool odd = false;
+          float s = sigmoid_rn_fast(x[u], &odd);
+          if (odd) s = activation<ScoreFn::kSigmoid>(x[u]);  // rare: x below about -87, NaN
           atomicAdd(counts + eo * nb + qb_bin(c[u], s, lower, scale, nb), 1);
         }
       }

@@ -138,19 +138,6 @@ struct FastArgs {
   float* cutoff;  // quantile balancing (the QB kernels only): [rows]
 };
 
-// 1/y rounded to nearest, through the same fast path as the CUDA library's reciprocal; *odd is
-// set when y is outside the range where that path is exact (the caller then redoes the chunk
-// with router.h's plain code, which takes the library's slow path).
-__device__ __forceinline__ float rcp_rn_fast(float y, bool* odd) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  const float e = fmaf(-y, r, 1.0f);
-  r = fmaf(r, e, r);
-  const uint32_t ex = (__float_as_uint(y) + 0x1800000u) & 0x7F800000u;
-  *odd |= ex <= 0x1FFFFFFu;
-  return r;
-}
-
 // routing_math.h's activation of 4 values, out of line: the rare path (a reciprocal outside the
 // fast path's exact range: x below about -87, or NaN) stays out of the hot loop's instruction
 // stream.
