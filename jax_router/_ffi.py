@@ -25,6 +25,8 @@ QB_FWD_TARGET = "jax_router_qb_fwd"
 BWD_TARGET = "jax_router_bwd"
 AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
 AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
+# Every FFI target the extension modules register (ffi/module.cc JR_TARGETS), in its order.
+TARGETS = (FWD_TARGET, QB_FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET, AUX_SCORES_BWD_TARGET)
 
 # The oldest supported jaxlib. The build compiles against its FFI headers (cmake/
 # xla_headers.cmake) and pyproject.toml requires it at run time. (The handlers would compile
@@ -248,6 +250,4 @@ def export_checks() -> list:
     """
     from jax import export
 
-    return [export.DisabledSafetyCheck.custom_call(target) for target in
-            (FWD_TARGET, QB_FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET,
-             AUX_SCORES_BWD_TARGET)]
+    return [export.DisabledSafetyCheck.custom_call(target) for target in TARGETS]

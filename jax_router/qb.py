@@ -209,8 +209,17 @@ def _run(call: _QbCall, logits, bias, bin_bounds, histogram):
     bin_bounds = bin_bounds.astype(jnp.float32)
     if histogram is None:
         histogram = jnp.zeros((opts.num_experts, call.num_bins), jnp.int32)
-    return autodiff_guard(_qb_route, call, custom_calls.whole_last_dim(logits), bias,
-                          bin_bounds, histogram)
+    try:
+        return autodiff_guard(_qb_route, call, custom_calls.whole_last_dim(logits), bias,
+                              bin_bounds, histogram)
+    except NotImplementedError as e:
+        if "Batching rule for 'custom_partitioning'" not in str(e):
+            raise
+        raise NotImplementedError(
+            "jax_router: jax.vmap of the quantile-balancing functions is not supported on the "
+            "kernels (their histogram is partitioned with custom_partitioning, which has no "
+            "batching rule). Fold the batch into the leading dims (one histogram for all), or "
+            "pass implementation='xla'") from e
 
 
 # ---- public functions --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _forward_call(logits, **overrides):
     attrs = dict(topk=np.int64(k), score_function=np.int32(int(ScoreFunction.SIGMOID)),
                  use_pre_softmax=False, num_groups=np.int64(0), group_topk=np.int64(0),
                  scaling_factor=np.float32(1.0), output_mode=np.int32(int(OutputMode.COMPACT)),
-                 map_format=np.int32(0))
+                 map_format=np.int32(0), num_bins=np.int64(0))
     attrs.update(overrides)
     T, E = logits.shape
     f32 = jax.ShapeDtypeStruct
@@ -45,6 +45,8 @@ def _forward_call(logits, **overrides):
     ("score_function", np.int32(-1), "unknown score_function"),
     ("output_mode", np.int32(len(OutputMode)), "unknown output_mode"),
     ("map_format", np.int32(2), "unknown map_format"),
+    ("num_bins", np.int64(4), "jax_router_qb_fwd only"),
+    ("num_bins", np.int64(-1), "num_bins out of range"),
 ])
 def test_unknown_enum_values_are_rejected(field, value, message):
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)

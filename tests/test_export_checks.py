@@ -40,12 +40,13 @@ def _export():
     return export.export(jax.jit(_model), disabled_checks=jr.export_checks())(*args)
 
 
-def test_export_checks_name_the_four_targets():
+def test_export_checks_name_every_target():
     checks = jr.export_checks()
-    expected = [export.DisabledSafetyCheck.custom_call(t) for t in
-                (_ffi.FWD_TARGET, _ffi.BWD_TARGET, _ffi.AUX_SCORES_FWD_TARGET,
-                 _ffi.AUX_SCORES_BWD_TARGET)]
+    expected = [export.DisabledSafetyCheck.custom_call(t) for t in _ffi.TARGETS]
     assert checks == expected
+    for module in (_ffi._cpu, _ffi._cuda):  # exactly the targets the built modules register
+        if module is not None:
+            assert set(module.registrations()) == set(_ffi.TARGETS)
 
 
 def test_export_without_the_checks_is_refused():

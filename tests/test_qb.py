@@ -217,6 +217,17 @@ def test_int64_indices(impl):
                                       np.asarray(impl.route_topk_qb(x, 4, None, BOUNDS, 3)[1]))
 
 
+def test_vmap(impl):
+    x = random_logits(15, (3, 7, 16), jnp.float32)
+    f = lambda x: impl.route_topk_qb(x, 2, None, BOUNDS, 4)
+    if impl.name == "xla":
+        out = jax.vmap(f)(x)
+        assert out[3].shape == (3, 16, 4) and (np.asarray(out[3]).sum(axis=2) == 7).all()
+        return
+    with pytest.raises(NotImplementedError, match="leading dims"):
+        jax.vmap(f)(x)
+
+
 # ---- gradients -----------------------------------------------------------------------------
 
 
