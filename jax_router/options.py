@@ -479,3 +479,16 @@ def qb_options(logits: Any, topk: Any, expert_bias: Any, bin_bounds: Any, num_bi
             raise ValueError(f"histogram must have shape [E, num_bins] = ({E}, {nb}), got "
                              f"{tuple(jnp.shape(histogram))}")
     return opts, nb
+
+
+def qb_inputs(logits: Any, topk: Any, expert_bias: Any, bin_bounds: Any, num_bins: Any,
+              histogram: Any, scaling_factor: Any, score_function: Any, use_pre_softmax: Any,
+              num_groups: Any, group_topk: Any):
+    """The quantile-balancing functions' arrays (``as_array``) and options (``qb_options``):
+    ``(opts, num_bins, logits, expert_bias, bin_bounds, histogram)``."""
+    logits, expert_bias = as_array(logits), as_array(expert_bias)
+    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
+    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
+                          scaling_factor, score_function, use_pre_softmax, num_groups,
+                          group_topk)
+    return opts, nb, logits, expert_bias, bin_bounds, histogram

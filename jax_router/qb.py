@@ -39,7 +39,7 @@ from .options import (
     as_array,
     dense_index_dtype,
     index_dtype_of,
-    qb_options,
+    qb_inputs,
     routing_map_format_of,
 )
 from .router import _Call, _aval, _backward, _empty, autodiff_guard
@@ -280,11 +280,9 @@ def route_topk_qb(
     Raises:
       TypeError / ValueError naming the argument, at trace time (``options.qb_options``).
     """
-    logits, expert_bias = as_array(logits), as_array(expert_bias)
-    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
-    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
-                          scaling_factor, score_function, use_pre_softmax, num_groups,
-                          group_topk)
+    opts, nb, logits, expert_bias, bin_bounds, histogram = qb_inputs(
+        logits, topk, expert_bias, bin_bounds, num_bins, histogram, scaling_factor,
+        score_function, use_pre_softmax, num_groups, group_topk)
     idx_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
     if not _use_kernels(implementation):
         return reference.qb_weights_and_indices(opts, nb, idx_dtype, logits, expert_bias,
@@ -319,14 +317,13 @@ def fused_topk_with_score_function_qb(
     logits dtype (``scaling_factor * p`` at the selected experts, 0 elsewhere) and
     ``routing_output`` as in ``fused_topk_with_score_function``: a bytemap / bitmap_u8 routing
     map, or dense ``[*lead, topk]`` indices when ``topk_indices`` (a buffer that fixes their
-    dtype and shape; its contents are not read) or ``topk_indices_dtype`` is given. Arguments otherwise as ``route_topk_qb``.
+    dtype and shape; its contents are not read) or ``topk_indices_dtype`` is given. Arguments
+    otherwise as ``route_topk_qb``.
     """
-    logits, expert_bias = as_array(logits), as_array(expert_bias)
-    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
+    opts, nb, logits, expert_bias, bin_bounds, histogram = qb_inputs(
+        logits, topk, expert_bias, bin_bounds, num_bins, histogram, scaling_factor,
+        score_function, use_pre_softmax, num_groups, group_topk)
     topk_indices = as_array(topk_indices)
-    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
-                          scaling_factor, score_function, use_pre_softmax, num_groups,
-                          group_topk)
     fmt = routing_map_format_of(routing_map_format)
     index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
     if not _use_kernels(implementation):

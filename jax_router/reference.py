@@ -483,13 +483,11 @@ def route_topk_qb(logits: jax.Array, topk: int, expert_bias: jax.Array | None,
                   num_groups: int | None = None, group_topk: int | None = None):
     """Pure-JAX ``jax_router.route_topk_qb``: same arguments (without ``implementation``),
     outputs and errors. Returns ``(topk_weights, topk_indices, cutoff, histogram)``."""
-    from .options import qb_options
+    from .options import qb_inputs
 
-    logits, expert_bias = as_array(logits), as_array(expert_bias)
-    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
-    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
-                          scaling_factor, score_function, use_pre_softmax, num_groups,
-                          group_topk)
+    opts, nb, logits, expert_bias, bin_bounds, histogram = qb_inputs(
+        logits, topk, expert_bias, bin_bounds, num_bins, histogram, scaling_factor,
+        score_function, use_pre_softmax, num_groups, group_topk)
     index_dtype = index_dtype_of(index_dtype, opts.num_experts, "index_dtype")
     return qb_weights_and_indices(opts, nb, index_dtype, logits, expert_bias, bin_bounds,
                                   histogram)
@@ -512,14 +510,12 @@ def fused_topk_with_score_function_qb(
     """Pure-JAX ``jax_router.fused_topk_with_score_function_qb``: same arguments (without
     ``implementation``), outputs and errors. Returns ``(probs, routing_output, cutoff,
     histogram)``."""
-    from .options import qb_options
+    from .options import qb_inputs
 
-    logits, expert_bias = as_array(logits), as_array(expert_bias)
-    bin_bounds, histogram = as_array(bin_bounds), as_array(histogram)
+    opts, nb, logits, expert_bias, bin_bounds, histogram = qb_inputs(
+        logits, topk, expert_bias, bin_bounds, num_bins, histogram, scaling_factor,
+        score_function, use_pre_softmax, num_groups, group_topk)
     topk_indices = as_array(topk_indices)
-    opts, nb = qb_options(logits, topk, expert_bias, bin_bounds, num_bins, histogram,
-                          scaling_factor, score_function, use_pre_softmax, num_groups,
-                          group_topk)
     fmt = routing_map_format_of(routing_map_format)
     index_dtype = dense_index_dtype(opts, logits, fmt, topk_indices, topk_indices_dtype)
     return qb_probs_and_routing(opts, nb, fmt, index_dtype, logits, expert_bias, bin_bounds,
