@@ -24,6 +24,11 @@ FWD_TARGET = "jax_router_fwd"
 BWD_TARGET = "jax_router_bwd"
 AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
 AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
+DISPATCH_PLAN_TARGET = "jax_router_dispatch_plan"
+PERMUTE_TARGET = "jax_router_permute"
+UNPERMUTE_TARGET = "jax_router_unpermute"
+UNPERMUTE_BWD_TARGET = "jax_router_unpermute_bwd"
+DISPATCH_TARGETS = (DISPATCH_PLAN_TARGET, PERMUTE_TARGET, UNPERMUTE_TARGET, UNPERMUTE_BWD_TARGET)
 
 # The oldest supported jaxlib. The build compiles against its FFI headers (cmake/
 # xla_headers.cmake) and pyproject.toml requires it at run time. (The handlers would compile
@@ -237,7 +242,8 @@ def export_checks() -> list:
 
     ``jax.export`` refuses custom calls whose targets have no compatibility guarantee from JAX
     itself (``Cannot serialize code with custom calls whose targets have no compatibility
-    guarantees``). These are exactly this package's four FFI targets, nothing more::
+    guarantees``). These are exactly this package's FFI targets (the router's four and the
+    dispatch ops' four), nothing more::
 
         exported = jax.export.export(jax.jit(f), disabled_checks=jax_router.export_checks())(
             *args)
@@ -248,4 +254,5 @@ def export_checks() -> list:
     from jax import export
 
     return [export.DisabledSafetyCheck.custom_call(target) for target in
-            (FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET, AUX_SCORES_BWD_TARGET)]
+            (FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET, AUX_SCORES_BWD_TARGET)
+            + DISPATCH_TARGETS]

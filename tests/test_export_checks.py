@@ -40,11 +40,12 @@ def _export():
     return export.export(jax.jit(_model), disabled_checks=jr.export_checks())(*args)
 
 
-def test_export_checks_name_the_four_targets():
+def test_export_checks_name_every_target():
     checks = jr.export_checks()
     expected = [export.DisabledSafetyCheck.custom_call(t) for t in
                 (_ffi.FWD_TARGET, _ffi.BWD_TARGET, _ffi.AUX_SCORES_FWD_TARGET,
-                 _ffi.AUX_SCORES_BWD_TARGET)]
+                 _ffi.AUX_SCORES_BWD_TARGET, _ffi.DISPATCH_PLAN_TARGET, _ffi.PERMUTE_TARGET,
+                 _ffi.UNPERMUTE_TARGET, _ffi.UNPERMUTE_BWD_TARGET)]
     assert checks == expected
 
 
