@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax_router as jr  # noqa: E402
-from bench_gpu import L2_BYTES, copy_bandwidth, many, time_call  # noqa: E402
+from bench_gpu import L2_BYTES, copy_bandwidth, many, pyplot, time_call  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
 
@@ -132,12 +132,8 @@ def fmt(r: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - the plot is optional
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['op']}\nT={r['tokens']}" for r in rows]

@@ -194,13 +194,21 @@ def default_plan(quick: bool) -> list[tuple[str, int, str, str]]:
     return plan
 
 
-def plot(rows: list[dict[str, Any]], bw: float, path: str) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001 - the plot is optional
+        return None
+    return plt
+
+
+def plot(rows: list[dict[str, Any]], bw: float, path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cfg in WORKLOADS:

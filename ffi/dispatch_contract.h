@@ -56,10 +56,11 @@ struct RowsProblem {
   ffi::DataType out_dtype;
 };
 
-// Leading rows and last dim of a rank >= 1 buffer.
-inline ffi::Error RowsAndLast(const ffi::AnyBuffer& b, const char* name, int64_t* rows,
-                              int64_t* last) {
+// Leading rows and last dim of a rank >= 1 float buffer.
+inline ffi::Error FloatRowsAndLast(const ffi::AnyBuffer& b, const char* name, int64_t* rows,
+                                   int64_t* last) {
   auto d = b.dimensions();
+  if (!IsFloatDtype(b.element_type())) return Invalid(std::string(name) + " must be f32/bf16/f16");
   if (d.size() < 1) return Invalid(std::string(name) + " must have rank >= 1");
   *last = d.back();
   *rows = 1;
@@ -123,8 +124,7 @@ inline ffi::Error MakePermuteProblem(RowsProblem& p, int64_t topk, const ffi::An
                                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& out) {
   p = RowsProblem{};
   if (topk < 1) return Invalid("topk must be >= 1");
-  if (!IsFloatDtype(x.element_type())) return Invalid("x must be f32/bf16/f16");
-  JR_RETURN_IF_ERROR(RowsAndLast(x, "x", &p.tokens, &p.hidden));
+  JR_RETURN_IF_ERROR(FloatRowsAndLast(x, "x", &p.tokens, &p.hidden));
   p.topk = topk;
   p.rows = static_cast<int64_t>(source.element_count());
   JR_RETURN_IF_ERROR(CheckInt32(source, p.rows, "source"));
@@ -147,10 +147,9 @@ inline ffi::Error MakeUnpermuteCommon(RowsProblem& p, int64_t topk, const ffi::A
                                       const ffi::AnyBuffer& tokens_of,
                                       const ffi::AnyBuffer& positions) {
   if (topk < 1) return Invalid("topk must be >= 1");
-  if (!IsFloatDtype(rows.element_type())) return Invalid("rows must be f32/bf16/f16");
   int64_t hidden_t = 0;
-  JR_RETURN_IF_ERROR(RowsAndLast(rows, "rows", &p.rows, &p.hidden));
-  JR_RETURN_IF_ERROR(RowsAndLast(tokens_of, "out", &p.tokens, &hidden_t));
+  JR_RETURN_IF_ERROR(FloatRowsAndLast(rows, "rows", &p.rows, &p.hidden));
+  JR_RETURN_IF_ERROR(FloatRowsAndLast(tokens_of, "out", &p.tokens, &hidden_t));
   if (hidden_t != p.hidden || tokens_of.element_type() != rows.element_type()) {
     return Invalid("the token rows must be [T, H] in rows' dtype");
   }

@@ -227,16 +227,11 @@ ffi::Error UnpermuteBwdCpu(ffi::ThreadPool pool, int64_t topk, ffi::AnyBuffer do
   JR_RETURN_IF_ERROR(MakeUnpermuteBwdProblem(p, topk, dout, rows, positions, *dweights));
   const int64_t slots = p.tokens * p.topk;
   if (slots == 0) return ffi::Error::Success();
-  ffi::Error inner = ffi::Error::Success();
-  ffi::Error outer = DispatchFloat(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    inner = DispatchFloat(p.out_dtype, [&](auto wtag) {
-      ParallelRows(&pool, slots, std::max<int64_t>(p.hidden, 1), [&](int64_t s0, int64_t s1) {
-        DotSlots<T, decltype(wtag)>(p, s0, s1);
-      });
+  return DispatchFloatPair(p.dtype, p.out_dtype, [&](auto tag, auto wtag) {
+    ParallelRows(&pool, slots, std::max<int64_t>(p.hidden, 1), [&](int64_t s0, int64_t s1) {
+      DotSlots<decltype(tag), decltype(wtag)>(p, s0, s1);
     });
   });
-  return outer.failure() ? outer : inner;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "cuda_warp.cuh"
@@ -192,42 +193,37 @@ inline bool Vectorisable(int64_t hidden, const void* a, const void* b) {
          (reinterpret_cast<uintptr_t>(a) & 15u) == 0 && (reinterpret_cast<uintptr_t>(b) & 15u) == 0;
 }
 
-template <typename D, bool kVec, bool kWeighted>
-inline void LaunchPermuteT(const RowsArgs& a, cudaStream_t s) {
-  permute_kernel<D, kVec, kWeighted><<<RowGrid(a.rows), kRowThreads, 0, s>>>(a);
-}
-template <typename D, bool kVec, bool kWeighted>
-inline void LaunchUnpermuteT(const RowsArgs& a, cudaStream_t s) {
-  unpermute_kernel<D, kVec, kWeighted><<<RowGrid(a.tokens), kRowThreads, 0, s>>>(a);
+// Launches launch(D{}, vec, weighted) for the element type of dt, with vec and weighted
+// std::bool_constant tags: 16-byte vectors when the rows and buffers allow them, weights when
+// a.weights is set.
+template <typename Launch>
+inline cudaError_t LaunchRowKernel(const RowsArgs& a, Dt dt, Launch&& launch) {
+  return DispatchDt(dt, [&](auto tag) {
+    using D = decltype(tag);
+    auto weighted = [&](auto vec) {
+      a.weights ? launch(tag, vec, std::true_type{}) : launch(tag, vec, std::false_type{});
+    };
+    Vectorisable<D>(a.hidden, a.x, a.out) ? weighted(std::true_type{})
+                                          : weighted(std::false_type{});
+    return cudaGetLastError();
+  });
 }
 
 // rows [R, H] = permute(x) (weighted when a.weights is set); dt is x's (and rows') dtype.
 inline cudaError_t LaunchPermute(const RowsArgs& a, Dt dt, cudaStream_t s) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
-  return DispatchDt(dt, [&](auto tag) {
-    using D = decltype(tag);
-    const bool vec = Vectorisable<D>(a.hidden, a.x, a.out);
-    if (a.weights) {
-      vec ? LaunchPermuteT<D, true, true>(a, s) : LaunchPermuteT<D, false, true>(a, s);
-    } else {
-      vec ? LaunchPermuteT<D, true, false>(a, s) : LaunchPermuteT<D, false, false>(a, s);
-    }
-    return cudaGetLastError();
+  return LaunchRowKernel(a, dt, [&](auto tag, auto vec, auto weighted) {
+    permute_kernel<decltype(tag), decltype(vec)::value, decltype(weighted)::value>
+        <<<RowGrid(a.rows), kRowThreads, 0, s>>>(a);
   });
 }
 
 // out [T, H] = unpermute(rows) (unweighted when a.weights is null); dt is rows' dtype.
 inline cudaError_t LaunchUnpermute(const RowsArgs& a, Dt dt, cudaStream_t s) {
   if (a.tokens == 0 || a.hidden == 0) return cudaSuccess;
-  return DispatchDt(dt, [&](auto tag) {
-    using D = decltype(tag);
-    const bool vec = Vectorisable<D>(a.hidden, a.x, a.out);
-    if (a.weights) {
-      vec ? LaunchUnpermuteT<D, true, true>(a, s) : LaunchUnpermuteT<D, false, true>(a, s);
-    } else {
-      vec ? LaunchUnpermuteT<D, true, false>(a, s) : LaunchUnpermuteT<D, false, false>(a, s);
-    }
-    return cudaGetLastError();
+  return LaunchRowKernel(a, dt, [&](auto tag, auto vec, auto weighted) {
+    unpermute_kernel<decltype(tag), decltype(vec)::value, decltype(weighted)::value>
+        <<<RowGrid(a.tokens), kRowThreads, 0, s>>>(a);
   });
 }
 
