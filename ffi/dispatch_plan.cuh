@@ -2,7 +2,8 @@
 // (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc runs the same steps).
 //
 // The flat (token, slot) entries form blocks of kPlanChunk; CUDA block b takes block b.
-//   1. plan_count_kernel: each block counts its entries per expert -> counts[b, e].
+//   1. plan_count_kernel: each block counts its entries per expert -> counts[b, e]; the grid
+//      also fills source with -1 (empty rows), which step 3 then overwrites where kept.
 //   2. plan_scan_kernel: one warp per expert scans counts[:, e] over blocks (exclusive, in
 //      place: counts[b, e] becomes block b's first rank in expert e) and writes
 //      tokens_per_expert[e], the total.
@@ -10,8 +11,8 @@
 //      tokens_per_expert, or e * C), then ranks its entries in flat order: its warps own
 //      consecutive sub-chunks, count them per expert, scan those counts across warps from the
 //      block's first ranks, and walk their sub-chunks again, lanes holding the same expert
-//      (__match_any_sync) ranked by lane. positions[i] and source[row] follow; source was
-//      filled with -1 before, and every kept row is written exactly once.
+//      (__match_any_sync) ranked by lane. positions[i] and source[row] follow; every kept row
+//      is written exactly once.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
 // memory atomics included): the plan is exact and repeatable.
 //
@@ -72,12 +73,17 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 __device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
 // 1. counts[b, e]: warp-aggregated adds (one per group of lanes holding the same expert) into
-// a shared table, or straight into the block's global row when E does not fit.
+// a shared table, or straight into the block's global row when E does not fit. Also
+// source := -1 over the whole grid (rows is R, which capacity makes independent of n).
 template <typename I, bool kShared>
-__global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a) {
+__global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a, int64_t rows) {
   extern __shared__ int32_t plan_smem[];
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
+  for (int64_t r = b * blockDim.x + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    a.source[r] = -1;
+  }
   int32_t* table = kShared ? plan_smem : a.counts + b * E;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
   __syncthreads();  // orders the zeroing before any warp's adds
@@ -151,7 +157,7 @@ __global__ void __launch_bounds__(1024) plan_starts_kernel(PlanArgs a) {
 // block's row of counts (block b's first ranks, from step 2) and the starts from
 // plan_starts_kernel.
 template <typename I, bool kShared>
-__global__ void plan_rank_kernel(PlanArgs a) {
+__global__ void __launch_bounds__(1024) plan_rank_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
@@ -222,13 +228,13 @@ inline int PlanRankWarps(int64_t E) {
 }
 
 template <typename I>
-cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
+cudaError_t LaunchPlanT(const PlanArgs& a, int64_t rows, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(a.blocks);
   const size_t count_smem = static_cast<size_t>(a.experts) * sizeof(int32_t);
   if (count_smem <= kPlanSmemBudget) {
-    plan_count_kernel<I, true><<<grid, kPlanCountThreads, count_smem, s>>>(a);
+    plan_count_kernel<I, true><<<grid, kPlanCountThreads, count_smem, s>>>(a, rows);
   } else {
-    plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
+    plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a, rows);
   }
   const int64_t scan_blocks = (static_cast<int64_t>(a.experts) * 32 + kPlanScanThreads - 1) /
                               kPlanScanThreads;
@@ -244,20 +250,21 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-// The whole plan on stream s: source := -1, then the three kernels (none when there are no
-// entries: tokens_per_expert := 0).
+// The whole plan on stream s: the three kernels, or, when there are no entries, two memsets
+// (tokens_per_expert := 0, every row empty: source := -1, all bytes 0xFF).
 inline cudaError_t LaunchPlan(const PlanArgs& a, It id_dt, int64_t rows, cudaStream_t s) {
-  cudaError_t e = cudaSuccess;
-  if (rows > 0) e = cudaMemsetAsync(a.source, 0xFF, rows * sizeof(int32_t), s);  // -1
-  if (e != cudaSuccess) return e;
-  if (a.n == 0) return cudaMemsetAsync(a.tokens_per_expert, 0, a.experts * sizeof(int32_t), s);
+  if (a.n == 0) {
+    cudaError_t e = cudaMemsetAsync(a.tokens_per_expert, 0, a.experts * sizeof(int32_t), s);
+    if (e == cudaSuccess && rows > 0) e = cudaMemsetAsync(a.source, 0xFF, rows * sizeof(int32_t), s);
+    return e;
+  }
   switch (id_dt) {
     case It::kS16:
-      return LaunchPlanT<int16_t>(a, s);
+      return LaunchPlanT<int16_t>(a, rows, s);
     case It::kS64:
-      return LaunchPlanT<int64_t>(a, s);
+      return LaunchPlanT<int64_t>(a, rows, s);
     default:
-      return LaunchPlanT<int32_t>(a, s);
+      return LaunchPlanT<int32_t>(a, rows, s);
   }
 }
 
