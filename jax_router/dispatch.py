@@ -123,10 +123,32 @@ def _ffi_unpermute_bwd(dout: jax.Array, rows: jax.Array, positions: jax.Array, w
 # ---- differentiable kernels ----------------------------------------------------------------
 
 
+def _spec(x) -> Any:
+    """``x``'s PartitionSpec, or None where its type carries none."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return None if sharding is None else sharding.spec
+
+
+def _resharded(v: jax.Array, spec: Any) -> jax.Array:
+    """A cotangent given the sharding of its primal input: a custom_vjp's backward must return
+    exactly the input types, and with explicit mesh axes a token-sharded ``x`` gets its gradient
+    from a replicated (unpartitioned) call."""
+    def axes(sp):  # trailing unsharded dims do not matter: P() is P(None, None)
+        t = tuple(sp) if sp is not None else ()
+        while t and t[-1] is None:
+            t = t[:-1]
+        return t
+
+    if spec is None or axes(_spec(v)) == axes(spec):
+        return v
+    return jax.sharding.reshard(v, spec)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     topk: int
     weights_dtype: Any = None  # unpermute: the dtype of topk_weights (and of its cotangent)
+    in_specs: tuple = ()  # the differentiable inputs' PartitionSpecs (x; or rows, weights)
 
 
 def _permute_impl(s: _Static, x2, source, positions):
@@ -142,7 +164,7 @@ def _permute_bwd(s, residuals, drows):
     # d x[t] = sum over kept slots of d rows[positions[t, j]]: an unweighted combine
     source, positions = residuals
     del source
-    return _ffi_unpermute(drows, positions, None), None, None
+    return _resharded(_ffi_unpermute(drows, positions, None), s.in_specs[0]), None, None
 
 
 _permute = jax.custom_vjp(_permute_impl, nondiff_argnums=(0,))
@@ -163,7 +185,7 @@ def _unpermute_bwd(s, residuals, dout):
     # d rows[r] = w[source[r]] * dout[source[r] / k]: a weighted permute
     drows = _ffi_permute(dout, source, w2.reshape(-1), s.topk)
     dw = _ffi_unpermute_bwd(dout, rows, positions, s.weights_dtype)
-    return drows, dw, None, None
+    return _resharded(drows, s.in_specs[0]), _resharded(dw, s.in_specs[1]), None, None
 
 
 _unpermute = jax.custom_vjp(_unpermute_impl, nondiff_argnums=(0,))
@@ -210,7 +232,8 @@ def dispatch_plan(topk_indices: jax.Array, num_experts: int, *, capacity: int | 
     if not _use_kernels(implementation):
         return reference.dispatch_plan(topk_indices, num_experts, capacity=capacity)
     tpe, positions, source = _ffi_plan(topk_indices, o)
-    return DispatchPlan(tpe, positions, source, o.capacity)
+    # with explicit mesh axes: positions keep the ids' token sharding (the call ran replicated)
+    return DispatchPlan(tpe, _resharded(positions, _spec(topk_indices)), source, o.capacity)
 
 
 def permute(x: jax.Array, plan: DispatchPlan, *, implementation: str | None = None) -> jax.Array:
@@ -228,7 +251,8 @@ def permute(x: jax.Array, plan: DispatchPlan, *, implementation: str | None = No
     H = x.shape[-1]
     x2 = x.reshape(math.prod(plan.lead_shape), H)
     pos2 = plan.positions.reshape(-1, plan.topk)
-    return autodiff_guard(_permute, _Static(plan.topk), x2, plan.source, pos2)
+    return autodiff_guard(_permute, _Static(plan.topk, in_specs=(_spec(x2),)), x2, plan.source,
+                          pos2)
 
 
 def unpermute(rows: jax.Array, plan: DispatchPlan, topk_weights: jax.Array, *,
@@ -249,6 +273,13 @@ def unpermute(rows: jax.Array, plan: DispatchPlan, topk_weights: jax.Array, *,
     k = plan.topk
     pos2 = plan.positions.reshape(-1, k)
     w2 = topk_weights.reshape(-1, k)
-    out = autodiff_guard(_unpermute, _Static(k, jnp.dtype(topk_weights.dtype)), rows, w2,
-                         plan.source, pos2)
-    return out.reshape(plan.lead_shape + (rows.shape[1],))
+    static = _Static(k, jnp.dtype(topk_weights.dtype), (_spec(rows), _spec(w2)))
+    out = autodiff_guard(_unpermute, static, rows, w2, plan.source, pos2)
+    out = out.reshape(plan.lead_shape + (rows.shape[1],))
+    # with explicit mesh axes: the output keeps the weights' token sharding (reshard's
+    # transpose brings the cotangent back to the replicated call)
+    w_spec = _spec(topk_weights)
+    if w_spec is not None:
+        w_spec = tuple(w_spec) + (None,) * (topk_weights.ndim - len(w_spec))
+        out = _resharded(out, P(*w_spec[:-1], None))
+    return out

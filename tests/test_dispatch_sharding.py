@@ -70,6 +70,24 @@ def test_jit_with_token_sharded_inputs_is_global(implementation, capacity):
     np.testing.assert_array_equal(got[0].source, src)
 
 
+def test_explicit_mesh_axes_give_the_global_result_and_typed_gradients():
+    """With Explicit mesh axes the gradients come back with their inputs' token sharding (the
+    custom_vjp's backward must return the input types exactly)."""
+    idx, x, w, cot = _inputs(5)
+    f = jax.jit(_program("ffi", None))
+    want = jax.tree.map(np.asarray, f(idx, x, w, cot))
+    mesh = _mesh("explicit")
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(a, NamedSharding(mesh, P("x"))) for a in (idx, x, w, cot)]
+        got = f(*args)
+        dx, dw = got[2]
+        assert jax.typeof(dx).sharding.spec == jax.typeof(args[1]).sharding.spec
+        assert jax.typeof(dw).sharding.spec == jax.typeof(args[2]).sharding.spec
+        got = jax.tree.map(np.asarray, got)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_shard_map_plans_each_device_alone():
     idx, x, w, cot = _inputs(2)
     mesh = _mesh("explicit")
