@@ -107,9 +107,9 @@ def time_call(fn: Callable, args: list, reps: int, budget_s: float) -> float:
     return statistics.median(ts)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a jitted 1 GiB elementwise copy (median)."""
-    n = (1 << 30) // 4
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a jitted elementwise copy of ``nbytes`` (1 GiB)."""
+    n = nbytes // 4
     a = jnp.arange(n, dtype=jnp.float32)
     f = jax.jit(lambda v: v * 2.0)
     t = time_call(f, [a], 20, 5.0)
@@ -194,13 +194,21 @@ def default_plan(quick: bool) -> list[tuple[str, int, str, str]]:
     return plan
 
 
-def plot(rows: list[dict[str, Any]], bw: float, path: str) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001 - the plot is optional
+        return None
+    return plt
+
+
+def plot(rows: list[dict[str, Any]], bw: float, path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cfg in WORKLOADS:

@@ -1,5 +1,5 @@
-"""Small driver for compute-sanitizer: runs every CUDA router, quantile-balancing and aux-score
-kernel once through the public API.
+"""Small driver for compute-sanitizer: runs every CUDA router, quantile-balancing, aux-score and
+dispatch kernel once through the public API.
 
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
     compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
@@ -102,6 +102,26 @@ def run_qb(E, topk, dtype):
     jax.block_until_ready(outs)
 
 
+# Dispatch kernels: (T, topk, E, H, capacity) for the plan's shared tables (E <= ~6000), its
+# global-table rank path (E = 7000) and global counts (E = 13000), several plan blocks, capacity
+# drops, invalid ids, the vector (H * bytes % 16 == 0) and element-by-element row paths, T = 0.
+DISPATCH_CASES = [(37, 2, 8, 64, None), (3000, 4, 37, 13, 90), (1500, 3, 7000, 24, None),
+                  (700, 2, 13000, 40, 1), (0, 2, 8, 16, 3)]
+
+
+def run_dispatch(T, topk, E, H, capacity, dtype):
+    key = jax.random.key(T + E)
+    ids = jax.random.randint(key, (T, topk), -2, E + 2, jnp.int32)
+    x = jax.random.normal(key, (T, H), jnp.float32).astype(dtype)
+    w = jax.random.uniform(key, (T, topk), jnp.float32)
+    plan = jr.dispatch_plan(ids, E, capacity=capacity)
+    rows = jr.permute(x, plan)
+    out = jr.unpermute(rows, plan, w)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(jr.unpermute(
+        jr.permute(x, plan) * 2, plan, w).astype(jnp.float32)), (0, 1))(x, w)
+    jax.block_until_ready([plan, rows, out, gx, gw])
+
+
 def main():
     print(jax.devices())
     for E, topk in QB_CASES:
@@ -116,6 +136,10 @@ def main():
         for dtype in (jnp.bfloat16, jnp.float32):
             run_aux(E, topk, dtype)
         print(f"ok aux scores E={E} topk={topk}", flush=True)
+    for case in DISPATCH_CASES:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            run_dispatch(*case, dtype)
+        print(f"ok dispatch T, topk, E, H, capacity = {case}", flush=True)
     print("sanitize_gpu: all cases ran")
 
 

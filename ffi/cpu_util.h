@@ -75,6 +75,17 @@ ffi::Error DispatchFloat(ffi::DataType t, Fn&& fn) {
   }
 }
 
+// Calls fn(A{}, B{}) with A and B the C++ types of two float dtypes; the first bad dtype's
+// error otherwise.
+template <typename Fn>
+ffi::Error DispatchFloatPair(ffi::DataType a, ffi::DataType b, Fn&& fn) {
+  ffi::Error inner = ffi::Error::Success();
+  ffi::Error outer = DispatchFloat(a, [&](auto ta) {
+    inner = DispatchFloat(b, [&](auto tb) { fn(ta, tb); });
+  });
+  return outer.failure() ? outer : inner;
+}
+
 // ---- floating-point environment ----------------------------------------------------------
 
 // XLA's CPU runtime runs handlers with flush-to-zero and denormals-are-zero set (its threads

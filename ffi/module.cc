@@ -7,6 +7,7 @@
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/api.h"
 #include "xla/ffi/api/c_api.h"
+#include "dispatch_math.h"
 #include "routing_math.h"
 
 #if !defined(JR_MODULE) || !defined(JR_HANDLER_SUFFIX)
@@ -23,7 +24,11 @@
   X("jax_router_qb_fwd", JaxRouterQbFwd)              \
   X("jax_router_bwd", JaxRouterBwd)                   \
   X("jax_router_aux_scores_fwd", JaxRouterAuxScoresFwd) \
-  X("jax_router_aux_scores_bwd", JaxRouterAuxScoresBwd)
+  X("jax_router_aux_scores_bwd", JaxRouterAuxScoresBwd) \
+  X("jax_router_dispatch_plan", JaxRouterDispatchPlan)  \
+  X("jax_router_permute", JaxRouterPermute)              \
+  X("jax_router_unpermute", JaxRouterUnpermute)          \
+  X("jax_router_unpermute_bwd", JaxRouterUnpermuteBwd)
 
 #define JR_DECLARE(target, name) XLA_FFI_DECLARE_HANDLER_SYMBOL(JR_HANDLER(name));
 JR_TARGETS(JR_DECLARE)
@@ -49,6 +54,9 @@ NB_MODULE(JR_MODULE, m) {
   // The XLA FFI API version of the headers this module was compiled against: jax_router
   // registers the handlers only with a jaxlib whose FFI API is at least this new.
   m.def("ffi_api_version", [] { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
+  // Flat entries per block of the dispatch plan: jax_router/dispatch.py sizes the plan's
+  // workspace with the same number (a test compares them).
+  m.def("dispatch_plan_chunk", [] { return jax_router::dispatch::kPlanChunk; });
   // The C++ enums' values by name, for the test that Python sends the same ones.
   m.def("enum_values", [] {
     nb::dict fns, modes, formats;

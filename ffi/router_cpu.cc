@@ -259,19 +259,15 @@ ffi::Error BwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer grad,
   BwdProblem b;
   JR_RETURN_IF_ERROR(MakeBwdProblem(b, attrs, grad, indices, act, logits, *grad_logits));
   if (b.rows == 0) return ffi::Error::Success();
-  ffi::Error err = ffi::Error::Success();
-  ffi::Error outer = DispatchFloat(b.out_dtype, [&](auto out_tag) {
+  return DispatchFloatPair(b.out_dtype, b.grad_dtype, [&](auto out_tag, auto grad_tag) {
     using T = decltype(out_tag);
-    err = DispatchFloat(b.grad_dtype, [&](auto grad_tag) {
-      using G = decltype(grad_tag);
-      DispatchScoreFn(b.p.score_fn, [&](auto fn) {
-        ParallelRows(&pool, b.rows, 2 * b.experts, [&](int64_t r0, int64_t r1) {
-          BackwardRows<T, G, decltype(fn)::value>(b, r0, r1);
-        });
+    using G = decltype(grad_tag);
+    DispatchScoreFn(b.p.score_fn, [&](auto fn) {
+      ParallelRows(&pool, b.rows, 2 * b.experts, [&](int64_t r0, int64_t r1) {
+        BackwardRows<T, G, decltype(fn)::value>(b, r0, r1);
       });
     });
   });
-  return outer.failure() ? outer : err;
 }
 
 }  // namespace

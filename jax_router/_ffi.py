@@ -25,8 +25,14 @@ QB_FWD_TARGET = "jax_router_qb_fwd"
 BWD_TARGET = "jax_router_bwd"
 AUX_SCORES_FWD_TARGET = "jax_router_aux_scores_fwd"
 AUX_SCORES_BWD_TARGET = "jax_router_aux_scores_bwd"
+DISPATCH_PLAN_TARGET = "jax_router_dispatch_plan"
+PERMUTE_TARGET = "jax_router_permute"
+UNPERMUTE_TARGET = "jax_router_unpermute"
+UNPERMUTE_BWD_TARGET = "jax_router_unpermute_bwd"
+DISPATCH_TARGETS = (DISPATCH_PLAN_TARGET, PERMUTE_TARGET, UNPERMUTE_TARGET, UNPERMUTE_BWD_TARGET)
 # Every FFI target the extension modules register (ffi/module.cc JR_TARGETS), in its order.
-TARGETS = (FWD_TARGET, QB_FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET, AUX_SCORES_BWD_TARGET)
+TARGETS = (FWD_TARGET, QB_FWD_TARGET, BWD_TARGET, AUX_SCORES_FWD_TARGET,
+           AUX_SCORES_BWD_TARGET) + DISPATCH_TARGETS
 
 # The oldest supported jaxlib. The build compiles against its FFI headers (cmake/
 # xla_headers.cmake) and pyproject.toml requires it at run time. (The handlers would compile
@@ -240,7 +246,7 @@ def export_checks() -> list:
 
     ``jax.export`` refuses custom calls whose targets have no compatibility guarantee from JAX
     itself (``Cannot serialize code with custom calls whose targets have no compatibility
-    guarantees``). These are exactly this package's FFI targets, nothing more::
+    guarantees``). These are exactly this package's FFI targets (``TARGETS``), nothing more::
 
         exported = jax.export.export(jax.jit(f), disabled_checks=jax_router.export_checks())(
             *args)

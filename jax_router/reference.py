@@ -549,8 +549,12 @@ def dispatch_plan(topk_indices: jax.Array, num_experts: int, *, capacity: int | 
     topk_indices = as_array(topk_indices)
     o = plan_options(topk_indices, num_experts, capacity)
     E, n = o.num_experts, o.num_tokens * o.topk
-    flat = topk_indices.reshape(n).astype(jnp.int32)
-    key = jnp.where((flat >= 0) & (flat < E), flat, E)  # E: dropped, sorts last
+    flat = topk_indices.reshape(n)
+    # validity in the ids' own dtype: an int64 id such as 2^32 must not wrap into [0, E)
+    valid = flat >= 0
+    if E <= jnp.iinfo(flat.dtype).max:
+        valid = valid & (flat < E)
+    key = jnp.where(valid, flat.astype(jnp.int32), E)  # E: dropped, sorts last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
     sorted_key = key[order]
     counts = jnp.zeros((E + 1,), jnp.int32).at[key].add(1)
