@@ -4,7 +4,7 @@
 #   STEPS="build qb cross sanitize benchqb" bash benchmarks/gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/jr_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-build suite cross sanitize benchqb bench}
+STEPS=${STEPS:-build suite cross sanitize benchqb benchdispatch bench}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=python3
 for step in $STEPS; do
@@ -21,6 +21,10 @@ for step in $STEPS; do
                 compute-sanitizer --tool $tool --kernel-name kns=jax_router $py benchmarks/sanitize_gpu.py | tail -4
               done ;;
     benchqb) $py benchmarks/bench_qb.py ;;
+    benchdispatch) $py benchmarks/bench_dispatch.py --out "$OUT" --plot ;;
+    ep) $py examples/moe_ep.py --devices 2 ;;
+    ep_padded) $py examples/moe_ep.py --devices 2 --exchange padded ;;
+    sharding) $py -m pytest -q -p no:cacheprovider -n 4 --require-gpu tests/test_sharding.py tests/test_dispatch_sharding.py tests/test_qb.py -k "shard or Shard" ;;
     bench) $py benchmarks/bench_gpu.py --configs ${BENCH_CONFIGS:-large,kimi-k2,deepseek-v3} --tokens 65536 --modes compact ;;
     *) $py $step ;;  # any other step: a script path
   esac > "$OUT/$step.log" 2>&1
