@@ -231,7 +231,10 @@ def dispatch_plan(topk_indices: jax.Array, num_experts: int, *, capacity: int | 
     o = plan_options(topk_indices, num_experts, capacity)
     if not _use_kernels(implementation):
         return reference.dispatch_plan(topk_indices, num_experts, capacity=capacity)
-    tpe, positions, source = _ffi_plan(topk_indices, o)
+    # Integer data all through: under jax.grad the ids (route_topk's, say) carry an
+    # instantiated zero tangent, which ffi_call would refuse to differentiate; stop_gradient
+    # makes it symbolic, so the plan is a constant of the differentiated function.
+    tpe, positions, source = _ffi_plan(jax.lax.stop_gradient(topk_indices), o)
     # with explicit mesh axes: positions keep the ids' token sharding (the call ran replicated)
     return DispatchPlan(tpe, _resharded(positions, _spec(topk_indices)), source, o.capacity)
 

@@ -64,7 +64,11 @@ def test_jit_with_token_sharded_inputs_is_global(implementation, capacity):
     args = [jax.device_put(a, rows) for a in (idx, x, w, cot)]
     got = jax.tree.map(np.asarray, f(*args))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(a, b)
+        if implementation == "xla" and a.dtype.kind == "f":
+            # XLA may fuse the sharded program's multiply-adds differently (on GPU: an ulp)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
     tpe, pos, src = plan_oracle(idx, E, capacity)  # the global plan, not per shard
     np.testing.assert_array_equal(got[0].positions, pos)
     np.testing.assert_array_equal(got[0].source, src)
