@@ -71,6 +71,9 @@ def test_module_newer_than_jaxlib_is_not_registered():
     works, the router warns at import and runs pure JAX, "ffi" says why."""
     _run(f"""
         import importlib.util, sys, types, warnings
+        # jax first, as `import jax_router` does: with the extension loaded before jax, the
+        # H200 machine's ml_dtypes crashed computing float4 finfo on import (seen 2026-11-30)
+        import jax, jax.numpy as jnp
         spec = importlib.util.spec_from_file_location("jax_router._cpu", {_ffi._cpu.__file__!r})
         real = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(real)
