@@ -13,8 +13,9 @@ unpermute):
 Method (as benchmarks/bench_gpu.py): one jitted function runs the op on S input sets (S >= 4,
 together larger than the 50 MB L2), every output returned; its wall time (median of many
 back-to-back calls) over S is the time per call. For the row ops the table also gives the
-bandwidth achieved, counting each row read and each row written once (``2 * T*k * H`` elements
-moved), as a percentage of the copy bandwidth measured in the same run, and the byte floor:
+bandwidth achieved, counting each row the op reads and writes once (permute: ``2 * T*k``
+rows of ``H``, each buffer row gathered and written; unpermute: ``T*k + T`` rows, the buffer
+read and the output written), as a percentage of the copy bandwidth measured in the same run, and the byte floor:
 the bytes that must move at least (permute: x read once, rows written; unpermute: rows read,
 out written; plus the plan's indices) over that copy bandwidth.
 
@@ -97,10 +98,12 @@ def bench_rows(op: str, T: int, k: int, E: int, H: int, dtype, bw: float, reps: 
     if op == "permute":
         f = {m: (lambda x, p, m=m: jr.permute(x, p, implementation=m)) for m in ("ffi", "xla")}
         floor = T * H * b + R * H * b + R * 4
+        moved = 2 * R * H * b  # every buffer row gathered from x and written
     else:
         f = {m: (lambda r, p, w, m=m: jr.unpermute(r, p, w, implementation=m))
              for m in ("ffi", "xla")}
         floor = R * H * b + T * H * b + T * k * 8
+        moved = (R + T) * H * b  # every buffer row read, every output row written
     u, v = jax.jit(f["ffi"])(*per_set[0]), jax.jit(f["xla"])(*per_set[0])
     u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
     if op == "permute" and not np.array_equal(u, v):
@@ -111,8 +114,8 @@ def bench_rows(op: str, T: int, k: int, E: int, H: int, dtype, bw: float, reps: 
     row["ffi_us"] = 1e6 * t
     row["xla_us"] = 1e6 * _time(f["xla"], per_set, max(3, reps // 3), budget_s)
     row["floor_us"] = 1e6 * floor / bw
-    row["eff_tbps"] = 2 * R * H * b / t / 1e12
-    row["pct_copy"] = 100 * 2 * R * H * b / t / bw
+    row["eff_tbps"] = moved / t / 1e12
+    row["pct_copy"] = 100 * moved / t / bw
     return row
 
 
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {dev.device_kind}; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (jitted copy, read + write)\n")
     print("times: us per call (median over S input sets in one jitted call); TB/s and % copy "
-          "bw: 2 * T*k * H elements moved / time; floor: bytes that must move / copy bw\n")
+          "bw: rows read + written (permute 2*T*k, unpermute T*k + T) / time; floor: bytes "
+          "that must move / copy bw\n")
     print(HEADER)
     print("|---" * (HEADER.count("|") - 1) + "|")
     rows = []
