@@ -166,6 +166,25 @@ _qb_kernel.def_partition(partition=_partition, infer_sharding_from_operands=_inf
                          sharding_rule=_rule)
 
 
+@functools.cache
+def _kernel(call: _QbCall, residuals: bool):
+    """``_qb_kernel`` for one call, with a vmap rule (custom_partitioning has none): one call
+    per batch member, in order (``lax.map``), since each member has its own histogram."""
+
+    @jax.custom_batching.custom_vmap
+    def kernel(logits, bias, bin_bounds, histogram):
+        return _qb_kernel(call, residuals, logits, bias, bin_bounds, histogram)
+
+    @kernel.def_vmap
+    def rule(axis_size, in_batched, logits, bias, bin_bounds, histogram):
+        args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                for a, batched in zip((logits, bias, bin_bounds, histogram), in_batched)]
+        outs = jax.lax.map(lambda a: kernel(*a), tuple(args))
+        return outs, tuple(True for _ in outs)
+
+    return kernel
+
+
 # ---- custom_vjp --------------------------------------------------------------------------------
 
 
@@ -178,11 +197,11 @@ def _primal(call: _QbCall, outs):
 
 
 def _qb_impl(call, logits, bias, bin_bounds, histogram):
-    return _primal(call, _qb_kernel(call, False, logits, bias, bin_bounds, histogram))
+    return _primal(call, _kernel(call, False)(logits, bias, bin_bounds, histogram))
 
 
 def _qb_fwd(call, logits, bias, bin_bounds, histogram):
-    outs = _qb_kernel(call, True, logits, bias, bin_bounds, histogram)
+    outs = _kernel(call, True)(logits, bias, bin_bounds, histogram)
     return _primal(call, outs), (outs[3], outs[4], bias, bin_bounds)
 
 
@@ -209,17 +228,8 @@ def _run(call: _QbCall, logits, bias, bin_bounds, histogram):
     bin_bounds = bin_bounds.astype(jnp.float32)
     if histogram is None:
         histogram = jnp.zeros((opts.num_experts, call.num_bins), jnp.int32)
-    try:
-        return autodiff_guard(_qb_route, call, custom_calls.whole_last_dim(logits), bias,
-                              bin_bounds, histogram)
-    except NotImplementedError as e:
-        if "Batching rule for 'custom_partitioning'" not in str(e):
-            raise
-        raise NotImplementedError(
-            "jax_router: jax.vmap of the quantile-balancing functions is not supported on the "
-            "kernels (their histogram is partitioned with custom_partitioning, which has no "
-            "batching rule). Fold the batch into the leading dims (one histogram for all), or "
-            "pass implementation='xla'") from e
+    return autodiff_guard(_qb_route, call, custom_calls.whole_last_dim(logits), bias,
+                          bin_bounds, histogram)
 
 
 # ---- public functions --------------------------------------------------------------------------

@@ -218,14 +218,22 @@ def test_int64_indices(impl):
 
 
 def test_vmap(impl):
+    """vmap: each batch member routed with its own histogram (the given one, batched or not,
+    plus its own counts), gradients included."""
     x = random_logits(15, (3, 7, 16), jnp.float32)
-    f = lambda x: impl.route_topk_qb(x, 2, None, BOUNDS, 4)
-    if impl.name == "xla":
-        out = jax.vmap(f)(x)
-        assert out[3].shape == (3, 16, 4) and (np.asarray(out[3]).sum(axis=2) == 7).all()
-        return
-    with pytest.raises(NotImplementedError, match="leading dims"):
-        jax.vmap(f)(x)
+    h0 = jnp.asarray(np.random.default_rng(4).integers(0, 5, (3, 16, 4)), jnp.int32)
+    f = lambda x, h: impl.route_topk_qb(x, 2, None, BOUNDS, 4, h)
+    out = jax.vmap(f)(x, h0)
+    shared = jax.vmap(f, in_axes=(0, None))(x, h0[0])
+    for b in range(3):
+        one = f(x[b], h0[b])
+        for a, o in zip(out, one):
+            np.testing.assert_array_equal(np.asarray(a[b]), np.asarray(o))
+        np.testing.assert_array_equal(np.asarray(shared[3][b]), np.asarray(f(x[b], h0[0])[3]))
+    r = jnp.asarray(np.random.default_rng(5).standard_normal((3, 7, 2)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(jax.vmap(f)(x, h0)[0] * r))(x)
+    g1 = jax.grad(lambda x: jnp.sum(f(x.reshape(21, 16), h0[0])[0] * r.reshape(21, 2)))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-6, atol=1e-8)
 
 
 # ---- gradients -----------------------------------------------------------------------------
