@@ -50,7 +50,6 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"# copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     bias = 0.1 * jax.random.normal(jax.random.key(1), (E,), jnp.float32)
-    r = None
 
     def qb(x):
         return jr.route_topk_qb(x, K, bias, BOUNDS, BINS, implementation="ffi")
@@ -65,8 +64,8 @@ def main() -> None:
     def grad(f):
         return lambda x, r: jax.grad(lambda x: jnp.sum(f(x)[0] * r))(x)
 
-    print(f"| tokens | op | µs | floor µs | x floor | vs qb fused |")
-    print(f"|---:|---|---:|---:|---:|---:|")
+    print("| tokens | op | µs | floor µs | x floor | vs qb fused |")
+    print("|---:|---|---:|---:|---:|---:|")
     for T in [int(t) for t in args.tokens.split(",")]:
         sets = int(min(16, max(2, math.ceil(2 * L2_BYTES / (T * E * 2)))))
         xs = [jax.random.normal(jax.random.key(s), (T, E), jnp.float32).astype(jnp.bfloat16)
@@ -78,8 +77,7 @@ def main() -> None:
         ok = bool((idx == pidx).all()) and bool((hist.sum(axis=1) == T).all())
         floor = (T * E * 2 + T * K * 8 + T * 4) / bw
         times = {}
-        for name, f, nargs in (("qb fused", qb, 1), ("qb reference", qb_ref, 1),
-                               ("plain router", plain, 1)):
+        for name, f in (("qb fused", qb), ("qb reference", qb_ref), ("plain router", plain)):
             times[name] = time_call(many(f, 1), xs, reps, budget) / sets
         for name, f in (("qb fused fwd+bwd", qb), ("qb reference fwd+bwd", qb_ref),
                         ("plain router fwd+bwd", plain)):

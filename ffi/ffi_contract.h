@@ -279,15 +279,16 @@ inline ffi::Error CheckNotQb(const FwdProblem& f) {
 }
 
 // jax_router_qb_fwd: MakeFwdProblem's buffers plus bin_bounds f32[2], the given histogram
-// (aliased to the returned one: `hist_in` and `hist_out` are the same memory, which the
-// handler accumulates into; a handler given two buffers copies first) and cutoff f32[T].
+// `hist_in` (aliased to the returned one `hist_out`: the same memory, which the handler
+// accumulates into) and cutoff f32[T]. When XLA gives two buffers, *copy_from is set to the
+// given counts, which the handler copies into the output first; otherwise it is nullptr.
 inline ffi::Error MakeQbFwdProblem(FwdProblem& f, const RouteAttrs& attrs,
                                    const ffi::AnyBuffer& logits, const ffi::AnyBuffer& bias,
-                                   const ffi::AnyBuffer& bin_bounds,
+                                   const ffi::AnyBuffer& bin_bounds, const ffi::AnyBuffer& hist_in,
                                    const ffi::AnyBuffer& probs, const ffi::AnyBuffer& map,
                                    const ffi::AnyBuffer& weights, const ffi::AnyBuffer& indices,
                                    const ffi::AnyBuffer& act, const ffi::AnyBuffer& cutoff,
-                                   const ffi::AnyBuffer& hist_out) {
+                                   const ffi::AnyBuffer& hist_out, const int32_t** copy_from) {
   if (attrs.num_bins < 1) return Invalid("jax_router_qb_fwd needs num_bins >= 1");
   JR_RETURN_IF_ERROR(MakeFwdProblem(f, attrs, logits, bias, probs, map, weights, indices, act));
   if (bin_bounds.element_type() != ffi::DataType::F32 || bin_bounds.element_count() != 2) {
@@ -300,6 +301,14 @@ inline ffi::Error MakeQbFwdProblem(FwdProblem& f, const RouteAttrs& attrs,
   JR_RETURN_IF_ERROR(Output(hist_out, true, f.experts * f.p.num_bins, ffi::DataType::S32,
                             "histogram", &ptr));
   f.histogram = static_cast<int32_t*>(ptr);
+  *copy_from = nullptr;
+  if (hist_in.untyped_data() != f.histogram) {
+    if (hist_in.element_type() != ffi::DataType::S32 ||
+        hist_in.element_count() != hist_out.element_count()) {
+      return Invalid("the given histogram must be s32 with E * num_bins elements");
+    }
+    *copy_from = static_cast<const int32_t*>(hist_in.untyped_data());
+  }
   return ffi::Error::Success();
 }
 

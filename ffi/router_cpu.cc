@@ -241,14 +241,11 @@ ffi::Error QbFwdCpu(ffi::ThreadPool pool, RouteAttrs attrs, ffi::AnyBuffer logit
                     ffi::Result<ffi::AnyBuffer> indices, ffi::Result<ffi::AnyBuffer> act,
                     ffi::Result<ffi::AnyBuffer> cutoff, ffi::Result<ffi::AnyBuffer> hist_out) {
   FwdProblem f;
-  JR_RETURN_IF_ERROR(MakeQbFwdProblem(f, attrs, logits, bias, bin_bounds, *probs, *map, *weights,
-                                      *indices, *act, *cutoff, *hist_out));
-  if (hist_in.untyped_data() != f.histogram) {  // not aliased: start from the given counts
-    if (hist_in.element_type() != ffi::DataType::S32 ||
-        hist_in.element_count() != hist_out->element_count()) {
-      return Invalid("the given histogram must be s32 with E * num_bins elements");
-    }
-    std::memcpy(f.histogram, hist_in.untyped_data(), hist_out->element_count() * sizeof(int32_t));
+  const int32_t* copy_from;
+  JR_RETURN_IF_ERROR(MakeQbFwdProblem(f, attrs, logits, bias, bin_bounds, hist_in, *probs, *map,
+                                      *weights, *indices, *act, *cutoff, *hist_out, &copy_from));
+  if (copy_from) {  // not aliased: start from the given counts
+    std::memcpy(f.histogram, copy_from, hist_out->element_count() * sizeof(int32_t));
   }
   return Forward(pool, f);
 }

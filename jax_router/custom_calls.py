@@ -116,22 +116,38 @@ def _lowering(target: str, ctx, *operands, target_name, out_types, aliases, attr
     return results
 
 
-def _attach_sharding_rule(op, n: int, avals_in, avals_out) -> None:
-    """Shardy rule matching the batch partitioner: the ``n`` leading dims of every
-    ``[*lead, X]`` buffer share factors; every other dim is its own factor and is replicated."""
-    lead = tuple(f"t{i}" for i in range(n))
-    own = []
+def is_rowwise(shape, n: int, lead_shape) -> bool:
+    """Whether a buffer of ``shape`` is per token row: ``[*lead]`` or ``[*lead, X]`` with the
+    ``n`` token dims ``lead_shape`` (a zero-size ``(0,)`` placeholder never is)."""
+    shape = tuple(shape)
+    return (n > 0 and len(shape) in (n, n + 1) and shape[:n] == tuple(lead_shape)
+            and shape != (0,))
 
-    def mapping(aval):
-        dims = []
-        for _ in range(aval.ndim - n if aval.ndim == n + 1 else aval.ndim):
+
+def row_sharding_rule(shapes_in, shapes_out, n: int) -> SdyShardingRule:
+    """Shardy rule for a row-wise custom call: the ``n`` token dims of every per-row buffer
+    (``is_rowwise``, token dims those of the first operand) share factors; every other dim is
+    its own factor and is replicated."""
+    lead_shape = tuple(shapes_in[0])[:n]
+    lead = tuple(f"t{i}" for i in range(n))
+    own: list[str] = []
+
+    def mapping(shape):
+        dims = list(lead) if is_rowwise(shape, n, lead_shape) else []
+        for _ in range(len(shape) - len(dims)):
             own.append(f"x{len(own)}")
             dims.append(own[-1])
-        return (lead if aval.ndim == n + 1 else ()) + tuple(dims)
+        return ArrayMapping(*dims)
 
-    rule = SdyShardingRule(tuple(ArrayMapping(*mapping(a)) for a in avals_in),
-                           tuple(ArrayMapping(*mapping(a)) for a in avals_out),
+    return SdyShardingRule(tuple(mapping(s) for s in shapes_in),
+                           tuple(mapping(s) for s in shapes_out),
                            need_replication_factors=tuple(own))
+
+
+def _attach_sharding_rule(op, n: int, avals_in, avals_out) -> None:
+    """Shardy rule matching the batch partitioner: every ``[*lead, X]`` buffer row-wise, the
+    rank-1 ones replicated (the lowering has checked that these are the only two kinds)."""
+    rule = row_sharding_rule([a.shape for a in avals_in], [a.shape for a in avals_out], n)
     op.attributes["sdy.sharding_rule"] = sdy_sharding_rule_to_mlir(
         rule, [o.type for o in op.operands], [r.type for r in op.results])
 

@@ -447,8 +447,6 @@ def qb_options(logits: Any, topk: Any, expert_bias: Any, bin_bounds: Any, num_bi
     if opts.score_function != ScoreFunction.SIGMOID:
         raise ValueError("quantile balancing needs score_function='sigmoid', got "
                          f"{opts.score_function.name.lower()}")
-    if opts.use_pre_softmax:  # unreachable for sigmoid (make_options), kept for clarity
-        raise ValueError("quantile balancing does not take use_pre_softmax")
     if opts.group_topk > 0:
         raise ValueError("quantile balancing does not take num_groups / group_topk (group-"
                          "limited routing)")

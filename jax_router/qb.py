@@ -27,7 +27,6 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
-from jax._src.custom_partitioning_sharding_rule import ArrayMapping, SdyShardingRule
 
 from . import _ffi, custom_calls, reference
 from .options import (
@@ -42,7 +41,7 @@ from .options import (
     qb_inputs,
     routing_map_format_of,
 )
-from .router import _Call, _aval, _backward, _empty, autodiff_guard
+from .router import _Call, _backward, autodiff_guard, output_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,28 +53,15 @@ class _QbCall:
 
 
 def _out_types(call: _QbCall, logits, residuals: bool):
-    """Types of jax_router_qb_fwd's 7 outputs (unrequested ones zero-size)."""
-    c = call.route
-    opts, lead = c.opts, logits.shape[:-1]
-    E, k = opts.num_experts, opts.topk
-    bitmap = c.map_format == RoutingMapFormat.BITMAP_U8
-    idx_dtype = c.index_dtype if c.index_dtype is not None else jnp.int32
-    compact = c.mode == OutputMode.COMPACT
+    """Types of jax_router_qb_fwd's 7 outputs: the router's five (router.output_types), the
+    cutoff ``[*lead]`` (sharded as the token dims) and the ``[E, num_bins]`` histogram."""
     t = jax.typeof(logits)
-    hist = t.update(shape=(E, call.num_bins), dtype=jnp.int32,
+    lead = logits.shape[:-1]
+    cutoff = t.update(shape=lead, dtype=jnp.float32,
+                      sharding=t.sharding.update(spec=P(*_lead_spec(t, len(lead)))))
+    hist = t.update(shape=(call.route.opts.num_experts, call.num_bins), dtype=jnp.int32,
                     sharding=t.sharding.update(spec=P(None, None)))
-    return (
-        _empty(logits, logits.dtype) if compact else _aval(logits, lead + (E,), logits.dtype),
-        _aval(logits, lead + (((E + 7) // 8) if bitmap else E,), jnp.uint8 if bitmap else jnp.bool_)
-        if c.mode == OutputMode.MAP else _empty(logits, jnp.bool_),
-        _aval(logits, lead + (k,), jnp.float32) if compact else _empty(logits, jnp.float32),
-        _aval(logits, lead + (k,), idx_dtype)
-        if c.mode != OutputMode.MAP or residuals else _empty(logits, idx_dtype),
-        _aval(logits, lead + (k,), jnp.float32) if residuals else _empty(logits, jnp.float32),
-        t.update(shape=lead, dtype=jnp.float32,  # [*lead], sharded as the token dims
-                 sharding=t.sharding.update(spec=P(*_lead_spec(t, len(lead))))),
-        hist,
-    )
+    return output_types(call.route, logits, residuals) + (cutoff, hist)
 
 
 def _kernel_body(call: _QbCall, residuals: bool, logits, bias, bin_bounds, histogram):
@@ -104,10 +90,10 @@ def _axes(lead_spec) -> tuple[str, ...]:
 
 def _shardings(mesh, n: int, lead, arg_shapes, result_shape):
     """Token dims of every [*lead, X] / [*lead] buffer sharded as `lead`, everything else whole."""
+    lead_shape = arg_shapes[0].shape[:n]
 
     def one(a):
-        if a.ndim >= n and n > 0 and tuple(a.shape[:n]) == tuple(arg_shapes[0].shape[:n]) and (
-                a.ndim in (n, n + 1)) and a.shape != (0,):
+        if custom_calls.is_rowwise(a.shape, n, lead_shape):
             return NamedSharding(mesh, P(*lead, *(None,) * (a.ndim - n)))
         return NamedSharding(mesh, P(*(None,) * a.ndim))
 
@@ -136,25 +122,11 @@ def _partition(call, residuals, mesh, arg_shapes, result_shape):
 
 
 def _rule(call, residuals, mesh, arg_types, result_types):
-    """Shardy: token dims shared by the [*lead, X] / [*lead] buffers; every other dim replicated."""
-    # arg_types / result_types are MLIR tensor types: .shape only
-    n = len(arg_types[0].shape) - 1
-    lead_shape = tuple(arg_types[0].shape[:n])
-    factors = tuple(f"t{i}" for i in range(n))
-    own: list[str] = []
-
-    def mapping(t):
-        shape = tuple(t.shape)
-        rowwise = n > 0 and len(shape) in (n, n + 1) and shape[:n] == lead_shape and shape != (0,)
-        dims = list(factors) if rowwise else []
-        for _ in range(len(shape) - len(dims)):
-            own.append(f"x{len(own)}")
-            dims.append(own[-1])
-        return ArrayMapping(*dims)
-
-    ins = tuple(mapping(t) for t in arg_types)
-    outs = tuple(mapping(t) for t in result_types)
-    return SdyShardingRule(ins, outs, need_replication_factors=tuple(own))
+    """Shardy: token dims shared by the [*lead, X] / [*lead] buffers; every other dim replicated.
+    (arg_types / result_types are MLIR tensor types: .shape only.)"""
+    return custom_calls.row_sharding_rule([t.shape for t in arg_types],
+                                          [t.shape for t in result_types],
+                                          len(arg_types[0].shape) - 1)
 
 
 @functools.partial(custom_partitioning, static_argnums=(0, 1))

@@ -63,8 +63,9 @@ def _empty(ref: jax.Array, dtype: Any) -> Any:
     return _aval(ref, (0,), dtype)
 
 
-def _forward(call: _Call, logits, bias, alias, residuals: bool):
-    """One jax_router_fwd call; returns (probs, map, weights, indices, act), unused ones empty."""
+def output_types(call: _Call, logits, residuals: bool) -> tuple:
+    """Types of the forward's five outputs (probs, map, weights, indices, act) for ``call``;
+    the ones the mode does not ask for are zero-size."""
     opts = call.opts
     lead, E, k = logits.shape[:-1], opts.num_experts, opts.topk
     bitmap = call.map_format == RoutingMapFormat.BITMAP_U8
@@ -72,7 +73,7 @@ def _forward(call: _Call, logits, bias, alias, residuals: bool):
     want_idx = call.mode in (OutputMode.COMPACT, OutputMode.DENSE) or residuals
     idx_dtype = call.index_dtype if call.index_dtype is not None else jnp.int32
     map_shape = lead + (((E + 7) // 8) if bitmap else E,)
-    out_types = (
+    return (
         _aval(logits, lead + (E,), logits.dtype) if want_probs else _empty(logits, logits.dtype),
         _aval(logits, map_shape, jnp.uint8 if bitmap else jnp.bool_)
         if call.mode == OutputMode.MAP
@@ -82,6 +83,12 @@ def _forward(call: _Call, logits, bias, alias, residuals: bool):
         _aval(logits, lead + (k,), idx_dtype) if want_idx else _empty(logits, idx_dtype),
         _aval(logits, lead + (k,), jnp.float32) if residuals else _empty(logits, jnp.float32),
     )
+
+
+def _forward(call: _Call, logits, bias, alias, residuals: bool):
+    """One jax_router_fwd call; returns (probs, map, weights, indices, act), unused ones empty."""
+    opts = call.opts
+    out_types = output_types(call, logits, residuals)
     bias_arg = bias.astype(jnp.float32) if bias is not None else jnp.zeros((0,), jnp.float32)
     return custom_calls.ffi_forward(out_types, logits, bias_arg, alias,
                                     opts.ffi_attrs(call.mode, call.map_format))
