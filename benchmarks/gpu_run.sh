@@ -22,10 +22,14 @@ for step in $STEPS; do
               done ;;
     benchqb) $py benchmarks/bench_qb.py ;;
     benchdispatch) $py benchmarks/bench_dispatch.py --out "$OUT" --plot ;;
+    kerneldispatch) nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
+                      benchmarks/cuda_bench_dispatch.cu -o /tmp/cuda_bench_dispatch && /tmp/cuda_bench_dispatch ;;
+    kernelrouter) nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
+                    benchmarks/cuda_bench.cu -o /tmp/cuda_bench && /tmp/cuda_bench ;;
     ep) $py examples/moe_ep.py --devices 2 ;;
     ep_padded) $py examples/moe_ep.py --devices 2 --exchange padded ;;
     installdiag) PYTHONFAULTHANDLER=1 $py -m pytest -q -p no:cacheprovider tests/test_install.py -k newer_than ;;
-    profile) ncu --kernel-name regex:'dispatch|qb_histogram|rank|count|scan' --launch-count 8 --section SpeedOfLight $py benchmarks/profile_once.py | grep -E '^  [a-z_].*\(|Duration|Compute \(SM\)|Memory Throughput' ;;
+    profile) ncu --kernel-name regex:'dispatch|qb_histogram|plan_|permute' --launch-count 8 --section SpeedOfLight $py benchmarks/profile_once.py | grep -E '^  [a-z_].*\(|Duration|Compute \(SM\)|Memory Throughput' ;;
     sharding) $py -m pytest -q -p no:cacheprovider -n 4 --require-gpu tests/test_sharding.py tests/test_dispatch_sharding.py tests/test_qb.py -k "shard or Shard" ;;
     bench) $py benchmarks/bench_gpu.py --configs ${BENCH_CONFIGS:-large,kimi-k2,deepseek-v3} --tokens 65536 --modes compact ;;
     *) $py $step ;;  # any other step: a script path

@@ -6,7 +6,7 @@
 // jax_router_dispatch_plan(topk_indices s16/s32/s64 [*lead, k])
 //     attrs num_experts (E >= 1), capacity (C >= 0, or -1: none)
 //   -> (tokens_per_expert s32[E], positions s32[*lead, k], source s32[R],
-//       workspace s32[(ceil(T*k / kPlanChunk) + 1) * E])
+//       workspace s32[dispatch::plan_workspace_size(T * k, E)])
 //   R = T * k without capacity, E * C with it. The workspace is scratch (dispatch_math.h).
 // jax_router_permute(x [T, H], source s32[R], weights f32/bf16/f16 [T, k] | [0]) attrs topk
 //   -> rows [R, H] in x's dtype: x[source[r] / k] (times weights[source[r]] when given), 0 for
@@ -34,7 +34,7 @@ struct PlanProblem {
   int64_t experts;   // E
   int64_t capacity;  // C, or dispatch::kNoCapacity
   int64_t rows;      // R
-  int64_t blocks;    // dispatch::plan_blocks(n)
+  int64_t tiles;     // dispatch::plan_tiles(n)
   const void* ids;
   ffi::DataType id_dtype;
   int32_t* tokens_per_expert;
@@ -90,7 +90,7 @@ inline ffi::Error MakePlanProblem(PlanProblem& p, int64_t num_experts, int64_t c
   p.capacity = capacity;
   p.rows = capacity < 0 ? p.n : num_experts * capacity;
   if (p.n > INT32_MAX || p.rows > INT32_MAX) return Invalid("the plan's rows must be < 2^31");
-  p.blocks = dispatch::plan_blocks(p.n);
+  p.tiles = dispatch::plan_tiles(p.n);
   JR_RETURN_IF_ERROR(CheckInt32(tpe, num_experts, "tokens_per_expert"));
   JR_RETURN_IF_ERROR(CheckInt32(positions, p.n, "positions"));
   JR_RETURN_IF_ERROR(CheckInt32(source, p.rows, "source"));

@@ -1,9 +1,11 @@
 // CPU handlers of the dispatch targets (contract: dispatch_contract.h; arithmetic:
 // dispatch_math.h, shared with the CUDA kernels).
 //
-// The plan is the CUDA kernels' algorithm without a sort: counts per block of kPlanChunk flat
-// entries (blocks in parallel), an exclusive scan over blocks per expert and one over experts,
-// then each block ranks its entries from its scanned counts (blocks in parallel). Rows and
+// The plan is the CUDA kernels' algorithm without a sort: counts per tile of kPlanTile flat
+// entries (tiles in parallel), an exclusive scan over tiles per expert and one over experts,
+// then each tile ranks its entries from its scanned counts (tiles in parallel). (The CUDA
+// kernels find a tile's first ranks through group sums instead of a serial scan; the ranks are
+// the same integers.) Rows and
 // tokens run in parallel chunks over XLA's thread pool (ParallelRows, subnormals kept).
 #include <algorithm>
 #include <cstdint>
@@ -20,7 +22,7 @@ namespace ffi = xla::ffi;
 namespace jax_router {
 namespace {
 
-using dispatch::kPlanChunk;
+using dispatch::kPlanTile;
 
 // Calls fn(I{}) with I the C++ type of an index dtype (the contract admits only these three).
 template <typename Fn>
@@ -54,14 +56,14 @@ float LoadWeight(const void* w, ffi::DataType t, int64_t i) {
 template <typename I>
 void Plan(ffi::ThreadPool* pool, const PlanProblem& p) {
   const I* ids = static_cast<const I*>(p.ids);
-  const int64_t E = p.experts, nb = p.blocks;
-  int32_t* counts = p.workspace;  // [nb, E], then the expert starts [E]
-  int32_t* starts = p.workspace + nb * E;
+  const int64_t E = p.experts, nb = p.tiles;
+  int32_t* counts = p.workspace;  // [nb, E]
+  std::vector<int32_t> starts(E);
   auto chunk = [&](int64_t b) {
-    return std::pair<int64_t, int64_t>(b * kPlanChunk, std::min(p.n, (b + 1) * kPlanChunk));
+    return std::pair<int64_t, int64_t>(b * kPlanTile, std::min(p.n, (b + 1) * kPlanTile));
   };
-  // 1. counts per (block, expert); dropped ids land on the sentinel E and are not counted
-  ParallelRows(pool, nb, kPlanChunk, [&](int64_t b0, int64_t b1) {
+  // 1. counts per (tile, expert); dropped ids land on the sentinel E and are not counted
+  ParallelRows(pool, nb, kPlanTile, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int32_t* c = counts + b * E;
       std::fill_n(c, E, 0);
@@ -72,7 +74,7 @@ void Plan(ffi::ThreadPool* pool, const PlanProblem& p) {
       }
     }
   });
-  // 2. exclusive scan over blocks per expert (in place: counts become each block's first rank)
+  // 2. exclusive scan over tiles per expert (in place: counts become each tile's first rank)
   //    and over experts (the expert starts)
   std::vector<int32_t> run(E, 0);
   for (int64_t b = 0; b < nb; ++b) {
@@ -89,11 +91,11 @@ void Plan(ffi::ThreadPool* pool, const PlanProblem& p) {
     starts[e] = dispatch::expert_start(static_cast<int32_t>(e), packed, p.capacity);
     packed += run[e];
   }
-  // 3. empty rows are -1; each block ranks its entries in flat order from its first ranks
+  // 3. empty rows are -1; each tile ranks its entries in flat order from its first ranks
   ParallelRows(pool, p.rows, 1, [&](int64_t r0, int64_t r1) {
     std::fill(p.source + r0, p.source + r1, -1);
   });
-  ParallelRows(pool, nb, kPlanChunk, [&](int64_t b0, int64_t b1) {
+  ParallelRows(pool, nb, kPlanTile, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int32_t* next = counts + b * E;
       auto [i0, i1] = chunk(b);

@@ -27,13 +27,11 @@ static ffi::Error PlanCuda(cudaStream_t stream, int64_t num_experts, int64_t cap
   a.n = p.n;
   a.experts = static_cast<int32_t>(p.experts);
   a.capacity = p.capacity;
-  a.blocks = p.blocks;
+  a.rows = p.rows;
   a.tokens_per_expert = p.tokens_per_expert;
   a.positions = p.positions;
   a.source = p.source;
-  a.counts = p.workspace;
-  a.starts = p.workspace + p.blocks * p.experts;
-  cudaError_t e = cuda::LaunchPlan(a, ToIt(p.id_dtype), p.rows, stream);
+  cudaError_t e = cuda::LaunchPlan(a, ToIt(p.id_dtype), p.workspace, stream);
   if (e != cudaSuccess) return CudaError("dispatch_plan launch failed", e);
   return ffi::Error::Success();
 }

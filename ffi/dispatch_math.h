@@ -16,20 +16,46 @@ namespace dispatch {
 
 // ---- the plan --------------------------------------------------------------------------------
 
-// The plan is computed over blocks of kPlanChunk consecutive flat (token, slot) entries: a count
-// per (block, expert), an exclusive scan over blocks per expert, then each block ranks its own
-// entries. jax_router/dispatch.py sizes the workspace from the same constant (the compiled
-// modules report it as dispatch_plan_chunk, which a test compares).
-constexpr int64_t kPlanChunk = 4096;
+// The plan is computed over tiles of kPlanTile consecutive flat (token, slot) entries: a count
+// per (tile, expert), then each tile ranks its own entries from the counts of the tiles before
+// it. The tiles form groups of plan_group(tiles) (a power of two near sqrt(tiles)) whose counts
+// are also summed per (group, expert), so that a tile finds its first rank from at most
+// sqrt(tiles) group sums and sqrt(tiles) tile counts per expert instead of a scan over every
+// tile before it. jax_router/dispatch.py sizes the workspace from the same formulas (a test
+// compares them with the compiled modules' dispatch_plan_workspace_size).
+constexpr int64_t kPlanTile = 2048;
+
+// int32 elements of shared memory the CUDA rank kernel may hold (48 KiB, no opt-in): the expert
+// starts, the totals, the tile's first ranks and one count table per warp, [E] each, plus 32
+// warp totals. With a single warp that is 4 * E + 32, so past kPlanSharedMaxExperts the tables
+// live in the workspace instead (dispatch_plan.cuh).
+constexpr int64_t kPlanSmemInts = 12288;
+constexpr int64_t kPlanSharedMaxExperts = (kPlanSmemInts - 32) / 4;
 
 // attribute value of `capacity` meaning "no capacity" (R = T * topk, experts packed)
 constexpr int64_t kNoCapacity = -1;
 
-JR_HD int64_t plan_blocks(int64_t n) { return (n + kPlanChunk - 1) / kPlanChunk; }
+JR_HD int64_t plan_tiles(int64_t n) { return (n + kPlanTile - 1) / kPlanTile; }
 
-// The workspace's int32 elements: the per-(block, expert) counts, then one row of expert starts.
+// Tiles per group: the smallest power of two whose square covers the tiles (1 for one tile).
+JR_HD int64_t plan_group(int64_t tiles) {
+  int64_t g = 1;
+  while (g * g < tiles) g *= 2;
+  return g;
+}
+
+JR_HD int64_t plan_groups(int64_t tiles) {
+  const int64_t g = plan_group(tiles);
+  return (tiles + g - 1) / g;
+}
+
+// The workspace's int32 elements: the counts [tiles, E], the group sums [groups, E], and, when
+// E is past kPlanSharedMaxExperts, the expert starts [E] and one rank table per tile
+// [tiles, E]. (The CPU handler uses the first tiles * E, for its counts.)
 JR_HD int64_t plan_workspace_size(int64_t n, int64_t experts) {
-  return (plan_blocks(n) + 1) * experts;
+  const int64_t tiles = plan_tiles(n);
+  const int64_t global_tables = experts > kPlanSharedMaxExperts ? tiles + 1 : 0;
+  return (tiles + plan_groups(tiles) + global_tables) * experts;
 }
 
 // The expert of an id, or `experts` (a sentinel sorting after every expert) when the id is

@@ -1,25 +1,33 @@
 // CUDA kernels of jax_router_dispatch_plan: the plan by counting, without a sort
-// (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc runs the same steps).
+// (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc computes the same integers).
 //
-// The flat (token, slot) entries form blocks of kPlanChunk; CUDA block b takes block b.
-//   1. plan_count_kernel: each block counts its entries per expert -> counts[b, e]; the grid
-//      also fills source with -1 (empty rows), which step 3 then overwrites where kept.
-//   2. plan_scan_kernel: one warp per expert scans counts[:, e] over blocks (exclusive, in
-//      place: counts[b, e] becomes block b's first rank in expert e) and writes
-//      tokens_per_expert[e], the total.
-//   3. plan_rank_kernel: each block computes the expert starts (an exclusive scan of
-//      tokens_per_expert, or e * C), then ranks its entries in flat order: its warps own
-//      consecutive sub-chunks, count them per expert, scan those counts across warps from the
-//      block's first ranks, and walk their sub-chunks again, lanes holding the same expert
-//      (__match_any_sync) ranked by lane. positions[i] and source[row] follow; every kept row
-//      is written exactly once.
+// The flat (token, slot) entries form tiles of kPlanTile; CUDA block b takes tile b. The tiles
+// form groups of plan_group(tiles) (dispatch_math.h). Two kernels and one memset:
+//   0. the group sums are zeroed (and, past kPlanCountSmemExperts, the counts too).
+//   1. plan_count_kernel: each block counts its tile per expert -> counts[b, e], and adds those
+//      counts to its group's sums[g, e].
+//   2. plan_rank_kernel: each block
+//      - sums the group sums into the totals (tokens_per_expert, written by block 0) and scans
+//        them into the expert starts (or e * C);
+//      - finds its tile's first rank in each expert: the sums of the groups before its own plus
+//        the counts of the tiles before it in its group, at most ~2 sqrt(tiles) loads a
+//        thread, all independent (no chained look-back, no third kernel);
+//      - ranks its entries in flat order: its warps own consecutive sub-tiles, count them per
+//        expert, scan those counts across warps from the tile's first ranks, then walk their
+//        sub-tiles again (the ids kept in registers), lanes holding the same expert
+//        (__match_any_sync) ranked by lane order; positions[i] and source[row] follow, and every
+//        kept row is written exactly once;
+//      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
+//        so no row is written twice.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
-// memory atomics included): the plan is exact and repeatable.
+// memory and global atomics included): the plan is exact and repeatable.
 //
-// Shared memory: the rank kernel holds the expert starts and one [E] count table per warp in
-// 48 KiB (no opt-in), taking fewer warps for larger E; past about 6000 experts it runs one warp
-// per block with its tables in the global workspace (plan_starts_kernel writes the starts
-// there). The count kernel likewise falls back to global atomics past 12288 experts.
+// Layouts: counts [tiles, E] and sums [groups, E] are expert-minor, so the threads of a block
+// (one expert each) read and write them coalesced. The rank kernel keeps its tables in 48 KiB
+// of shared memory (no opt-in) with 8, 4, 2 or 1 warps as E allows; past kPlanSharedMaxExperts
+// it runs one warp per block with its table and the starts in the workspace (plan_starts_kernel
+// writes the starts and totals first). The count kernel likewise falls back to global atomics
+// past kPlanCountSmemExperts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,23 +41,26 @@
 namespace jax_router {
 namespace cuda {
 
-constexpr int kPlanChunk = static_cast<int>(dispatch::kPlanChunk);
-constexpr int kPlanCountThreads = 1024;
-constexpr int kPlanScanThreads = 256;
-constexpr size_t kPlanSmemBudget = 48 * 1024;
-static_assert(kPlanChunk % kPlanCountThreads == 0, "every lane runs the same steps");
+constexpr int kPlanTile = static_cast<int>(dispatch::kPlanTile);
+constexpr int kPlanCountThreads = 256;
+constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thread counts
+constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
+static_assert(kPlanTile % (32 * 8) == 0, "a tile splits into whole steps of up to 8 warps");
 
 struct PlanArgs {
   const void* ids = nullptr;
   int64_t n = 0;  // flat entries
   int32_t experts = 0;
   int64_t capacity = dispatch::kNoCapacity;
-  int64_t blocks = 0;
+  int64_t rows = 0;  // R
+  int64_t tiles = 0, group = 1, groups = 0;
   int32_t* tokens_per_expert = nullptr;
   int32_t* positions = nullptr;
   int32_t* source = nullptr;
-  int32_t* counts = nullptr;  // workspace [blocks, E]
-  int32_t* starts = nullptr;  // workspace [E], after the counts
+  int32_t* counts = nullptr;  // workspace [tiles, E]
+  int32_t* sums = nullptr;    // workspace [groups, E]
+  int32_t* starts = nullptr;  // workspace [E], global tables only
+  int32_t* tables = nullptr;  // workspace [tiles, E], global tables only
 };
 
 // The expert of flat entry i, or E (dropped) for an id outside [0, E) or i past the end.
@@ -72,66 +83,59 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 // The lowest lane of a __match_any_sync group: the one that speaks for it.
 __device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
-// 1. counts[b, e]: warp-aggregated adds (one per group of lanes holding the same expert) into
-// a shared table, or straight into the block's global row when E does not fit. Also
-// source := -1 over the whole grid (rows is R, which capacity makes independent of n).
+// 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
+// before the first count; the adds are warp-aggregated (one per group of lanes holding the same
+// expert) into a shared table, or straight into the tile's global row (zeroed by the memset)
+// when E does not fit.
 template <typename I, bool kShared>
-__global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a, int64_t rows) {
+__global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
-  for (int64_t r = b * blockDim.x + threadIdx.x; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    a.source[r] = -1;
-  }
-  int32_t* table = kShared ? plan_smem : a.counts + b * E;
-  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
-  __syncthreads();  // orders the zeroing before any warp's adds
   const int lane = threadIdx.x & 31;
-  for (int64_t i = b * kPlanChunk + threadIdx.x; i < (b + 1) * kPlanChunk; i += blockDim.x) {
-    const int32_t e = plan_expert<I>(a, i);
-    const unsigned peers = __match_any_sync(kFullMask, e);
-    if (e < E && lane == group_leader(peers)) atomicAdd(&table[e], __popc(peers));
+  int32_t ex[kPlanCountSteps];
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    ex[s] = plan_expert<I>(a, b * kPlanTile + s * kPlanCountThreads + threadIdx.x);
   }
+  int32_t* row = a.counts + b * E;
+  int32_t* table = kShared ? plan_smem : row;
   if (kShared) {
-    __syncthreads();  // orders every warp's adds before the table is copied out
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) a.counts[b * E + e] = table[e];
+    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
+    __syncthreads();  // orders the zeroing before any warp's adds
+  }
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    const unsigned peers = __match_any_sync(kFullMask, ex[s]);
+    if (ex[s] < E && lane == group_leader(peers)) atomicAdd(&table[ex[s]], __popc(peers));
+  }
+  __syncthreads();  // orders every warp's adds before the counts are read back
+  int32_t* sums = a.sums + (b / a.group) * E;
+  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
+    const int32_t c = kShared ? table[e] : __ldcg(row + e);
+    if (kShared) row[e] = c;
+    if (c != 0) atomicAdd(sums + e, c);
   }
 }
 
-// 2. One warp per expert: exclusive scan of counts[:, e] over the blocks, 32 blocks a step.
-__global__ void __launch_bounds__(kPlanScanThreads) plan_scan_kernel(PlanArgs a) {
-  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (e >= a.experts) return;  // whole warps: e is the same across a warp
-  int32_t carry = 0;
-  for (int64_t b0 = 0; b0 < a.blocks; b0 += 32) {
-    const int64_t b = b0 + lane;
-    int32_t* at = a.counts + b * a.experts + e;
-    const int32_t v = b < a.blocks ? *at : 0;
-    const int32_t incl = warp_inclusive_scan(v, lane);
-    if (b < a.blocks) *at = carry + incl - v;
-    carry += __shfl_sync(kFullMask, incl, 31);
-  }
-  if (lane == 0) a.tokens_per_expert[e] = carry;
-}
-
-// starts[e] = the exclusive prefix sum of tokens_per_expert (no capacity) or e * C, by a whole
-// block (every thread must call it); warp_totals is 32 ints of shared memory. The caller
-// orders the writes before any other thread reads starts.
-__device__ __forceinline__ void block_expert_starts(const PlanArgs& a, int32_t* starts,
-                                                    int32_t* warp_totals) {
+// The totals (the group sums added up; block 0 also writes them to tokens_per_expert) and the
+// expert starts: their exclusive prefix sum without capacity, e * C with it. A whole block
+// calls it; warp_totals is 32 ints of shared memory. The caller orders the writes before any
+// other thread reads starts or totals.
+__device__ __forceinline__ void block_totals_and_starts(const PlanArgs& a, bool write_tpe,
+                                                        int32_t* totals, int32_t* starts,
+                                                        int32_t* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  if (a.capacity >= 0) {  // the same branch for the whole block
-    for (int32_t e = threadIdx.x; e < a.experts; e += blockDim.x) {
-      starts[e] = dispatch::expert_start(e, 0, a.capacity);
-    }
-    return;
-  }
+  const int32_t E = a.experts;
   int32_t carry = 0;
-  for (int32_t e0 = 0; e0 < a.experts; e0 += blockDim.x) {
+  for (int32_t e0 = 0; e0 < E; e0 += blockDim.x) {  // the same trip count for the whole block
     const int32_t e = e0 + threadIdx.x;
-    const int32_t v = e < a.experts ? a.tokens_per_expert[e] : 0;
+    int32_t v = 0;
+    if (e < E) {
+      for (int64_t g = 0; g < a.groups; ++g) v += a.sums[g * E + e];
+      totals[e] = v;
+      if (write_tpe) a.tokens_per_expert[e] = v;
+    }
     const int32_t incl = warp_inclusive_scan(v, lane);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();  // orders the warp totals before every thread reads them
@@ -140,75 +144,117 @@ __device__ __forceinline__ void block_expert_starts(const PlanArgs& a, int32_t* 
       before += w < warp ? warp_totals[w] : 0;
       tile += warp_totals[w];
     }
-    if (e < a.experts) starts[e] = dispatch::expert_start(e, before + incl - v, a.capacity);
+    if (e < E) starts[e] = dispatch::expert_start(e, before + incl - v, a.capacity);
     carry += tile;
-    __syncthreads();  // orders this tile's reads of warp_totals before the next tile's writes
+    __syncthreads();  // orders this round's reads of warp_totals before the next round's writes
   }
 }
 
-// Global-table path only: the starts into the workspace, by one block.
+// Global-table path only: the totals, tokens_per_expert and the starts, by one block.
 __global__ void __launch_bounds__(1024) plan_starts_kernel(PlanArgs a) {
   __shared__ int32_t warp_totals[32];
-  block_expert_starts(a, a.starts, warp_totals);
+  block_totals_and_starts(a, true, a.tokens_per_expert, a.starts, warp_totals);
 }
 
-// 3. positions and source. Shared path: blockDim.x / 32 warps, dynamic shared memory
-// [E starts | 32 warp totals | warps x E counts]. Global path: one warp, its table the
-// block's row of counts (block b's first ranks, from step 2) and the starts from
+// Tile b's first rank in expert e: the entries of e in the groups before b's, then in the
+// tiles before b in its group.
+__device__ __forceinline__ int32_t tile_first_rank(const PlanArgs& a, int64_t b, int32_t e) {
+  const int64_t E = a.experts, g = b / a.group;
+  int32_t r = 0;
+  for (int64_t h = 0; h < g; ++h) r += a.sums[h * E + e];
+  for (int64_t t = g * a.group; t < b; ++t) r += a.counts[t * E + e];
+  return r;
+}
+
+// The empty rows, -1, split across the grid: without capacity the last R - sum(totals) rows
+// (past the last kept one), with capacity the rows of expert e past its first min(tpe[e], C).
+__device__ __forceinline__ void fill_empty_rows(const PlanArgs& a, const int32_t* totals,
+                                                const int32_t* starts) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a.capacity < 0) {
+    const int32_t last = a.experts - 1;
+    const int64_t kept = static_cast<int64_t>(starts[last]) + totals[last];
+    for (int64_t r = kept + first; r < a.rows; r += stride) a.source[r] = -1;
+  } else if (a.capacity > 0) {
+    const int32_t C = static_cast<int32_t>(a.capacity);  // R = E * C < 2^31
+    for (int64_t r = first; r < a.rows; r += stride) {
+      const int32_t e = static_cast<int32_t>(r) / C;
+      if (static_cast<int32_t>(r) - e * C >= totals[e]) a.source[r] = -1;
+    }
+  }
+}
+
+// 2. positions and source. Shared tables: kWarps warps, dynamic shared memory
+// [E starts | E totals | E first ranks | 32 warp totals | kWarps x E counts]. Global tables
+// (kWarps == 1): the block's table is its workspace row, the starts and totals come from
 // plan_starts_kernel.
-template <typename I, bool kShared>
-__global__ void __launch_bounds__(1024) plan_rank_kernel(PlanArgs a) {
+template <typename I, int kWarps, bool kShared>
+__global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
+  static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
+  constexpr int kSteps = kPlanTile / (32 * kWarps);  // entries a lane ranks
   extern __shared__ int32_t plan_smem[];
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t i0 = b * kPlanTile + static_cast<int64_t>(warp) * kSteps * 32;
+  int32_t ex[kSteps];  // this warp's sub-tile, loaded once for both walks
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) ex[s] = plan_expert<I>(a, i0 + s * 32 + lane);
+
   const int32_t* starts = a.starts;
-  int32_t* table = a.counts + b * E;
+  const int32_t* totals = a.tokens_per_expert;
+  int32_t* mine = a.tables + b * E;  // this warp's running ranks per expert
   if (kShared) {
     int32_t* s_starts = plan_smem;
-    table = plan_smem + E + 32;
-    block_expert_starts(a, s_starts, plan_smem + E);
-    for (int64_t x = threadIdx.x; x < static_cast<int64_t>(warps) * E; x += blockDim.x) {
+    int32_t* s_totals = s_starts + E;
+    int32_t* first = s_totals + E;
+    int32_t* warp_totals = first + E;
+    int32_t* table = warp_totals + 32;
+    block_totals_and_starts(a, b == 0, s_totals, s_starts, warp_totals);
+    for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
       table[x] = 0;
     }
+    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) first[e] = tile_first_rank(a, b, e);
     starts = s_starts;
-  }
-  __syncthreads();  // orders the starts and the zeroed tables before the warps use them
-  const int sub = kPlanChunk / warps;  // a multiple of 32: warps is a power of two <= 32
-  const int64_t i0 = b * kPlanChunk + static_cast<int64_t>(warp) * sub;
-  int32_t* mine = kShared ? table + static_cast<int64_t>(warp) * E : table;
-  if (kShared) {
-    // this warp's counts per expert
-    for (int s = 0; s < sub; s += 32) {
-      const int32_t e = plan_expert<I>(a, i0 + s + lane);
-      const unsigned peers = __match_any_sync(kFullMask, e);
-      if (e < E && lane == group_leader(peers)) mine[e] += __popc(peers);
+    totals = s_totals;
+    mine = table + static_cast<int64_t>(warp) * E;
+    __syncthreads();  // orders the zeroed tables before the warps count into them
+    // this warp's counts per expert (its own table: no other warp writes it)
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const unsigned peers = __match_any_sync(kFullMask, ex[s]);
+      if (ex[s] < E && lane == group_leader(peers)) mine[ex[s]] += __popc(peers);
       __syncwarp();  // orders this step's adds before the next step's (same table)
     }
     __syncthreads();  // orders every warp's counts before the scan across warps
-    // exclusive scan across warps, per expert, from the block's first ranks
+    // exclusive scan across warps, per expert, from the tile's first ranks
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
-      int32_t run = a.counts[b * E + e];
-      for (int w = 0; w < warps; ++w) {
+      int32_t run = first[e];
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
         const int32_t t = table[static_cast<int64_t>(w) * E + e];
         table[static_cast<int64_t>(w) * E + e] = run;
         run += t;
       }
     }
-    __syncthreads();  // orders the scanned tables before the warps rank from them
+  } else {
+    for (int32_t e = lane; e < E; e += 32) mine[e] = tile_first_rank(a, b, e);
   }
+  __syncthreads();  // orders the scanned (or initialised) tables before the warps rank from them
   const unsigned lanes_before = (1u << lane) - 1u;
-  for (int s = 0; s < sub; s += 32) {
-    const int64_t i = i0 + s + lane;
-    const int32_t e = plan_expert<I>(a, i);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int64_t i = i0 + s * 32 + lane;
+    const int32_t e = ex[s];
     const unsigned peers = __match_any_sync(kFullMask, e);
     const int leader = group_leader(peers);
-    int32_t first = 0;
+    int32_t rank0 = 0;
     if (e < E && lane == leader) {  // the leader alone reads and advances the group's count
-      first = mine[e];
-      mine[e] = first + __popc(peers);
+      rank0 = mine[e];
+      mine[e] = rank0 + __popc(peers);
     }
-    const int32_t rank = __shfl_sync(kFullMask, first, leader) + __popc(peers & lanes_before);
+    const int32_t rank = __shfl_sync(kFullMask, rank0, leader) + __popc(peers & lanes_before);
     __syncwarp();  // orders this step's count updates before the next step's leaders read them
     if (i < a.n) {
       const int32_t row = e < E ? dispatch::plan_row(starts[e], rank, a.capacity) : -1;
@@ -216,55 +262,85 @@ __global__ void __launch_bounds__(1024) plan_rank_kernel(PlanArgs a) {
       if (row >= 0) a.source[row] = static_cast<int32_t>(i);
     }
   }
+  fill_empty_rows(a, totals, starts);
 }
 
-// Warps per block of the rank kernel with shared tables (a power of two), or 0 when even one
+// Warps per block of the rank kernel with shared tables (8, 4, 2 or 1), or 0 when even one
 // warp's tables do not fit: the global path.
 inline int PlanRankWarps(int64_t E) {
-  for (int w = 32; w >= 1; w >>= 1) {
-    if (static_cast<size_t>(E + 32 + w * E) * sizeof(int32_t) <= kPlanSmemBudget) return w;
+  for (int w = 8; w >= 1; w >>= 1) {
+    if ((3 + w) * E + 32 <= dispatch::kPlanSmemInts) return w;
   }
   return 0;
 }
 
+template <typename I, int kWarps>
+void LaunchRankShared(const PlanArgs& a, cudaStream_t s) {
+  const size_t smem = static_cast<size_t>((3 + kWarps) * a.experts + 32) * sizeof(int32_t);
+  plan_rank_kernel<I, kWarps, true>
+      <<<static_cast<unsigned>(a.tiles), kWarps * 32, smem, s>>>(a);
+}
+
 template <typename I>
-cudaError_t LaunchPlanT(const PlanArgs& a, int64_t rows, cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>(a.blocks);
-  const size_t count_smem = static_cast<size_t>(a.experts) * sizeof(int32_t);
-  if (count_smem <= kPlanSmemBudget) {
-    plan_count_kernel<I, true><<<grid, kPlanCountThreads, count_smem, s>>>(a, rows);
+cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
+  const unsigned grid = static_cast<unsigned>(a.tiles);
+  const size_t E = static_cast<size_t>(a.experts);
+  cudaError_t err = cudaMemsetAsync(a.sums, 0, a.groups * E * sizeof(int32_t), s);
+  if (err != cudaSuccess) return err;
+  if (a.experts <= kPlanCountSmemExperts) {
+    plan_count_kernel<I, true><<<grid, kPlanCountThreads, E * sizeof(int32_t), s>>>(a);
   } else {
-    plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a, rows);
+    err = cudaMemsetAsync(a.counts, 0, a.tiles * E * sizeof(int32_t), s);
+    if (err != cudaSuccess) return err;
+    plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
   }
-  const int64_t scan_blocks = (static_cast<int64_t>(a.experts) * 32 + kPlanScanThreads - 1) /
-                              kPlanScanThreads;
-  plan_scan_kernel<<<static_cast<unsigned>(scan_blocks), kPlanScanThreads, 0, s>>>(a);
-  const int warps = PlanRankWarps(a.experts);
-  if (warps > 0) {
-    const size_t smem = static_cast<size_t>(a.experts + 32 + warps * a.experts) * sizeof(int32_t);
-    plan_rank_kernel<I, true><<<grid, warps * 32, smem, s>>>(a);
-  } else {
-    plan_starts_kernel<<<1, 1024, 0, s>>>(a);
-    plan_rank_kernel<I, false><<<grid, 32, 0, s>>>(a);
+  switch (PlanRankWarps(a.experts)) {
+    case 8:
+      LaunchRankShared<I, 8>(a, s);
+      break;
+    case 4:
+      LaunchRankShared<I, 4>(a, s);
+      break;
+    case 2:
+      LaunchRankShared<I, 2>(a, s);
+      break;
+    case 1:
+      LaunchRankShared<I, 1>(a, s);
+      break;
+    default:
+      plan_starts_kernel<<<1, 1024, 0, s>>>(a);
+      plan_rank_kernel<I, 1, false><<<grid, 32, 0, s>>>(a);
+      break;
   }
   return cudaGetLastError();
 }
 
-// The whole plan on stream s: the three kernels, or, when there are no entries, two memsets
-// (tokens_per_expert := 0, every row empty: source := -1, all bytes 0xFF).
-inline cudaError_t LaunchPlan(const PlanArgs& a, It id_dt, int64_t rows, cudaStream_t s) {
+// The whole plan on stream s, or, when there are no entries, two memsets (tokens_per_expert :=
+// 0, every row empty: source := -1, all bytes 0xFF). `workspace` is laid out as
+// dispatch_math.h's plan_workspace_size counts it.
+inline cudaError_t LaunchPlan(PlanArgs a, It id_dt, int32_t* workspace, cudaStream_t s) {
   if (a.n == 0) {
     cudaError_t e = cudaMemsetAsync(a.tokens_per_expert, 0, a.experts * sizeof(int32_t), s);
-    if (e == cudaSuccess && rows > 0) e = cudaMemsetAsync(a.source, 0xFF, rows * sizeof(int32_t), s);
+    if (e == cudaSuccess && a.rows > 0) {
+      e = cudaMemsetAsync(a.source, 0xFF, a.rows * sizeof(int32_t), s);
+    }
     return e;
   }
+  const int64_t E = a.experts;
+  a.tiles = dispatch::plan_tiles(a.n);
+  a.group = dispatch::plan_group(a.tiles);
+  a.groups = dispatch::plan_groups(a.tiles);
+  a.counts = workspace;
+  a.sums = a.counts + a.tiles * E;
+  a.starts = a.sums + a.groups * E;  // used only past kPlanSharedMaxExperts
+  a.tables = a.starts + E;
   switch (id_dt) {
     case It::kS16:
-      return LaunchPlanT<int16_t>(a, rows, s);
+      return LaunchPlanT<int16_t>(a, s);
     case It::kS64:
-      return LaunchPlanT<int64_t>(a, rows, s);
+      return LaunchPlanT<int64_t>(a, s);
     default:
-      return LaunchPlanT<int32_t>(a, rows, s);
+      return LaunchPlanT<int32_t>(a, s);
   }
 }
 

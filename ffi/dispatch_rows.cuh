@@ -98,8 +98,14 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(RowsArgs a) {
 }
 
 // unpermute: out[t] = sum_j w[t, j] * rows[positions[t, j]] (w = 1 unweighted) over positions
-// inside [0, R), accumulated in float32 in slot order from +0, cast to the dtype.
-template <typename D, bool kVec, bool kWeighted>
+// inside [0, R), accumulated in float32 in slot order from +0, cast to the dtype. A thread
+// takes kUnroll vectors of the output row and walks the slots kSlots at a time, issuing the
+// kSlots x kUnroll loads before the first add (the adds then run in slot order), so that
+// kSlots rows are in flight at once: one slot at a time left each thread waiting on a round
+// trip per slot (benchmarks/NOTES.md). kStream loads the rows with the evict-first hint (each
+// buffer row is read once).
+template <typename D, bool kVec, bool kWeighted, int kUnrollV = kUnroll, int kSlots = 2,
+          bool kStream = false>
 __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(RowsArgs a) {
   using raw = typename D::raw;
   const int64_t H = a.hidden, K = a.topk;
@@ -110,35 +116,51 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(RowsArgs a) {
     if (kVec) {
       constexpr int N = kPerVec<D>;
       const int64_t nv = H / N;
-      for (int64_t v0 = threadIdx.x; v0 < nv; v0 += kUnroll * kRowThreads) {
-        float acc[kUnroll][N];
+      for (int64_t v0 = threadIdx.x; v0 < nv; v0 += kUnrollV * kRowThreads) {
+        float acc[kUnrollV][N];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < kUnrollV; ++u) {
 #pragma unroll
           for (int q = 0; q < N; ++q) acc[u][q] = 0.0f;
         }
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t r = pos[j];
-          if (!dispatch::in_range(r, a.rows)) continue;
-          const float w = kWeighted ? load_as_float(a.weights, a.w_dt, t * K + j) : 1.0f;
-          const uint4* sv = reinterpret_cast<const uint4*>(rows + r * H);
-          uint4 buf[kUnroll];
+        for (int64_t j0 = 0; j0 < K; j0 += kSlots) {
+          const uint4* sv[kSlots];
+          bool kept[kSlots];
+          float w[kSlots];
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int64_t v = v0 + u * kRowThreads;
-            buf[u] = v < nv ? __ldg(sv + v) : make_uint4(0, 0, 0, 0);
+          for (int s = 0; s < kSlots; ++s) {
+            const int64_t j = j0 + s;
+            const int64_t r = j < K ? pos[j] : -1;
+            kept[s] = dispatch::in_range(r, a.rows);
+            w[s] = kWeighted && kept[s] ? load_as_float(a.weights, a.w_dt, t * K + j) : 1.0f;
+            sv[s] = reinterpret_cast<const uint4*>(rows + (kept[s] ? r : 0) * H);
+          }
+          uint4 buf[kSlots][kUnrollV];
+#pragma unroll
+          for (int s = 0; s < kSlots; ++s) {
+#pragma unroll
+            for (int u = 0; u < kUnrollV; ++u) {
+              const int64_t v = v0 + u * kRowThreads;
+              buf[s][u] = !(kept[s] && v < nv) ? make_uint4(0, 0, 0, 0)
+                         : kStream                ? __ldcs(sv[s] + v)
+                                                  : __ldg(sv[s] + v);
+            }
           }
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            float f[N];
-            D::unpack16(buf[u], f);
+          for (int s = 0; s < kSlots; ++s) {
+            if (!kept[s]) continue;
 #pragma unroll
-            for (int q = 0; q < N; ++q) acc[u][q] = dispatch::combine_add(acc[u][q], w, f[q]);
+            for (int u = 0; u < kUnrollV; ++u) {
+              float f[N];
+              D::unpack16(buf[s][u], f);
+#pragma unroll
+              for (int q = 0; q < N; ++q) acc[u][q] = dispatch::combine_add(acc[u][q], w[s], f[q]);
+            }
           }
         }
         uint4* dv = reinterpret_cast<uint4*>(dst);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < kUnrollV; ++u) {
           const int64_t v = v0 + u * kRowThreads;
           if (v < nv) dv[v] = pack16<D>(acc[u]);
         }

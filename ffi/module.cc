@@ -54,9 +54,11 @@ NB_MODULE(JR_MODULE, m) {
   // The XLA FFI API version of the headers this module was compiled against: jax_router
   // registers the handlers only with a jaxlib whose FFI API is at least this new.
   m.def("ffi_api_version", [] { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
-  // Flat entries per block of the dispatch plan: jax_router/dispatch.py sizes the plan's
-  // workspace with the same number (a test compares them).
-  m.def("dispatch_plan_chunk", [] { return jax_router::dispatch::kPlanChunk; });
+  // The dispatch plan's workspace in int32 elements: jax_router/dispatch.py sizes it with its
+  // own copy of the formula (a test compares the two).
+  m.def("dispatch_plan_workspace_size", [](int64_t n, int64_t experts) {
+    return jax_router::dispatch::plan_workspace_size(n, experts);
+  });
   // The C++ enums' values by name, for the test that Python sends the same ones.
   m.def("enum_values", [] {
     nb::dict fns, modes, formats;

@@ -33,16 +33,25 @@ from .options import as_array
 from .plan import DispatchPlan, PlanOptions, check_permute, check_unpermute, plan_options
 from .router import autodiff_guard
 
-# Flat (token, slot) entries per block of the plan kernels: ffi/dispatch_math.h kPlanChunk
-# (the compiled modules report theirs as dispatch_plan_chunk; a test compares them). The plan
-# call's workspace holds one int32 count per (block, expert) plus one row of expert starts.
-PLAN_CHUNK = 4096
+# The plan kernels' tiling (ffi/dispatch_math.h): flat (token, slot) entries per tile, and the
+# number of experts past which the CUDA rank tables live in the workspace. The plan call's
+# workspace holds the counts per (tile, expert) and per (group of tiles, expert), and past that
+# number of experts the starts and one table per tile. A test compares plan_workspace_size with
+# the compiled modules' dispatch_plan_workspace_size.
+PLAN_TILE = 2048
+_PLAN_SHARED_MAX_EXPERTS = (12288 - 32) // 4
 _NO_CAPACITY = -1  # the capacity attribute's "none" (ffi/dispatch_math.h kNoCapacity)
 
 
 def plan_workspace_size(num_entries: int, num_experts: int) -> int:
     """int32 elements of the plan call's workspace (ffi/dispatch_math.h plan_workspace_size)."""
-    return (-(-num_entries // PLAN_CHUNK) + 1) * num_experts
+    tiles = -(-num_entries // PLAN_TILE)
+    group = 1
+    while group * group < tiles:
+        group *= 2
+    groups = -(-tiles // group)
+    global_tables = tiles + 1 if num_experts > _PLAN_SHARED_MAX_EXPERTS else 0
+    return (tiles + groups + global_tables) * num_experts
 
 
 def _use_kernels(implementation: str | None) -> bool:

@@ -40,9 +40,10 @@ def assert_plan(plan, idx, E, capacity):
 
 # ---- the plan ------------------------------------------------------------------------------
 
-# (lead shape, topk, E, load kind, capacity): T*k from 0 to several plan blocks (4096 entries
-# each), empty and overfull experts, every capacity regime, E past the CUDA kernels' shared-
-# memory tables (7000: one warp per block from global tables; 13000: global counts too)
+# (lead shape, topk, E, load kind, capacity): T*k from 0 to many plan tiles (2048 entries each;
+# 160000 entries are 79 tiles in 5 groups of 16), empty and overfull experts, every capacity
+# regime, and every layout of the CUDA rank kernel: 8 warps (E <= 1114), 4 (1200), 2 (2000) and
+# 1 (3000) with shared tables, one warp from global tables (7000), global counts too (13000)
 PLAN_CASES = [
     ((64,), 4, 8, "uniform", None),
     ((3000,), 3, 37, "uniform", None),
@@ -60,6 +61,11 @@ PLAN_CASES = [
     ((1,), 3, 5, "invalid", 2),
     ((5, 7, 3), 2, 6, "uniform", None),
     ((4, 0, 3), 2, 6, "uniform", 2),
+    ((20000,), 8, 256, "zipf", None),
+    ((20000,), 8, 96, "uniform", 1700),
+    ((3000,), 4, 1200, "uniform", None),
+    ((3000,), 4, 2000, "zipf", 3),
+    ((3000,), 4, 3000, "uniform", None),
     ((2, 3000), 2, 7000, "uniform", None),
     ((2, 3000), 2, 13000, "zipf", 3),
 ]
@@ -106,10 +112,14 @@ def test_plan_under_jit_and_repeatable(impl):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_plan_chunk_matches_the_modules():
-    for module in (_ffi._cpu, _ffi._cuda):
-        if module is not None:
-            assert module.dispatch_plan_chunk() == jd.PLAN_CHUNK
+def test_plan_workspace_size_matches_the_modules():
+    modules = [m for m in (_ffi._cpu, _ffi._cuda) if m is not None]
+    if not modules:
+        pytest.skip("no compiled module")
+    for n in (0, 1, 2047, 2048, 2049, 9000, 5 * 2048, 17 * 2048 + 3, 524288, 2**31 - 1):
+        for E in (1, 256, 3064, 3065, 40000):
+            for module in modules:
+                assert module.dispatch_plan_workspace_size(n, E) == jd.plan_workspace_size(n, E)
 
 
 # ---- permute / unpermute -------------------------------------------------------------------
