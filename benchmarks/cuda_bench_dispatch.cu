@@ -8,6 +8,7 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
 //        benchmarks/cuda_bench_dispatch.cu -o /tmp/cuda_bench_dispatch && /tmp/cuda_bench_dispatch
+//   BENCH_T=65536 BENCH_OPS=plan /tmp/cuda_bench_dispatch   # one size, the plan only (profiling)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -153,7 +154,11 @@ int main() {
               k, E);
   std::printf("%8s %6s %10s %10s %10s %6s\n", "tokens", "tiles", "graph_us", "events_us",
               "floor_us", "check");
+  const char* only_t = std::getenv("BENCH_T");
+  const char* ops = std::getenv("BENCH_OPS");
+  auto skip = [&](int T) { return only_t != nullptr && std::atoi(only_t) != T; };
   for (int T : {16384, 65536, 262144}) {
+    if (skip(T)) continue;
     const int64_t n = int64_t(T) * k;
     const int sets = 16;
     std::vector<PlanBufs> bufs(sets);
@@ -191,10 +196,12 @@ int main() {
     }
   }
 
+  if (ops != nullptr && std::string(ops) == "plan") return 0;
   std::printf("\npermute / unpermute, H=%d bf16, f32 weights, k=%d E=%d; %% copy: rows read + "
               "written over the copy bandwidth\n", H, k, E);
   std::printf("%-28s %8s %10s %8s\n", "kernel", "tokens", "us", "% copy");
   for (int T : {4096, 16384}) {
+    if (skip(T)) continue;
     const int64_t n = int64_t(T) * k, R = n;
     const int sets = 2;
     std::vector<PlanBufs> pb(sets);

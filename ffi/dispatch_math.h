@@ -23,7 +23,10 @@ namespace dispatch {
 // sqrt(tiles) group sums and sqrt(tiles) tile counts per expert instead of a scan over every
 // tile before it. jax_router/dispatch.py sizes the workspace from the same formulas (a test
 // compares them with the compiled modules' dispatch_plan_workspace_size).
-constexpr int64_t kPlanTile = 2048;
+#ifndef JR_PLAN_TILE  // a knob for benchmarks/cuda_bench_dispatch.cu only; Python assumes 2048
+#define JR_PLAN_TILE 2048
+#endif
+constexpr int64_t kPlanTile = JR_PLAN_TILE;
 
 // int32 elements of shared memory the CUDA rank kernel may hold (48 KiB, no opt-in): the expert
 // starts, the totals, the tile's first ranks and one count table per warp, [E] each, plus 32

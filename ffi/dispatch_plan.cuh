@@ -15,7 +15,7 @@
 //      - ranks its entries in flat order: its warps own consecutive sub-tiles, count them per
 //        expert, scan those counts across warps from the tile's first ranks, then walk their
 //        sub-tiles again (the ids kept in registers), lanes holding the same expert
-//        (__match_any_sync) ranked by lane order; positions[i] and source[row] follow, and every
+//        (warp_peers) ranked by lane order; positions[i] and source[row] follow, and every
 //        kept row is written exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
@@ -80,7 +80,29 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
   return v;
 }
 
-// The lowest lane of a __match_any_sync group: the one that speaks for it.
+// The lanes of the warp holding the same value v in [0, 2^bits): one ballot per bit, each lane
+// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes,
+// at a fixed cost of bits ballots, where __match_any_sync took time growing with the number of
+// distinct values in the warp (benchmarks/NOTES.md).
+__device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
+#ifdef JR_PLAN_MATCH_ANY
+  (void)bits;
+  return __match_any_sync(kFullMask, v);
+#else
+  unsigned peers = kFullMask;
+  for (int bit = 0; bit < bits; ++bit) {
+    const bool set = (v >> bit) & 1;
+    const unsigned m = __ballot_sync(kFullMask, set);
+    peers &= set ? m : ~m;
+  }
+  return peers;
+#endif
+}
+
+// Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
+__device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(experts); }
+
+// The lowest lane of a group of peers: the one that speaks for it.
 __device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
 // 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
@@ -104,9 +126,10 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
     __syncthreads();  // orders the zeroing before any warp's adds
   }
+  const int bits = plan_bits(E);
 #pragma unroll
   for (int s = 0; s < kPlanCountSteps; ++s) {
-    const unsigned peers = __match_any_sync(kFullMask, ex[s]);
+    const unsigned peers = warp_peers(ex[s], bits);
     if (ex[s] < E && lane == group_leader(peers)) atomicAdd(&table[ex[s]], __popc(peers));
   }
   __syncthreads();  // orders every warp's adds before the counts are read back
@@ -132,6 +155,7 @@ __device__ __forceinline__ void block_totals_and_starts(const PlanArgs& a, bool 
     const int32_t e = e0 + threadIdx.x;
     int32_t v = 0;
     if (e < E) {
+#pragma unroll 8
       for (int64_t g = 0; g < a.groups; ++g) v += a.sums[g * E + e];
       totals[e] = v;
       if (write_tpe) a.tokens_per_expert[e] = v;
@@ -161,7 +185,9 @@ __global__ void __launch_bounds__(1024) plan_starts_kernel(PlanArgs a) {
 __device__ __forceinline__ int32_t tile_first_rank(const PlanArgs& a, int64_t b, int32_t e) {
   const int64_t E = a.experts, g = b / a.group;
   int32_t r = 0;
+#pragma unroll 8
   for (int64_t h = 0; h < g; ++h) r += a.sums[h * E + e];
+#pragma unroll 8
   for (int64_t t = g * a.group; t < b; ++t) r += a.counts[t * E + e];
   return r;
 }
@@ -223,7 +249,7 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
     // this warp's counts per expert (its own table: no other warp writes it)
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-      const unsigned peers = __match_any_sync(kFullMask, ex[s]);
+      const unsigned peers = warp_peers(ex[s], plan_bits(E));
       if (ex[s] < E && lane == group_leader(peers)) mine[ex[s]] += __popc(peers);
       __syncwarp();  // orders this step's adds before the next step's (same table)
     }
@@ -247,7 +273,7 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
   for (int s = 0; s < kSteps; ++s) {
     const int64_t i = i0 + s * 32 + lane;
     const int32_t e = ex[s];
-    const unsigned peers = __match_any_sync(kFullMask, e);
+    const unsigned peers = warp_peers(e, plan_bits(E));
     const int leader = group_leader(peers);
     int32_t rank0 = 0;
     if (e < E && lane == leader) {  // the leader alone reads and advances the group's count
