@@ -255,7 +255,7 @@ int main() {
       void (*kernel)(RowsArgs);
     };
     const Variant variants[] = {
-        {"unpermute LaunchUnpermute", nullptr},
+        {"unpermute LaunchUnpermute", nullptr},  // the default layout
         {"unpermute unroll4 slots1", unpermute_kernel<DBF16, true, true, 4, 1>},
         {"unpermute unroll4 slots2", unpermute_kernel<DBF16, true, true, 4, 2>},
         {"unpermute unroll2 slots4", unpermute_kernel<DBF16, true, true, 2, 4>},

@@ -42,10 +42,11 @@ namespace jax_router {
 namespace cuda {
 
 constexpr int kPlanTile = static_cast<int>(dispatch::kPlanTile);
-constexpr int kPlanCountThreads = 256;
+constexpr int kPlanCountThreads = 512;
 constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thread counts
+constexpr int kPlanMaxWarps = 16;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
-static_assert(kPlanTile % (32 * 8) == 0, "a tile splits into whole steps of up to 8 warps");
+static_assert(kPlanTile % (32 * kPlanMaxWarps) == 0, "a tile splits into whole warp steps");
 
 struct PlanArgs {
   const void* ids = nullptr;
@@ -81,9 +82,8 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 }
 
 // The lanes of the warp holding the same value v in [0, 2^bits): one ballot per bit, each lane
-// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes,
-// at a fixed cost of bits ballots, where __match_any_sync took time growing with the number of
-// distinct values in the warp (benchmarks/NOTES.md).
+// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes, in
+// a fixed number of ballots; it measured faster than __match_any_sync here (benchmarks/NOTES.md).
 __device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
 #ifdef JR_PLAN_MATCH_ANY
   (void)bits;
@@ -106,15 +106,13 @@ __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(ex
 __device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
 // 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
-// before the first count; the adds are warp-aggregated (one per group of lanes holding the same
-// expert) into a shared table, or straight into the tile's global row (zeroed by the memset)
-// when E does not fit.
+// before the first count. The adds go into a shared table, or straight into the tile's global
+// row (zeroed by the memset) when E does not fit; their order does not matter (integers).
 template <typename I, bool kShared>
 __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
-  const int lane = threadIdx.x & 31;
   int32_t ex[kPlanCountSteps];
 #pragma unroll
   for (int s = 0; s < kPlanCountSteps; ++s) {
@@ -124,15 +122,13 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   int32_t* table = kShared ? plan_smem : row;
   if (kShared) {
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
-    __syncthreads();  // orders the zeroing before any warp's adds
+    __syncthreads();  // orders the zeroing before any thread's adds
   }
-  const int bits = plan_bits(E);
 #pragma unroll
   for (int s = 0; s < kPlanCountSteps; ++s) {
-    const unsigned peers = warp_peers(ex[s], bits);
-    if (ex[s] < E && lane == group_leader(peers)) atomicAdd(&table[ex[s]], __popc(peers));
+    if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
   }
-  __syncthreads();  // orders every warp's adds before the counts are read back
+  __syncthreads();  // orders every thread's adds before the counts are read back
   int32_t* sums = a.sums + (b / a.group) * E;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
     const int32_t c = kShared ? table[e] : __ldcg(row + e);
@@ -141,25 +137,36 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   }
 }
 
-// The totals (the group sums added up; block 0 also writes them to tokens_per_expert) and the
-// expert starts: their exclusive prefix sum without capacity, e * C with it. A whole block
-// calls it; warp_totals is 32 ints of shared memory. The caller orders the writes before any
-// other thread reads starts or totals.
-__device__ __forceinline__ void block_totals_and_starts(const PlanArgs& a, bool write_tpe,
-                                                        int32_t* totals, int32_t* starts,
-                                                        int32_t* warp_totals) {
+// Expert e's total (the group sums added up) and tile b's first rank in it (the sums of the
+// groups before b's, then the counts of the tiles before b in its group): one pass of
+// independent loads, at most groups + group - 1 of them.
+__device__ __forceinline__ void expert_sums(const PlanArgs& a, int64_t b, int32_t e,
+                                            int32_t* total, int32_t* first) {
+  const int64_t E = a.experts, g = b / a.group;
+  int32_t all = 0, before = 0;
+#pragma unroll 8
+  for (int64_t h = 0; h < a.groups; ++h) {
+    const int32_t v = a.sums[h * E + e];
+    all += v;
+    before += h < g ? v : 0;
+  }
+#pragma unroll 8
+  for (int64_t t = g * a.group; t < b; ++t) before += a.counts[t * E + e];
+  *total = all;
+  *first = before;
+}
+
+// The expert starts from the totals: their exclusive prefix sum without capacity, e * C with
+// it. A whole block calls it; warp_totals is 32 ints of shared memory. The caller orders the
+// totals before the call; the call ends with a barrier that orders the starts after it.
+__device__ __forceinline__ void block_starts(const PlanArgs& a, const int32_t* totals,
+                                             int32_t* starts, int32_t* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int32_t E = a.experts;
   int32_t carry = 0;
   for (int32_t e0 = 0; e0 < E; e0 += blockDim.x) {  // the same trip count for the whole block
     const int32_t e = e0 + threadIdx.x;
-    int32_t v = 0;
-    if (e < E) {
-#pragma unroll 8
-      for (int64_t g = 0; g < a.groups; ++g) v += a.sums[g * E + e];
-      totals[e] = v;
-      if (write_tpe) a.tokens_per_expert[e] = v;
-    }
+    const int32_t v = e < E ? totals[e] : 0;
     const int32_t incl = warp_inclusive_scan(v, lane);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();  // orders the warp totals before every thread reads them
@@ -174,22 +181,16 @@ __device__ __forceinline__ void block_totals_and_starts(const PlanArgs& a, bool 
   }
 }
 
-// Global-table path only: the totals, tokens_per_expert and the starts, by one block.
+// Global-table path only: tokens_per_expert and the starts, by one block.
 __global__ void __launch_bounds__(1024) plan_starts_kernel(PlanArgs a) {
   __shared__ int32_t warp_totals[32];
-  block_totals_and_starts(a, true, a.tokens_per_expert, a.starts, warp_totals);
-}
-
-// Tile b's first rank in expert e: the entries of e in the groups before b's, then in the
-// tiles before b in its group.
-__device__ __forceinline__ int32_t tile_first_rank(const PlanArgs& a, int64_t b, int32_t e) {
-  const int64_t E = a.experts, g = b / a.group;
-  int32_t r = 0;
-#pragma unroll 8
-  for (int64_t h = 0; h < g; ++h) r += a.sums[h * E + e];
-#pragma unroll 8
-  for (int64_t t = g * a.group; t < b; ++t) r += a.counts[t * E + e];
-  return r;
+  for (int32_t e = threadIdx.x; e < a.experts; e += blockDim.x) {
+    int32_t total, unused;
+    expert_sums(a, 0, e, &total, &unused);
+    a.tokens_per_expert[e] = total;
+  }
+  __syncthreads();  // orders the totals before the scan reads them
+  block_starts(a, a.tokens_per_expert, a.starts, warp_totals);
 }
 
 // The empty rows, -1, split across the grid: without capacity the last R - sum(totals) rows
@@ -237,23 +238,23 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
     int32_t* first = s_totals + E;
     int32_t* warp_totals = first + E;
     int32_t* table = warp_totals + 32;
-    block_totals_and_starts(a, b == 0, s_totals, s_starts, warp_totals);
     for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
       table[x] = 0;
     }
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) first[e] = tile_first_rank(a, b, e);
-    starts = s_starts;
-    totals = s_totals;
+    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
+      int32_t total;
+      expert_sums(a, b, e, &total, first + e);
+      s_totals[e] = total;
+      if (b == 0) a.tokens_per_expert[e] = total;
+    }
     mine = table + static_cast<int64_t>(warp) * E;
-    __syncthreads();  // orders the zeroed tables before the warps count into them
-    // this warp's counts per expert (its own table: no other warp writes it)
+    __syncthreads();  // orders the zeroed tables, totals and first ranks before their use
+    // this warp's counts per expert, in its own table (the order of the adds does not matter)
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-      const unsigned peers = warp_peers(ex[s], plan_bits(E));
-      if (ex[s] < E && lane == group_leader(peers)) mine[ex[s]] += __popc(peers);
-      __syncwarp();  // orders this step's adds before the next step's (same table)
+      if (ex[s] < E) atomicAdd(mine + ex[s], 1);
     }
-    __syncthreads();  // orders every warp's counts before the scan across warps
+    block_starts(a, s_totals, s_starts, warp_totals);  // its barriers also order the counts
     // exclusive scan across warps, per expert, from the tile's first ranks
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
       int32_t run = first[e];
@@ -264,16 +265,22 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
         run += t;
       }
     }
+    starts = s_starts;
+    totals = s_totals;
   } else {
-    for (int32_t e = lane; e < E; e += 32) mine[e] = tile_first_rank(a, b, e);
+    for (int32_t e = lane; e < E; e += 32) {
+      int32_t unused;
+      expert_sums(a, b, e, &unused, mine + e);
+    }
   }
   __syncthreads();  // orders the scanned (or initialised) tables before the warps rank from them
   const unsigned lanes_before = (1u << lane) - 1u;
+  const int bits = plan_bits(E);
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int64_t i = i0 + s * 32 + lane;
     const int32_t e = ex[s];
-    const unsigned peers = warp_peers(e, plan_bits(E));
+    const unsigned peers = warp_peers(e, bits);
     const int leader = group_leader(peers);
     int32_t rank0 = 0;
     if (e < E && lane == leader) {  // the leader alone reads and advances the group's count
@@ -291,10 +298,10 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
   fill_empty_rows(a, totals, starts);
 }
 
-// Warps per block of the rank kernel with shared tables (8, 4, 2 or 1), or 0 when even one
+// Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1), or 0 when even one
 // warp's tables do not fit: the global path.
 inline int PlanRankWarps(int64_t E) {
-  for (int w = 8; w >= 1; w >>= 1) {
+  for (int w = kPlanMaxWarps; w >= 1; w >>= 1) {
     if ((3 + w) * E + 32 <= dispatch::kPlanSmemInts) return w;
   }
   return 0;
@@ -321,6 +328,9 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
     plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
   }
   switch (PlanRankWarps(a.experts)) {
+    case 16:
+      LaunchRankShared<I, 16>(a, s);
+      break;
     case 8:
       LaunchRankShared<I, 8>(a, s);
       break;

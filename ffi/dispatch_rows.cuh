@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(RowsArgs a) {
 // kSlots rows are in flight at once: one slot at a time left each thread waiting on a round
 // trip per slot (benchmarks/NOTES.md). kStream loads the rows with the evict-first hint (each
 // buffer row is read once).
-template <typename D, bool kVec, bool kWeighted, int kUnrollV = kUnroll, int kSlots = 2,
+template <typename D, bool kVec, bool kWeighted, int kUnrollV = 2, int kSlots = 4,
           bool kStream = false>
 __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(RowsArgs a) {
   using raw = typename D::raw;
