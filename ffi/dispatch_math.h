@@ -29,11 +29,12 @@ namespace dispatch {
 constexpr int64_t kPlanTile = JR_PLAN_TILE;
 
 // int32 elements of shared memory the CUDA rank kernel may hold (48 KiB, no opt-in): the expert
-// starts, the totals, the tile's first ranks and one count table per warp, [E] each, plus 32
-// warp totals. With a single warp that is 4 * E + 32, so past kPlanSharedMaxExperts the tables
-// live in the workspace instead (dispatch_plan.cuh).
+// starts, the totals, the tile's first ranks and offsets and one count table per warp, [E]
+// each, 32 warp totals, and the tile's staged (row, entry) pairs. With a single warp that is
+// 5 * E + 32 + 2 * kPlanTile, so past kPlanSharedMaxExperts the tables live in the workspace
+// instead (dispatch_plan.cuh).
 constexpr int64_t kPlanSmemInts = 12288;
-constexpr int64_t kPlanSharedMaxExperts = (kPlanSmemInts - 32) / 4;
+constexpr int64_t kPlanSharedMaxExperts = (kPlanSmemInts - 32 - 2 * kPlanTile) / 5;
 
 // attribute value of `capacity` meaning "no capacity" (R = T * topk, experts packed)
 constexpr int64_t kNoCapacity = -1;

@@ -156,29 +156,42 @@ __device__ __forceinline__ void expert_sums(const PlanArgs& a, int64_t b, int32_
   *first = before;
 }
 
-// The expert starts from the totals: their exclusive prefix sum without capacity, e * C with
-// it. A whole block calls it; warp_totals is 32 ints of shared memory. The caller orders the
-// totals before the call; the call ends with a barrier that orders the starts after it.
-__device__ __forceinline__ void block_starts(const PlanArgs& a, const int32_t* totals,
-                                             int32_t* starts, int32_t* warp_totals) {
+// out[x] = in[0] + ... + in[x - 1] for x < n, by a whole block; returns the sum of all n (to
+// every thread). Thread t handles x = t, t + blockDim.x, ... (in place is fine: each thread
+// reads its own elements before writing them). warp_totals is 32 ints of shared memory. The
+// caller orders `in` before the call; the call ends with a barrier, so `out` is ordered after
+// it for every thread.
+__device__ __forceinline__ int32_t block_exclusive_scan(const int32_t* in, int32_t* out,
+                                                        int32_t n, int32_t* warp_totals) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int32_t E = a.experts;
   int32_t carry = 0;
-  for (int32_t e0 = 0; e0 < E; e0 += blockDim.x) {  // the same trip count for the whole block
-    const int32_t e = e0 + threadIdx.x;
-    const int32_t v = e < E ? totals[e] : 0;
+  for (int32_t x0 = 0; x0 < n; x0 += blockDim.x) {  // the same trip count for the whole block
+    const int32_t x = x0 + threadIdx.x;
+    const int32_t v = x < n ? in[x] : 0;
     const int32_t incl = warp_inclusive_scan(v, lane);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();  // orders the warp totals before every thread reads them
-    int32_t before = carry, tile = 0;
+    int32_t before = carry, round = 0;
     for (int w = 0; w < warps; ++w) {
       before += w < warp ? warp_totals[w] : 0;
-      tile += warp_totals[w];
+      round += warp_totals[w];
     }
-    if (e < E) starts[e] = dispatch::expert_start(e, before + incl - v, a.capacity);
-    carry += tile;
+    if (x < n) out[x] = before + incl - v;
+    carry += round;
     __syncthreads();  // orders this round's reads of warp_totals before the next round's writes
   }
+  return carry;
+}
+
+// The expert starts from the totals: their exclusive prefix sum without capacity, e * C with
+// it (dispatch::expert_start). A whole block calls it, as block_exclusive_scan.
+__device__ __forceinline__ void block_starts(const PlanArgs& a, const int32_t* totals,
+                                             int32_t* starts, int32_t* warp_totals) {
+  block_exclusive_scan(totals, starts, a.experts, warp_totals);
+  for (int32_t e = threadIdx.x; e < a.experts; e += blockDim.x) {  // the writer's own elements
+    starts[e] = dispatch::expert_start(e, starts[e], a.capacity);
+  }
+  __syncthreads();  // orders the starts before every thread reads them
 }
 
 // Global-table path only: tokens_per_expert and the starts, by one block.
@@ -213,9 +226,15 @@ __device__ __forceinline__ void fill_empty_rows(const PlanArgs& a, const int32_t
 }
 
 // 2. positions and source. Shared tables: kWarps warps, dynamic shared memory
-// [E starts | E totals | E first ranks | 32 warp totals | kWarps x E counts]. Global tables
-// (kWarps == 1): the block's table is its workspace row, the starts and totals come from
-// plan_starts_kernel.
+// [E starts | E totals | E first ranks | E tile offsets | 32 warp totals | kWarps x E counts |
+// kPlanTile rows | kPlanTile entries]. Global tables (kWarps == 1): the block's table is its
+// workspace row, the starts and totals come from plan_starts_kernel.
+//
+// With shared tables the source writes are staged: the tile's kept entries are laid out in
+// shared memory in buffer order (expert by expert, then rank), and the block then writes
+// source[row] = i with consecutive threads on consecutive rows. Written straight from the walk,
+// every entry was a 4-byte store to its own 32-byte sector, scattered across the buffer; that
+// cost a third of the plan (benchmarks/NOTES.md).
 template <typename I, int kWarps, bool kShared>
 __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
   static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
@@ -232,12 +251,18 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
   const int32_t* starts = a.starts;
   const int32_t* totals = a.tokens_per_expert;
   int32_t* mine = a.tables + b * E;  // this warp's running ranks per expert
+  // shared path only: the tile's first rank and offset (in buffer order) per expert, the staging
+  int32_t *first = nullptr, *tile_off = nullptr, *stage_row = nullptr, *stage_i = nullptr;
+  int32_t kept = 0;  // the tile's entries with a valid id
   if (kShared) {
     int32_t* s_starts = plan_smem;
     int32_t* s_totals = s_starts + E;
-    int32_t* first = s_totals + E;
-    int32_t* warp_totals = first + E;
+    first = s_totals + E;
+    tile_off = first + E;
+    int32_t* warp_totals = tile_off + E;
     int32_t* table = warp_totals + 32;
+    stage_row = table + static_cast<int64_t>(kWarps) * E;
+    stage_i = stage_row + kPlanTile;
     for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
       table[x] = 0;
     }
@@ -255,7 +280,7 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
       if (ex[s] < E) atomicAdd(mine + ex[s], 1);
     }
     block_starts(a, s_totals, s_starts, warp_totals);  // its barriers also order the counts
-    // exclusive scan across warps, per expert, from the tile's first ranks
+    // exclusive scan across warps, per expert, from the tile's first ranks; the tile's count
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
       int32_t run = first[e];
 #pragma unroll
@@ -264,7 +289,10 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
         table[static_cast<int64_t>(w) * E + e] = run;
         run += t;
       }
+      tile_off[e] = run - first[e];
     }
+    // its barriers order the scanned tables before the walk below
+    kept = block_exclusive_scan(tile_off, tile_off, E, warp_totals);
     starts = s_starts;
     totals = s_totals;
   } else {
@@ -272,8 +300,8 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
       int32_t unused;
       expert_sums(a, b, e, &unused, mine + e);
     }
+    __syncwarp();  // orders the initialised table before the walk (one warp)
   }
-  __syncthreads();  // orders the scanned (or initialised) tables before the warps rank from them
   const unsigned lanes_before = (1u << lane) - 1u;
   const int bits = plan_bits(E);
 #pragma unroll
@@ -292,24 +320,42 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
     if (i < a.n) {
       const int32_t row = e < E ? dispatch::plan_row(starts[e], rank, a.capacity) : -1;
       a.positions[i] = row;
-      if (row >= 0) a.source[row] = static_cast<int32_t>(i);
+      if (kShared && e < E) {  // every valid entry has its own place: tile_off + rank in tile
+        const int32_t at = tile_off[e] + (rank - first[e]);
+        stage_row[at] = row;
+        stage_i[at] = static_cast<int32_t>(i);
+      } else if (!kShared && row >= 0) {
+        a.source[row] = static_cast<int32_t>(i);
+      }
+    }
+  }
+  if (kShared) {
+    __syncthreads();  // orders the staged entries before the block writes them out
+    for (int32_t x = threadIdx.x; x < kept; x += blockDim.x) {
+      const int32_t row = stage_row[x];
+      if (row >= 0) a.source[row] = stage_i[x];  // -1: dropped by capacity
     }
   }
   fill_empty_rows(a, totals, starts);
+}
+
+// The rank kernel's shared memory with shared tables, in int32 elements (its layout above).
+inline int64_t PlanRankSmemInts(int64_t E, int warps) {
+  return (4 + warps) * E + 32 + 2 * kPlanTile;
 }
 
 // Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1), or 0 when even one
 // warp's tables do not fit: the global path.
 inline int PlanRankWarps(int64_t E) {
   for (int w = kPlanMaxWarps; w >= 1; w >>= 1) {
-    if ((3 + w) * E + 32 <= dispatch::kPlanSmemInts) return w;
+    if (PlanRankSmemInts(E, w) <= dispatch::kPlanSmemInts) return w;
   }
   return 0;
 }
 
 template <typename I, int kWarps>
 void LaunchRankShared(const PlanArgs& a, cudaStream_t s) {
-  const size_t smem = static_cast<size_t>((3 + kWarps) * a.experts + 32) * sizeof(int32_t);
+  const size_t smem = static_cast<size_t>(PlanRankSmemInts(a.experts, kWarps)) * sizeof(int32_t);
   plan_rank_kernel<I, kWarps, true>
       <<<static_cast<unsigned>(a.tiles), kWarps * 32, smem, s>>>(a);
 }

@@ -39,7 +39,7 @@ from .router import autodiff_guard
 # number of experts the starts and one table per tile. A test compares plan_workspace_size with
 # the compiled modules' dispatch_plan_workspace_size.
 PLAN_TILE = 2048
-_PLAN_SHARED_MAX_EXPERTS = (12288 - 32) // 4
+_PLAN_SHARED_MAX_EXPERTS = (12288 - 32 - 2 * PLAN_TILE) // 5
 _NO_CAPACITY = -1  # the capacity attribute's "none" (ffi/dispatch_math.h kNoCapacity)
 
 
