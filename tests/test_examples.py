@@ -265,7 +265,7 @@ def test_moe_ep_capacity(moe_ep):
     (["--experts", "3", "--devices", "2"], "multiple of --devices"),
     (["--topk", "20"], "--topk (20) must be <= --experts"),
     (["--capacity-factor", "0"], "--capacity-factor must be > 0"),
-    (["--devices", "1000"], "--devices must be in"),
+    (["--experts", "1000", "--devices", "1000"], "--devices must be in"),
     (["--exchange", "bogus"], "invalid choice"),
 ])
 def test_moe_ep_rejects_bad_arguments(moe_ep, capsys, argv, message):
