@@ -44,7 +44,10 @@ namespace cuda {
 constexpr int kPlanTile = static_cast<int>(dispatch::kPlanTile);
 constexpr int kPlanCountThreads = 512;
 constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thread counts
-constexpr int kPlanMaxWarps = 16;
+#ifndef JR_PLAN_MAX_WARPS  // a knob for benchmarks/cuda_bench_dispatch.cu only
+#define JR_PLAN_MAX_WARPS 16
+#endif
+constexpr int kPlanMaxWarps = JR_PLAN_MAX_WARPS;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
 static_assert(kPlanTile % (32 * kPlanMaxWarps) == 0, "a tile splits into whole warp steps");
 
@@ -171,11 +174,11 @@ __device__ __forceinline__ int32_t block_exclusive_scan(const int32_t* in, int32
     const int32_t incl = warp_inclusive_scan(v, lane);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();  // orders the warp totals before every thread reads them
-    int32_t before = carry, round = 0;
-    for (int w = 0; w < warps; ++w) {
-      before += w < warp ? warp_totals[w] : 0;
-      round += warp_totals[w];
-    }
+    // every warp scans the warp totals itself (lane w holds warp w's), no loop over them
+    const int32_t wt = lane < warps ? warp_totals[lane] : 0;
+    const int32_t wincl = warp_inclusive_scan(wt, lane);
+    const int32_t before = carry + __shfl_sync(kFullMask, wincl - wt, warp);
+    const int32_t round = __shfl_sync(kFullMask, wincl, 31);
     if (x < n) out[x] = before + incl - v;
     carry += round;
     __syncthreads();  // orders this round's reads of warp_totals before the next round's writes
