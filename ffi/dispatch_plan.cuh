@@ -14,9 +14,9 @@
 //        thread, all independent (no chained look-back, no third kernel);
 //      - ranks its entries in flat order: its warps own consecutive sub-tiles, count them per
 //        expert, scan those counts across warps from the tile's first ranks, then walk their
-//        sub-tiles again (the ids kept in registers), lanes holding the same expert
-//        (warp_peers) ranked by lane order; positions[i] and source[row] follow, and every
-//        kept row is written exactly once;
+//        sub-tiles (the ids kept in registers), lanes holding the same expert (warp_peers)
+//        ranked by lane order; positions[i] follows, and source[row] is written from shared
+//        memory in buffer order (coalesced), every kept row exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
@@ -24,7 +24,8 @@
 //
 // Layouts: counts [tiles, E] and sums [groups, E] are expert-minor, so the threads of a block
 // (one expert each) read and write them coalesced. The rank kernel keeps its tables in 48 KiB
-// of shared memory (no opt-in) with 8, 4, 2 or 1 warps as E allows; past kPlanSharedMaxExperts
+// of shared memory (no opt-in) with 16, 8, 4, 2 or 1 warps as E and the grid allow; past
+// kPlanSharedMaxExperts
 // it runs one warp per block with its table and the starts in the workspace (plan_starts_kernel
 // writes the starts and totals first). The count kernel likewise falls back to global atomics
 // past kPlanCountSmemExperts.
@@ -35,6 +36,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "cuda_device.cuh"
 #include "cuda_warp.cuh"
 #include "dispatch_math.h"
 
@@ -348,9 +350,12 @@ inline int64_t PlanRankSmemInts(int64_t E, int warps) {
 }
 
 // Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1), or 0 when even one
-// warp's tables do not fit: the global path.
-inline int PlanRankWarps(int64_t E) {
-  for (int w = kPlanMaxWarps; w >= 1; w >>= 1) {
+// warp's tables do not fit: the global path. 16 warps while the tiles fit in one wave of
+// 512-thread blocks (4 a SM), 8 past that: measured on the H200 at 65536 and 262144 tokens
+// (benchmarks/NOTES.md), where the longer walks of 8 warps cost less than a second wave.
+inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
+  const int most = tiles <= 4 * static_cast<int64_t>(sms) ? kPlanMaxWarps : kPlanMaxWarps / 2;
+  for (int w = most; w >= 1; w >>= 1) {
     if (PlanRankSmemInts(E, w) <= dispatch::kPlanSmemInts) return w;
   }
   return 0;
@@ -376,7 +381,7 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
     if (err != cudaSuccess) return err;
     plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
   }
-  switch (PlanRankWarps(a.experts)) {
+  switch (PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()))) {
     case 16:
       LaunchRankShared<I, 16>(a, s);
       break;

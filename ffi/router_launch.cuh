@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "cuda_device.cuh"
 #include "qb_histogram.cuh"
 #include "router_bwd.cuh"
 #include "router_fwd_fast.cuh"
@@ -60,37 +61,6 @@ struct BwdArgs {
 // Which forward kernel a call takes (for tests and benchmarks).
 enum class FwdPath : int { kNone = 0, kFast = 1, kGeneral = 2 };
 
-
-// ---- cached device properties (queried once per device; safe under stream capture) ----------
-
-constexpr int kMaxDevices = 64;
-
-inline int CurrentDevice() {
-  int d = 0;
-  if (cudaGetDevice(&d) != cudaSuccess || d < 0 || d >= kMaxDevices) d = 0;
-  return d;
-}
-
-inline int CachedAttr(cudaDeviceAttr attr, std::atomic<int>* cache, int dev, int fallback) {
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v > 0) return v;
-  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
-    cudaGetLastError();
-    return fallback;
-  }
-  cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-inline int SmCount(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  return CachedAttr(cudaDevAttrMultiProcessorCount, cache, dev, 132);
-}
-
-inline int SmemOptin(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);
-}
 
 // ---- plan ------------------------------------------------------------------------------------
 
@@ -300,10 +270,13 @@ inline cudaError_t LaunchQbHistogram(const FwdArgs& f, cudaStream_t stream, int 
   const size_t smem = h.eb > 0 ? static_cast<size_t>(h.eb) * h.num_bins * 4 : 0;
   return DispatchDt(f.logits_dt, [&](auto d) {
     auto kernel = qb_histogram_kernel<decltype(d)>;
-    if (smem > 48 * 1024) {
+    // the largest limit raised so far, per device and kernel: raised once, not every call
+    static std::atomic<int> raised[kMaxDevices];
+    if (smem > 48 * 1024 && raised[dev].load(std::memory_order_relaxed) < static_cast<int>(smem)) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
       if (e != cudaSuccess) return e;
+      raised[dev].store(static_cast<int>(smem), std::memory_order_relaxed);
     }
     kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), kQbThreads, smem,
              stream>>>(h);
