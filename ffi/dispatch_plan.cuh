@@ -25,9 +25,8 @@
 // Layouts: counts [tiles, E] and sums [groups, E] are expert-minor, so the threads of a block
 // (one expert each) read and write them coalesced. The rank kernel keeps its tables in 48 KiB
 // of shared memory (no opt-in) with 16, 8, 4, 2 or 1 warps as E and the grid allow; past
-// kPlanSharedMaxExperts
-// it runs one warp per block with its table and the starts in the workspace (plan_starts_kernel
-// writes the starts and totals first). The count kernel likewise falls back to global atomics
+// kPlanSharedMaxExperts it runs one warp per block with its table and the starts in the
+// workspace (plan_starts_kernel writes the starts and totals first). The count kernel likewise falls back to global atomics
 // past kPlanCountSmemExperts.
 #pragma once
 
