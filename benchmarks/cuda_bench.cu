@@ -16,19 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.cuh"
 #include "router_launch.cuh"
 
 using namespace jax_router;
 using namespace jax_router::cuda;
 
-#define CK(x)                                                                            \
-  do {                                                                                   \
-    cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                      \
-    }                                                                                    \
-  } while (0)
 
 static uint16_t f2bf(float f) {
   uint32_t u;
@@ -59,24 +52,6 @@ struct Cfg {
   float scaling = 1.0f;
 };
 
-static float TimeIt(const std::function<void(int)>& f, int sets, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3 * sets; ++i) f(i % sets);
-  std::vector<float> ts;
-  for (int rep = 0; rep < 7; ++rep) {
-    CK(cudaEventRecord(a));
-    for (int i = 0; i < iters; ++i) f(i % sets);
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms * 1000.0f / iters);
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
 
 static void Bench() {
   // Copy ceiling.
@@ -85,7 +60,7 @@ static void Bench() {
   CK(cudaMalloc(&s0, cb));
   CK(cudaMalloc(&s1, cb));
   CK(cudaMemset(s0, 1, cb));
-  float us = TimeIt([&](int) { CK(cudaMemcpyAsync(s1, s0, cb, cudaMemcpyDeviceToDevice)); }, 1, 10);
+  float us = TimeEvents([&](int) { CK(cudaMemcpyAsync(s1, s0, cb, cudaMemcpyDeviceToDevice)); }, 1, 10);
   const double bw = 2.0 * cb / (us * 1e-6) / 1e12;
   std::printf("copy bandwidth %.2f TB/s (1 GiB D2D)\n", bw);
   CK(cudaFree(s0));
@@ -159,10 +134,10 @@ static void Bench() {
         const double fl_c = (double(T) * c.E * es + double(T) * c.k * 12) / (bw * 1e12) * 1e6;
         const double fl_d = (2.0 * T * c.E * es + double(T) * c.k * 8) / (bw * 1e12) * 1e6;
         const double fl_b = (double(T) * c.k * 12 + double(T) * c.E * es) / (bw * 1e12) * 1e6;
-        float tc = TimeIt([&](int s) { fwd(s, false); }, sets, 200);
+        float tc = TimeEvents([&](int s) { fwd(s, false); }, sets, 200);
         const long long ll = LastFastLaunch().load();
         std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
-        float td = TimeIt([&](int s) { fwd(s, true); }, sets, 200);
+        float td = TimeEvents([&](int s) { fwd(s, true); }, sets, 200);
         BwdArgs bb;
         bb.rows = T;
         bb.experts = c.E;
@@ -172,7 +147,7 @@ static void Bench() {
         bb.index_dt = It::kS32;
         bb.logits_dt = dt;
         bb.out_dt = dt;
-        float tb = TimeIt(
+        float tb = TimeEvents(
             [&](int s) {
               BwdArgs q = bb;
               q.grad = ws[s];

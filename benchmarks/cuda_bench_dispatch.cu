@@ -21,42 +21,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench_util.cuh"
 #include "dispatch_plan.cuh"
 #include "dispatch_rows.cuh"
 
 using namespace jax_router;
 using namespace jax_router::cuda;
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 static cudaStream_t g_stream;
 
-// Median over 7 repetitions of `iters` back-to-back calls f(i % sets), in us per call.
-static float TimeEvents(const std::function<void(int)>& f, int sets, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 2 * sets; ++i) f(i % sets);
-  std::vector<float> ts;
-  for (int rep = 0; rep < 7; ++rep) {
-    CK(cudaEventRecord(a, g_stream));
-    for (int i = 0; i < iters; ++i) f(i % sets);
-    CK(cudaEventRecord(b, g_stream));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms * 1000.0f / iters);
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
 
 // The same through a CUDA graph holding `per_graph` calls (as XLA's command buffers replay
 // them): us per call, launch gaps inside the graph included.
@@ -67,7 +41,7 @@ static float TimeGraph(const std::function<void(int)>& f, int sets, int per_grap
   for (int i = 0; i < per_graph; ++i) f(i % sets);
   CK(cudaStreamEndCapture(g_stream, &g));
   CK(cudaGraphInstantiate(&ge, g, 0));
-  const float us = TimeEvents([&](int) { CK(cudaGraphLaunch(ge, g_stream)); }, 1, 20);
+  const float us = TimeEvents([&](int) { CK(cudaGraphLaunch(ge, g_stream)); }, 1, 20, g_stream);
   CK(cudaGraphExecDestroy(ge));
   CK(cudaGraphDestroy(g));
   return us / per_graph;
@@ -142,7 +116,8 @@ int main() {
   CK(cudaMalloc(&c1, cb));
   CK(cudaMemset(c0, 1, cb));
   const float cus = TimeEvents(
-      [&](int) { CK(cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice, g_stream)); }, 1, 10);
+      [&](int) { CK(cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice, g_stream)); }, 1, 10,
+      g_stream);
   const double bw = 2.0 * cb / (cus * 1e-6);  // bytes read + written per second
   CK(cudaFree(c0));
   CK(cudaFree(c1));
@@ -182,7 +157,7 @@ int main() {
     CK(cudaStreamSynchronize(g_stream));
     const bool ok = CheckPlan(ids0, E, bufs[0]);
     const float tg = TimeGraph(plan, sets, 32);
-    const float te = TimeEvents(plan, sets, 64);
+    const float te = TimeEvents(plan, sets, 64, g_stream);
     const double floor_us = 3.0 * n * 4 / bw * 1e6;  // ids read, positions and source written
     std::printf("%8d %6lld %10.2f %10.2f %10.2f %6s\n", T,
                 static_cast<long long>(dispatch::plan_tiles(n)), tg, te, floor_us,
@@ -246,7 +221,7 @@ int main() {
       return a;
     };
     const double moved_p = 2.0 * R * H * 2, moved_u = double(R + T) * H * 2;
-    const float tp = TimeEvents([&](int s) { CK(LaunchPermute(rows_args(s, false), Dt::kBF16, g_stream)); }, sets, 10);
+    const float tp = TimeEvents([&](int s) { CK(LaunchPermute(rows_args(s, false), Dt::kBF16, g_stream)); }, sets, 10, g_stream);
     std::printf("%-28s %8d %10.1f %8.0f\n", "permute", T, tp, 100.0 * moved_p / (tp * 1e-6) / bw);
     // re-fill the rows that permute overwrote, so unpermute reads the same values every layout
     for (int s = 0; s < sets; ++s) fill_bf16<<<1024, 256, 0, g_stream>>>(rows[s], size_t(R) * H, 23 + s);
@@ -284,7 +259,7 @@ int main() {
         CK(cudaMemcpy(y.data(), outs[0], y.size() * 2, cudaMemcpyDeviceToHost));
         same = x == y;
       }
-      const float tu = TimeEvents(run, sets, 10);
+      const float tu = TimeEvents(run, sets, 10, g_stream);
       std::printf("%-28s %8d %10.1f %8.0f%s\n", v.name, T, tu,
                   100.0 * moved_u / (tu * 1e-6) / bw, same ? "" : "  BITS DIFFER");
     }

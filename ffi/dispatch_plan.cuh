@@ -360,8 +360,12 @@ inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
   return 0;
 }
 
+// The rank kernel with shared tables and `warps` warps (a power of two <= kWarps).
 template <typename I, int kWarps>
-void LaunchRankShared(const PlanArgs& a, cudaStream_t s) {
+void LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
+  if constexpr (kWarps > 1) {
+    if (warps < kWarps) return LaunchRankShared<I, kWarps / 2>(a, warps, s);
+  }
   const size_t smem = static_cast<size_t>(PlanRankSmemInts(a.experts, kWarps)) * sizeof(int32_t);
   plan_rank_kernel<I, kWarps, true>
       <<<static_cast<unsigned>(a.tiles), kWarps * 32, smem, s>>>(a);
@@ -380,26 +384,12 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
     if (err != cudaSuccess) return err;
     plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
   }
-  switch (PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()))) {
-    case 16:
-      LaunchRankShared<I, 16>(a, s);
-      break;
-    case 8:
-      LaunchRankShared<I, 8>(a, s);
-      break;
-    case 4:
-      LaunchRankShared<I, 4>(a, s);
-      break;
-    case 2:
-      LaunchRankShared<I, 2>(a, s);
-      break;
-    case 1:
-      LaunchRankShared<I, 1>(a, s);
-      break;
-    default:
-      plan_starts_kernel<<<1, 1024, 0, s>>>(a);
-      plan_rank_kernel<I, 1, false><<<grid, 32, 0, s>>>(a);
-      break;
+  const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
+  if (warps > 0) {
+    LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
+  } else {
+    plan_starts_kernel<<<1, 1024, 0, s>>>(a);
+    plan_rank_kernel<I, 1, false><<<grid, 32, 0, s>>>(a);
   }
   return cudaGetLastError();
 }
