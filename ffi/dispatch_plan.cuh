@@ -86,13 +86,10 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 }
 
 // The lanes of the warp holding the same value v in [0, 2^bits): one ballot per bit, each lane
-// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes, in
-// a fixed number of ballots; it measured faster than __match_any_sync here (benchmarks/NOTES.md).
+// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes; on
+// the H200 it was faster while the plan walked its tiles twice, and level since (NOTES rows
+// 18 and 20).
 __device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
-#ifdef JR_PLAN_MATCH_ANY
-  (void)bits;
-  return __match_any_sync(kFullMask, v);
-#else
   unsigned peers = kFullMask;
   for (int bit = 0; bit < bits; ++bit) {
     const bool set = (v >> bit) & 1;
@@ -100,7 +97,6 @@ __device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
     peers &= set ? m : ~m;
   }
   return peers;
-#endif
 }
 
 // Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
@@ -394,9 +390,23 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+// a with its tiling and its scratch in `workspace`, laid out as dispatch_math.h's
+// plan_workspace_size counts it: counts [tiles, E], sums [groups, E], then (global tables only)
+// starts [E] and tables [tiles, E].
+inline PlanArgs OnWorkspace(PlanArgs a, int32_t* workspace) {
+  const int64_t E = a.experts;
+  a.tiles = dispatch::plan_tiles(a.n);
+  a.group = dispatch::plan_group(a.tiles);
+  a.groups = dispatch::plan_groups(a.tiles);
+  a.counts = workspace;
+  a.sums = a.counts + a.tiles * E;
+  a.starts = a.sums + a.groups * E;
+  a.tables = a.starts + E;
+  return a;
+}
+
 // The whole plan on stream s, or, when there are no entries, two memsets (tokens_per_expert :=
-// 0, every row empty: source := -1, all bytes 0xFF). `workspace` is laid out as
-// dispatch_math.h's plan_workspace_size counts it.
+// 0, every row empty: source := -1, all bytes 0xFF).
 inline cudaError_t LaunchPlan(PlanArgs a, It id_dt, int32_t* workspace, cudaStream_t s) {
   if (a.n == 0) {
     cudaError_t e = cudaMemsetAsync(a.tokens_per_expert, 0, a.experts * sizeof(int32_t), s);
@@ -405,14 +415,7 @@ inline cudaError_t LaunchPlan(PlanArgs a, It id_dt, int32_t* workspace, cudaStre
     }
     return e;
   }
-  const int64_t E = a.experts;
-  a.tiles = dispatch::plan_tiles(a.n);
-  a.group = dispatch::plan_group(a.tiles);
-  a.groups = dispatch::plan_groups(a.tiles);
-  a.counts = workspace;
-  a.sums = a.counts + a.tiles * E;
-  a.starts = a.sums + a.groups * E;  // used only past kPlanSharedMaxExperts
-  a.tables = a.starts + E;
+  a = OnWorkspace(a, workspace);
   switch (id_dt) {
     case It::kS16:
       return LaunchPlanT<int16_t>(a, s);
