@@ -349,7 +349,8 @@ inline int64_t PlanRankSmemInts(int64_t E, int warps) {
 // 512-thread blocks (4 a SM), 8 past that: measured on the H200 at 65536 and 262144 tokens
 // (benchmarks/NOTES.md), where the longer walks of 8 warps cost less than a second wave.
 inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
-  const int most = tiles <= 4 * static_cast<int64_t>(sms) ? kPlanMaxWarps : kPlanMaxWarps / 2;
+  const bool one_wave = tiles <= 4 * static_cast<int64_t>(sms);
+  const int most = one_wave || kPlanMaxWarps == 1 ? kPlanMaxWarps : kPlanMaxWarps / 2;
   for (int w = most; w >= 1; w >>= 1) {
     if (PlanRankSmemInts(E, w) <= dispatch::kPlanSmemInts) return w;
   }
