@@ -1,4 +1,4 @@
-// Warp primitives shared by the CUDA router and aux-score kernels.
+// Warp primitives shared by the CUDA router, aux-score and dispatch kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -66,6 +66,33 @@ __device__ __forceinline__ int warp_sum_int(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
+
+// Inclusive prefix sum over the warp's lanes (lane order).
+__device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t t = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += t;
+  }
+  return v;
+}
+
+// The lanes of the warp holding the same value v in [0, 2^bits): one ballot per bit, each lane
+// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes; on
+// the H200 it was faster while the plan walked its tiles twice, and level since (NOTES rows
+// 18 and 20).
+__device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
+  unsigned peers = kFullMask;
+  for (int bit = 0; bit < bits; ++bit) {
+    const bool set = (v >> bit) & 1;
+    const unsigned m = __ballot_sync(kFullMask, set);
+    peers &= set ? m : ~m;
+  }
+  return peers;
+}
+
+// The lowest lane of a group of peers: the one that speaks for it.
+__device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
 }  // namespace cuda
 }  // namespace jax_router

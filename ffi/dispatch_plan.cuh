@@ -76,34 +76,8 @@ __device__ __forceinline__ int32_t plan_expert(const PlanArgs& a, int64_t i) {
                  : a.experts;
 }
 
-__device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int32_t t = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += t;
-  }
-  return v;
-}
-
-// The lanes of the warp holding the same value v in [0, 2^bits): one ballot per bit, each lane
-// keeping the lanes that agree with it on that bit. This is what __match_any_sync computes; on
-// the H200 it was faster while the plan walked its tiles twice, and level since (NOTES rows
-// 18 and 20).
-__device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
-  unsigned peers = kFullMask;
-  for (int bit = 0; bit < bits; ++bit) {
-    const bool set = (v >> bit) & 1;
-    const unsigned m = __ballot_sync(kFullMask, set);
-    peers &= set ? m : ~m;
-  }
-  return peers;
-}
-
 // Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
 __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(experts); }
-
-// The lowest lane of a group of peers: the one that speaks for it.
-__device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 
 // 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
 // before the first count. The adds go into a shared table, or straight into the tile's global
