@@ -205,13 +205,17 @@ def _batching(prim, axis_data, args, dims, *, target_name, out_types, aliases, a
     return outs, [None if e else 0 for e in empty]
 
 
-def _make_primitive(target: str) -> Primitive:
+def _make_primitive(target: str, abstract_eval=None, lowering=None,
+                    batched: bool = True) -> Primitive:
+    """A primitive for an FFI target: by default the batch-partitioned custom call with its
+    vmap rule; ``_make_plain_primitive`` passes the plain forms."""
     p = Primitive(target)
     p.multiple_results = True
     p.def_impl(functools.partial(dispatch.apply_primitive, p))
-    p.def_abstract_eval(_abstract_eval)
-    mlir.register_lowering(p, functools.partial(_lowering, target))
-    batching.fancy_primitive_batchers[p] = functools.partial(_batching, p)
+    p.def_abstract_eval(abstract_eval or _abstract_eval)
+    mlir.register_lowering(p, functools.partial(lowering or _lowering, target))
+    if batched:
+        batching.fancy_primitive_batchers[p] = functools.partial(_batching, p)
     return p
 
 
@@ -228,12 +232,7 @@ def _plain_abstract_eval(*avals, out_types, aliases, attrs):
 
 
 def _make_plain_primitive(target: str) -> Primitive:
-    p = Primitive(target)
-    p.multiple_results = True
-    p.def_impl(functools.partial(dispatch.apply_primitive, p))
-    p.def_abstract_eval(_plain_abstract_eval)
-    mlir.register_lowering(p, functools.partial(_plain_lowering, target))
-    return p
+    return _make_primitive(target, _plain_abstract_eval, _plain_lowering, batched=False)
 
 
 fwd_p = _make_primitive(_ffi.FWD_TARGET)
