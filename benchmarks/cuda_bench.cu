@@ -131,7 +131,10 @@ __global__ void __launch_bounds__(256) small_e_kernel(FwdArgs f) {
 // with 16-byte stores, instead of the library's zero stores followed by k scattered 2- or
 // 4-byte stores a row (one L2 write request each). The sums and every value are computed as
 // the library's bwd_kernel computes them (8 lanes a row, slot order), so the bits must match.
-// Rows of E elements with E * sizeof(R) a multiple of 16; 32 rows a 256-thread block.
+// Rows of E elements with E * sizeof(R) a multiple of 16; 32 rows a 256-thread block. The
+// slot-sum loop is a copy of bwd_kernel's, kept apart so that the experiment cannot change the
+// library's code before it is measured; if it is kept, it replaces the library's row stores and
+// the loop stays in one place.
 template <typename D, ScoreFn F>
 __global__ void __launch_bounds__(256) bwd_staged_kernel(BwdArgs b) {
   using R = typename D::raw;
