@@ -7,6 +7,8 @@ OUT=${OUT:-/tmp/jr_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-build suite cross sanitize benchqb benchdispatch bench}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=python3
+# the kernel-level benchmarks, built as the extension builds its CUDA code
+nvcc="nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi"
 for step in $STEPS; do
   start=$(date +%s)
   case $step in
@@ -22,10 +24,8 @@ for step in $STEPS; do
               done ;;
     benchqb) $py benchmarks/bench_qb.py ;;
     benchdispatch) $py benchmarks/bench_dispatch.py --out "$OUT" --plot ;;
-    kerneldispatch) nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
-                      benchmarks/cuda_bench_dispatch.cu -o /tmp/cuda_bench_dispatch && /tmp/cuda_bench_dispatch ;;
-    kernelrouter) nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
-                    benchmarks/cuda_bench.cu -o /tmp/cuda_bench && /tmp/cuda_bench ;;
+    kerneldispatch) $nvcc benchmarks/cuda_bench_dispatch.cu -o /tmp/cuda_bench_dispatch && /tmp/cuda_bench_dispatch ;;
+    kernelrouter) $nvcc benchmarks/cuda_bench.cu -o /tmp/cuda_bench && /tmp/cuda_bench ;;
     ep) $py examples/moe_ep.py --devices 2 ;;
     ep_padded) $py examples/moe_ep.py --devices 2 --exchange padded ;;
     installdiag) PYTHONFAULTHANDLER=1 $py -m pytest -q -p no:cacheprovider tests/test_install.py -k newer_than ;;
