@@ -389,17 +389,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         p.error(f"--topk ({cfg.topk}) must be <= --experts ({cfg.experts})")
     if cfg.capacity_factor is not None and not cfg.capacity_factor > 0:
         p.error(f"--capacity-factor must be > 0, got {cfg.capacity_factor}")
-    # the arguments' own consistency first, then what this machine has
-    if args.devices is not None and args.devices >= 1 and cfg.experts % args.devices:
-        p.error(f"--experts ({cfg.experts}) must be a multiple of --devices ({args.devices})")
     available = len(jax.devices())
     if args.devices is None:
         args.devices = available
+    # the arguments' own consistency first, then what this machine has
+    if args.devices >= 1 and cfg.experts % args.devices:
+        p.error(f"--experts ({cfg.experts}) must be a multiple of --devices ({args.devices})")
     if not 1 <= args.devices <= available:
         p.error(f"--devices must be in [1, {available}] (the {jax.default_backend()} devices "
                 f"present), got {args.devices}")
-    if cfg.experts % args.devices:
-        p.error(f"--experts ({cfg.experts}) must be a multiple of --devices ({args.devices})")
     return cfg, args
 
 
