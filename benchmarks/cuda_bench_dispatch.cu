@@ -66,6 +66,7 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
 template <typename I>
 __global__ void __launch_bounds__(1024) group_count_kernel(PlanArgs a) {
   extern __shared__ int32_t tab[];  // [tiles of the group, E]
+  allow_next_grid();
   const int32_t E = a.experts;
   const int64_t g = blockIdx.x, t0 = g * a.group;
   const int64_t t1 = t0 + a.group < a.tiles ? t0 + a.group : a.tiles;
@@ -101,8 +102,7 @@ static bool LaunchPlanGroupCount(PlanArgs a, int32_t* workspace, cudaStream_t s)
   const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
   if (smem > 48 * 1024 || warps == 0) return false;
   group_count_kernel<int32_t><<<static_cast<unsigned>(a.groups), 1024, smem, s>>>(a);
-  LaunchRankShared<int32_t, kPlanMaxWarps>(a, warps, s);
-  CK(cudaGetLastError());
+  CK((LaunchRankShared<int32_t, kPlanMaxWarps>(a, warps, s)));
   return true;
 }
 

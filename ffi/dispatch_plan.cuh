@@ -19,6 +19,9 @@
 //        memory in buffer order (coalesced), every kept row exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
+// The rank kernel (shared tables) is launched to overlap the count kernel's tail
+// (cuda_launch.cuh): its blocks load their ids and count their warps' entries, then wait for
+// the count grid before reading its counts and sums.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
 // memory and global atomics included): the plan is exact and repeatable.
 //
@@ -36,6 +39,7 @@
 
 #include "cuda_common.cuh"
 #include "cuda_device.cuh"
+#include "cuda_launch.cuh"
 #include "cuda_warp.cuh"
 #include "dispatch_math.h"
 
@@ -85,6 +89,7 @@ __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(ex
 template <typename I, bool kShared>
 __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
+  allow_next_grid();  // the rank kernel's blocks may load their ids while this grid counts
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
   int32_t ex[kPlanCountSteps];
@@ -240,20 +245,23 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
     for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
       table[x] = 0;
     }
+    mine = table + static_cast<int64_t>(warp) * E;
+    __syncthreads();  // orders the zeroed tables before the counts
+    // this warp's counts per expert, in its own table (the order of the adds does not matter);
+    // like the id loads, they need nothing from the count kernel, so they run before the wait
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      if (ex[s] < E) atomicAdd(mine + ex[s], 1);
+    }
+    wait_for_previous_grid();  // the counts and group sums are complete past this point
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
       int32_t total;
       expert_sums(a, b, e, &total, first + e);
       s_totals[e] = total;
       if (b == 0) a.tokens_per_expert[e] = total;
     }
-    mine = table + static_cast<int64_t>(warp) * E;
-    __syncthreads();  // orders the zeroed tables, totals and first ranks before their use
-    // this warp's counts per expert, in its own table (the order of the adds does not matter)
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      if (ex[s] < E) atomicAdd(mine + ex[s], 1);
-    }
-    block_starts(a, s_totals, s_starts, warp_totals);  // its barriers also order the counts
+    __syncthreads();  // orders the totals, first ranks and warp counts before their use
+    block_starts(a, s_totals, s_starts, warp_totals);
     // exclusive scan across warps, per expert, from the tile's first ranks; the tile's count
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
       int32_t run = first[e];
@@ -270,6 +278,7 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
     starts = s_starts;
     totals = s_totals;
   } else {
+    wait_for_previous_grid();  // a no-op: this path is launched without overlap
     for (int32_t e = lane; e < E; e += 32) {
       int32_t unused;
       expert_sums(a, b, e, &unused, mine + e);
@@ -333,13 +342,13 @@ inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
 
 // The rank kernel with shared tables and `warps` warps (a power of two <= kWarps).
 template <typename I, int kWarps>
-void LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
+cudaError_t LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
   if constexpr (kWarps > 1) {
     if (warps < kWarps) return LaunchRankShared<I, kWarps / 2>(a, warps, s);
   }
   const size_t smem = static_cast<size_t>(PlanRankSmemInts(a.experts, kWarps)) * sizeof(int32_t);
-  plan_rank_kernel<I, kWarps, true>
-      <<<static_cast<unsigned>(a.tiles), kWarps * 32, smem, s>>>(a);
+  return LaunchAfter(plan_rank_kernel<I, kWarps, true>, dim3(static_cast<unsigned>(a.tiles)),
+                     dim3(kWarps * 32), smem, s, a);
 }
 
 template <typename I>
@@ -357,7 +366,8 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
   }
   const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
   if (warps > 0) {
-    LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
+    err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
+    if (err != cudaSuccess) return err;
   } else {
     plan_starts_kernel<<<1, 1024, 0, s>>>(a);
     plan_rank_kernel<I, 1, false><<<grid, 32, 0, s>>>(a);
