@@ -1,5 +1,6 @@
 // Micro-benchmark of the CUDA router kernels without JAX: CUDA events over back-to-back
-// launches on rotating input sets (more bytes than L2), against the copy bandwidth.
+// launches ("us") and a CUDA graph of 32 launches ("graph_us", the x-floor column's time) on
+// rotating input sets (more bytes than L2), against the copy bandwidth.
 // Correctness lives in the test suite (tests/test_cross_platform.py and the reference tests).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
@@ -126,78 +127,30 @@ __global__ void __launch_bounds__(256) small_e_kernel(FwdArgs f) {
   }
 }
 
-// Experiment (not in the library): the compact backward (element-wise functions and raw
-// softmax) with each row assembled in shared memory, zeros and the k entries, then written once
-// with 16-byte stores, instead of the library's zero stores followed by k scattered 2- or
-// 4-byte stores a row (one L2 write request each). The sums and every value are computed as
-// the library's bwd_kernel computes them (8 lanes a row, slot order), so the bits must match.
-// Rows of E elements with E * sizeof(R) a multiple of 16; 32 rows a 256-thread block. The
-// slot-sum loop is a copy of bwd_kernel's, kept apart so that the experiment cannot change the
-// library's code before it is measured; if it is kept, it replaces the library's row stores and
-// the loop stays in one place.
-template <typename D, ScoreFn F>
-__global__ void __launch_bounds__(256) bwd_staged_kernel(BwdArgs b) {
-  using R = typename D::raw;
-  constexpr int L = 8;
-  extern __shared__ __align__(16) unsigned char stage[];
-  const int E = static_cast<int>(b.experts), k = static_cast<int>(b.p.topk);
-  const int j = threadIdx.x % L;
-  R* row_s = reinterpret_cast<R*>(stage) + (threadIdx.x / L) * static_cast<int64_t>(E);
-  const int nvec = E * static_cast<int>(sizeof(R)) / 16;
-  const int64_t grp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / L;
-  const int64_t ngrp = (static_cast<int64_t>(gridDim.x) * blockDim.x) / L;
-  const int64_t iters = (b.rows + ngrp - 1) / ngrp;
-  R* out = static_cast<R*>(b.grad_logits);
-  for (int64_t it = 0; it < iters; ++it) {
-    const int64_t row = grp + it * ngrp;
-    const bool ok_row = row < b.rows;
-    const int64_t ko = row * k, ro = row * E;
-    float A = 0.0f, B = 0.0f;
-    for (int r0 = 0; r0 < k; r0 += L) {
-      const int r = r0 + j;
-      float g = 0.0f, sv = 0.0f;
-      if (ok_row && r < k) {
-        const int64_t e = load_index(b.indices, b.index_dt, ko + r);
-        const bool ok = e >= 0 && e < E;
-        g = load_as_float(b.grad, b.grad_dt, ko + r);
-        g = ok ? b.p.scaling * g : 0.0f;
-        sv = b.act[ko + r];
-      }
-      const int n = min(L, k - r0);
-      for (int q = 0; q < n; ++q) {
-        const float sq = __shfl_sync(0xFFFFFFFFu, sv, q, L);
-        const float gq = __shfl_sync(0xFFFFFFFFu, g, q, L);
-        A = r0 + q == 0 ? sq : slot_sum_add(A, sq);
-        B = dot_add(B, gq, sq);
-      }
-    }
-    for (int q = j; q < nvec; q += L) reinterpret_cast<uint4*>(row_s)[q] = make_uint4(0, 0, 0, 0);
-    __syncwarp();  // the row's zeros are in shared memory before the k entries overwrite theirs
-    if (ok_row) {
-      for (int r = j; r < k; r += L) {
-        const int64_t e = load_index(b.indices, b.index_dt, ko + r);
-        if (e < 0 || e >= E) continue;
-        const float g = b.p.scaling * load_as_float(b.grad, b.grad_dt, ko + r);
-        row_s[e] = D::from_f(grad_logit<F>(k, g, b.act[ko + r], A, B));
-      }
-    }
-    __syncwarp();  // the row is complete before it is copied out
-    if (ok_row) {
-      uint4* dst = reinterpret_cast<uint4*>(out + ro);
-      for (int q = j; q < nvec; q += L) dst[q] = reinterpret_cast<const uint4*>(row_s)[q];
-    }
-    __syncwarp();  // the copy has read the row before the next row's zeros
-  }
+static cudaStream_t g_stream;
+
+struct Times {
+  float events, graph;  // us per call: back-to-back launches, and a CUDA graph of 32 calls
+};
+static Times TimeBoth(const std::function<void(int)>& f, int sets) {
+  return {TimeEvents(f, sets, 200, g_stream), TimeGraph(f, sets, 32, g_stream)};
+}
+// x_floor is taken against the graph time (the closer of the two to the kernel time).
+static void Row(const Cfg& c, int T, const char* dts, const char* mode, Times t, double floor_us,
+                const char* note = "") {
+  std::printf("%-12s %7d %4s %-13s %9.2f %9.2f %9.2f %7.2f%s\n", c.name.c_str(), T, dts, mode,
+              t.events, t.graph, floor_us, t.graph / floor_us, note);
 }
 
 static void Bench() {
+  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
   // Copy ceiling.
   const size_t cb = size_t(1) << 30;
   void *s0, *s1;
   CK(cudaMalloc(&s0, cb));
   CK(cudaMalloc(&s1, cb));
   CK(cudaMemset(s0, 1, cb));
-  float us = TimeEvents([&](int) { CK(cudaMemcpyAsync(s1, s0, cb, cudaMemcpyDeviceToDevice)); }, 1, 10);
+  float us = TimeEvents([&](int) { CK(cudaMemcpyAsync(s1, s0, cb, cudaMemcpyDeviceToDevice, g_stream)); }, 1, 10, g_stream);
   const double bw = 2.0 * cb / (us * 1e-6) / 1e12;
   std::printf("copy bandwidth %.2f TB/s (1 GiB D2D)\n", bw);
   CK(cudaFree(s0));
@@ -211,7 +164,7 @@ static void Bench() {
       {"qwen3-next", 512, 10, ScoreFn::kSoftmax},
       {"large", 896, 16, ScoreFn::kSigmoid, false, 0, 0, true},
   };
-  std::printf("%-12s %7s %4s %-8s %9s %9s %7s\n", "config", "T", "dt", "mode", "us", "floor_us",
+  std::printf("%-12s %7s %4s %-13s %9s %9s %9s %7s\n", "config", "T", "dt", "mode", "us", "graph_us", "floor_us",
               "x_floor");
   const char* fcfg = std::getenv("BENCH_CFG");
   const char* fT = std::getenv("BENCH_T");
@@ -264,17 +217,17 @@ static void Bench() {
           b.indices = idx[s];
           b.act = acts[s];
           b.probs = dense ? probs[s] : nullptr;
-          CK(LaunchForward(b, 0));
+          CK(LaunchForward(b, g_stream));
         };
         for (int s = 0; s < sets; ++s) fwd(s, false);
-        CK(cudaDeviceSynchronize());
+        CK(cudaStreamSynchronize(g_stream));
         const double fl_c = (double(T) * c.E * es + double(T) * c.k * 12) / (bw * 1e12) * 1e6;
         const double fl_d = (2.0 * T * c.E * es + double(T) * c.k * 8) / (bw * 1e12) * 1e6;
         const double fl_b = (double(T) * c.k * 12 + double(T) * c.E * es) / (bw * 1e12) * 1e6;
-        float tc = TimeEvents([&](int s) { fwd(s, false); }, sets, 200);
+        const Times tc = TimeBoth([&](int s) { fwd(s, false); }, sets);
         const long long ll = LastFastLaunch().load();
         std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
-        float td = TimeEvents([&](int s) { fwd(s, true); }, sets, 200);
+        const Times td = TimeBoth([&](int s) { fwd(s, true); }, sets);
         BwdArgs bb;
         bb.rows = T;
         bb.experts = c.E;
@@ -284,59 +237,18 @@ static void Bench() {
         bb.index_dt = It::kS32;
         bb.logits_dt = dt;
         bb.out_dt = dt;
-        float tb = TimeEvents(
+        const Times tb = TimeBoth(
             [&](int s) {
               BwdArgs q = bb;
               q.grad = ws[s];
               q.indices = idx[s];
               q.act = acts[s];
               q.grad_logits = outs[s];
-              CK(LaunchBackward(q, 0));
+              CK(LaunchBackward(q, g_stream));
             },
-            sets, 200);
+            sets);
         const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
-        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "compact", tc, fl_c, tc / fl_c);
-        if (!c.pre && c.E > 16 && (c.E * es) % 16 == 0 && 32 * c.E * es <= 48 * 1024) {
-          // the staged-backward experiment, compared with the library's backward bit for bit
-          void* o2;
-          CK(cudaMalloc(&o2, static_cast<size_t>(T) * c.E * es));
-          const size_t smem = 32 * c.E * es;
-          const int64_t cap = static_cast<int64_t>(SmCount(CurrentDevice())) * 8;
-          const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T + 31) / 32, cap));
-          auto staged = [&](int s) {
-            BwdArgs q = bb;
-            q.grad = ws[s];
-            q.indices = idx[s];
-            q.act = acts[s];
-            q.grad_logits = s == 0 ? o2 : outs[s];
-            DispatchScoreFn(c.fn, [&](auto fn) {
-              if (dt == Dt::kF32) {
-                bwd_staged_kernel<DF32, decltype(fn)::value><<<grid, 256, smem>>>(q);
-              } else {
-                bwd_staged_kernel<DBF16, decltype(fn)::value><<<grid, 256, smem>>>(q);
-              }
-              return 0;
-            });
-            CK(cudaGetLastError());
-          };
-          BwdArgs q0 = bb;
-          q0.grad = ws[0];
-          q0.indices = idx[0];
-          q0.act = acts[0];
-          q0.grad_logits = outs[0];
-          CK(LaunchBackward(q0, 0));
-          staged(0);
-          CK(cudaDeviceSynchronize());
-          const size_t ob = static_cast<size_t>(T) * c.E * es;
-          std::vector<unsigned char> h1(ob), h2(ob);
-          CK(cudaMemcpy(h1.data(), outs[0], ob, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(h2.data(), o2, ob, cudaMemcpyDeviceToHost));
-          const float tst = TimeEvents(staged, sets, 200);
-          std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f  (experiment, %s)\n", c.name.c_str(), T,
-                      dts, "bwd-staged", tst, fl_b, tst / fl_b,
-                      h1 == h2 ? "bits equal the library's" : "BITS DIFFER");
-          CK(cudaFree(o2));
-        }
+        Row(c, T, dts, "compact", tc, fl_c);
         if (c.E == 8 && c.k <= 2 && c.fn == ScoreFn::kSoftmax && !c.pre && c.G == 0) {
           // the experiment, into its own buffers, compared with the library's compact outputs
           const size_t kb = static_cast<size_t>(T) * c.k * 4;
@@ -353,15 +265,15 @@ static void Bench() {
             b.act = s == 0 ? a2 : acts[s];
             const unsigned grid = static_cast<unsigned>((T + 255) / 256);
             if (dt == Dt::kF32) {
-              small_e_kernel<DF32, ScoreFn::kSoftmax, 8, 2><<<grid, 256>>>(b);
+              small_e_kernel<DF32, ScoreFn::kSoftmax, 8, 2><<<grid, 256, 0, g_stream>>>(b);
             } else {
-              small_e_kernel<DBF16, ScoreFn::kSoftmax, 8, 2><<<grid, 256>>>(b);
+              small_e_kernel<DBF16, ScoreFn::kSoftmax, 8, 2><<<grid, 256, 0, g_stream>>>(b);
             }
             CK(cudaGetLastError());
           };
           fwd(0, false);
           small(0);
-          CK(cudaDeviceSynchronize());
+          CK(cudaStreamSynchronize(g_stream));
           std::vector<unsigned char> h1(kb), h2(kb);
           bool same = true;
           for (auto [x1, x2] : {std::pair<void*, void*>{ws[0], w2}, {idx[0], i2}, {acts[0], a2}}) {
@@ -369,16 +281,14 @@ static void Bench() {
             CK(cudaMemcpy(h2.data(), x2, kb, cudaMemcpyDeviceToHost));
             same = same && h1 == h2;
           }
-          const float tsm = TimeEvents(small, sets, 200);
-          std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f  (experiment, %s)\n", c.name.c_str(), T,
-                      dts, "compact-small", tsm, fl_c, tsm / fl_c,
-                      same ? "bits equal the library's" : "BITS DIFFER");
+          Row(c, T, dts, "compact-small", TimeBoth(small, sets), fl_c,
+              same ? "  (experiment, bits equal the library's)" : "  (experiment, BITS DIFFER)");
           CK(cudaFree(w2));
           CK(cudaFree(a2));
           CK(cudaFree(i2));
         }
-        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "dense", td, fl_d, td / fl_d);
-        std::printf("%-12s %7d %4s %-8s %9.2f %9.2f %7.2f\n", c.name.c_str(), T, dts, "bwd", tb, fl_b, tb / fl_b);
+        Row(c, T, dts, "dense", td, fl_d);
+        Row(c, T, dts, "bwd", tb, fl_b);
         for (int s = 0; s < sets; ++s) {
           CK(cudaFree(xs[s]));
           CK(cudaFree(probs[s]));

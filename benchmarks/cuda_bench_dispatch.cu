@@ -1,5 +1,5 @@
 // Kernel-time micro-benchmark of the dispatch kernels without JAX (the through-JAX figures are
-// benchmarks/bench_dispatch.py's): the plan (memset + count + rank kernels) timed as CUDA graphs
+// benchmarks/bench_dispatch.py's): the plan (zero + count + rank kernels) timed as CUDA graphs
 // of back-to-back plans and as plain back-to-back launches, permute and unpermute (several
 // unpermute layouts, to choose one) with CUDA events, all on rotating input sets larger than
 // L2, against the copy bandwidth measured in the same run. The plan of set 0 is checked against
@@ -32,21 +32,6 @@ using namespace jax_router::cuda;
 static cudaStream_t g_stream;
 
 
-// The same through a CUDA graph holding `per_graph` calls (as XLA's command buffers replay
-// them): us per call, launch gaps inside the graph included.
-static float TimeGraph(const std::function<void(int)>& f, int sets, int per_graph) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < per_graph; ++i) f(i % sets);
-  CK(cudaStreamEndCapture(g_stream, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  const float us = TimeEvents([&](int) { CK(cudaGraphLaunch(ge, g_stream)); }, 1, 20, g_stream);
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  return us / per_graph;
-}
-
 __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x) {
@@ -57,53 +42,6 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
     // a bfloat16 in [-2, 2): sign, exponent 126 or 127, random mantissa
     p[i] = static_cast<uint16_t>((h & 0x8000u) | (0x3F00u + ((h >> 16) & 0xFFu)));
   }
-}
-
-// Experiment (not in the library): the plan's first pass by one block per group of tiles,
-// writing the tiles' counts and the group's sums directly, so that the plan needs no memset
-// and no global atomics (one graph node fewer), at the price of a grid of only `groups`
-// blocks. The rank kernel is the library's. Timed as the "group count" row.
-template <typename I>
-__global__ void __launch_bounds__(1024) group_count_kernel(PlanArgs a) {
-  extern __shared__ int32_t tab[];  // [tiles of the group, E]
-  allow_next_grid();
-  const int32_t E = a.experts;
-  const int64_t g = blockIdx.x, t0 = g * a.group;
-  const int64_t t1 = t0 + a.group < a.tiles ? t0 + a.group : a.tiles;
-  const int64_t ntab = (t1 - t0) * E;
-  for (int64_t x = threadIdx.x; x < ntab; x += blockDim.x) tab[x] = 0;
-  __syncthreads();  // orders the zeroing before the counts
-  const int64_t i0 = t0 * kPlanTile, i1 = t1 * kPlanTile;
-  constexpr int kInFlight = 8;
-  for (int64_t base = i0 + threadIdx.x; base < i1; base += kInFlight * blockDim.x) {
-    int32_t ex[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) ex[u] = plan_expert<I>(a, base + u * blockDim.x);
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int64_t i = base + u * blockDim.x;
-      if (ex[u] < E) atomicAdd(&tab[((i - i0) / kPlanTile) * E + ex[u]], 1);
-    }
-  }
-  __syncthreads();  // orders every count before the copy out
-  for (int64_t x = threadIdx.x; x < ntab; x += blockDim.x) a.counts[t0 * E + x] = tab[x];
-  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
-    int32_t sum = 0;
-    for (int64_t j = 0; j < t1 - t0; ++j) sum += tab[j * E + e];
-    a.sums[g * E + e] = sum;
-  }
-}
-
-// The plan with group_count_kernel in place of the memset and the count kernel (int32 ids,
-// shared tables; false when they do not fit).
-static bool LaunchPlanGroupCount(PlanArgs a, int32_t* workspace, cudaStream_t s) {
-  a = OnWorkspace(a, workspace);
-  const size_t smem = static_cast<size_t>(a.group) * a.experts * sizeof(int32_t);
-  const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
-  if (smem > 48 * 1024 || warps == 0) return false;
-  group_count_kernel<int32_t><<<static_cast<unsigned>(a.groups), 1024, smem, s>>>(a);
-  CK((LaunchRankShared<int32_t, kPlanMaxWarps>(a, warps, s)));
-  return true;
 }
 
 // k distinct experts per token, uniformly at random (as a top-k router gives).
@@ -172,7 +110,7 @@ int main() {
               prop.multiProcessorCount, bw / 1e9);
 
   const int k = 8, E = 256, H = 7168;
-  std::printf("dispatch_plan, k=%d E=%d int32 ids (memset + count + rank kernels), us per plan\n",
+  std::printf("dispatch_plan, k=%d E=%d int32 ids (zero + count + rank kernels), us per plan\n",
               k, E);
   std::printf("%8s %6s %10s %10s %10s %6s\n", "tokens", "tiles", "graph_us", "events_us",
               "floor_us", "check");
@@ -200,24 +138,18 @@ int main() {
     auto plan = [&](int s) {
       CK(LaunchPlan(ArgsFor(bufs[s], n, E), It::kS32, bufs[s].ws, g_stream));
     };
-    auto grouped = [&](int s) {
-      if (!LaunchPlanGroupCount(ArgsFor(bufs[s], n, E), bufs[s].ws, g_stream)) std::exit(3);
-    };
     const double floor_us = 3.0 * n * 4 / bw * 1e6;  // ids read, positions and source written
-    for (int variant = 0; variant < 2; ++variant) {
-      const std::function<void(int)> f = variant == 0 ? std::function<void(int)>(plan) : grouped;
-      CK(cudaMemset(bufs[0].pos, 0xAB, n * 4));
-      CK(cudaMemset(bufs[0].src, 0xAB, n * 4));
-      CK(cudaMemset(bufs[0].tpe, 0xAB, E * 4));
-      f(0);
-      CK(cudaStreamSynchronize(g_stream));
-      const bool ok = CheckPlan(ids0, E, bufs[0]);
-      const float tg = TimeGraph(f, sets, 32);
-      const float te = TimeEvents(f, sets, 64, g_stream);
-      std::printf("%8d %6lld %10.2f %10.2f %10.2f %6s%s\n", T,
-                  static_cast<long long>(dispatch::plan_tiles(n)), tg, te, floor_us,
-                  ok ? "ok" : "WRONG", variant == 0 ? "" : "  (experiment: group count)");
-    }
+    CK(cudaMemset(bufs[0].pos, 0xAB, n * 4));
+    CK(cudaMemset(bufs[0].src, 0xAB, n * 4));
+    CK(cudaMemset(bufs[0].tpe, 0xAB, E * 4));
+    plan(0);
+    CK(cudaStreamSynchronize(g_stream));
+    const bool ok = CheckPlan(ids0, E, bufs[0]);
+    const float tg = TimeGraph(plan, sets, 32, g_stream);
+    const float te = TimeEvents(plan, sets, 64, g_stream);
+    std::printf("%8d %6lld %10.2f %10.2f %10.2f %6s\n", T,
+                static_cast<long long>(dispatch::plan_tiles(n)), tg, te, floor_us,
+                ok ? "ok" : "WRONG");
     for (PlanBufs& b : bufs) {
       CK(cudaFree(b.ids));
       CK(cudaFree(b.tpe));

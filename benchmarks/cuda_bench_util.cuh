@@ -42,3 +42,19 @@ inline float TimeEvents(const std::function<void(int)>& f, int sets, int iters,
   std::sort(ts.begin(), ts.end());
   return ts[ts.size() / 2];
 }
+
+// Through a CUDA graph holding `per_graph` calls f(i % sets) captured on `stream` (as XLA's
+// command buffers replay them): us per call, the launch gaps inside the graph included.
+inline float TimeGraph(const std::function<void(int)>& f, int sets, int per_graph,
+                       cudaStream_t stream) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < per_graph; ++i) f(i % sets);
+  CK(cudaStreamEndCapture(stream, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  const float us = TimeEvents([&](int) { CK(cudaGraphLaunch(ge, stream)); }, 1, 20, stream);
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  return us / per_graph;
+}

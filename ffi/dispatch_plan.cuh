@@ -2,8 +2,8 @@
 // (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc computes the same integers).
 //
 // The flat (token, slot) entries form tiles of kPlanTile; CUDA block b takes tile b. The tiles
-// form groups of plan_group(tiles) (dispatch_math.h). Two kernels and one memset:
-//   0. the group sums are zeroed (and, past kPlanCountSmemExperts, the counts too).
+// form groups of plan_group(tiles) (dispatch_math.h). Three kernels:
+//   0. plan_zero_kernel zeroes the group sums (and, past kPlanCountSmemExperts, the counts).
 //   1. plan_count_kernel: each block counts its tile per expert -> counts[b, e], and adds those
 //      counts to its group's sums[g, e].
 //   2. plan_rank_kernel: each block
@@ -19,9 +19,10 @@
 //        memory in buffer order (coalesced), every kept row exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
-// The rank kernel (shared tables) is launched to overlap the count kernel's tail
-// (cuda_launch.cuh): its blocks load their ids and count their warps' entries, then wait for
-// the count grid before reading its counts and sums.
+// Each kernel is launched to overlap the one before it (cuda_launch.cuh): the count kernel's
+// blocks load and count their tiles before they wait for the zeroing; the rank kernel's blocks
+// (shared tables) load their ids and count their warps' entries before they wait for the
+// counts and sums.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
 // memory and global atomics included): the plan is exact and repeatable.
 //
@@ -35,6 +36,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda_common.cuh"
@@ -83,9 +85,19 @@ __device__ __forceinline__ int32_t plan_expert(const PlanArgs& a, int64_t i) {
 // Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
 __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(experts); }
 
+// 0. Zeroes n ints at p: the group sums, and past kPlanCountSmemExperts the counts before them.
+__global__ void __launch_bounds__(1024) plan_zero_kernel(int32_t* p, int64_t n) {
+  allow_next_grid();  // the count kernel's blocks may load and count their tiles meanwhile
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    p[i] = 0;
+  }
+}
+
 // 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
 // before the first count. The adds go into a shared table, or straight into the tile's global
-// row (zeroed by the memset) when E does not fit; their order does not matter (integers).
+// row (zeroed by plan_zero_kernel) when E does not fit; their order does not matter (integers).
 template <typename I, bool kShared>
 __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
@@ -102,12 +114,15 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   if (kShared) {
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
     __syncthreads();  // orders the zeroing before any thread's adds
+  } else {
+    wait_for_previous_grid();  // the global rows are zeroed past this point
   }
 #pragma unroll
   for (int s = 0; s < kPlanCountSteps; ++s) {
     if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
   }
   __syncthreads();  // orders every thread's adds before the counts are read back
+  if (kShared) wait_for_previous_grid();  // the group sums are zeroed past this point
   int32_t* sums = a.sums + (b / a.group) * E;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
     const int32_t c = kShared ? table[e] : __ldcg(row + e);
@@ -354,16 +369,20 @@ cudaError_t LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
 template <typename I>
 cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(a.tiles);
-  const size_t E = static_cast<size_t>(a.experts);
-  cudaError_t err = cudaMemsetAsync(a.sums, 0, a.groups * E * sizeof(int32_t), s);
+  const int64_t E = a.experts;
+  const bool shared_counts = E <= kPlanCountSmemExperts;
+  // the sums follow the counts in the workspace (OnWorkspace)
+  int32_t* zero_from = shared_counts ? a.sums : a.counts;
+  const int64_t zeros = (shared_counts ? 0 : a.tiles * E) + a.groups * E;
+  const int64_t most = 4 * static_cast<int64_t>(SmCount(CurrentDevice()));
+  const unsigned zgrid = static_cast<unsigned>(std::min<int64_t>((zeros + 4095) / 4096, most));
+  plan_zero_kernel<<<zgrid, 1024, 0, s>>>(zero_from, zeros);
+  cudaError_t err =
+      shared_counts
+          ? LaunchAfter(plan_count_kernel<I, true>, dim3(grid), dim3(kPlanCountThreads),
+                        static_cast<size_t>(E) * sizeof(int32_t), s, a)
+          : LaunchAfter(plan_count_kernel<I, false>, dim3(grid), dim3(kPlanCountThreads), 0, s, a);
   if (err != cudaSuccess) return err;
-  if (a.experts <= kPlanCountSmemExperts) {
-    plan_count_kernel<I, true><<<grid, kPlanCountThreads, E * sizeof(int32_t), s>>>(a);
-  } else {
-    err = cudaMemsetAsync(a.counts, 0, a.tiles * E * sizeof(int32_t), s);
-    if (err != cudaSuccess) return err;
-    plan_count_kernel<I, false><<<grid, kPlanCountThreads, 0, s>>>(a);
-  }
   const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
   if (warps > 0) {
     err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);

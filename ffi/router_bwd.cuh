@@ -1,6 +1,7 @@
 // The CUDA backward (routing_math.h's formulas): one group of L lanes per row (a whole warp
 // for pre-softmax, which recomputes its row's softmax), sums over the k slots in slot order,
-// then zero-fill + scatter of the k entries (every entry of the row for pre-softmax).
+// then zero-fill + scatter of the k entries (every entry of the row for pre-softmax), staged in
+// shared memory and written with 16-byte stores where the row allows (BwdStaged).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -54,10 +55,23 @@ __device__ __forceinline__ void group_zero(R* p, int n, int j) {
   for (int q = j; q < nbody; q += L) body[q] = make_uint4(0, 0, 0, 0);
 }
 
+// Whether bwd_kernel<D, L, true> can stage the rows of out: element-wise or raw softmax, rows
+// of whole 16-byte vectors at a 16-byte aligned base, kBwdThreads / L rows in 48 KiB.
+constexpr int64_t kBwdStageBytes = 48 * 1024;
+inline bool BwdStaged(bool pre_softmax, int L, int64_t E, int64_t elem_bytes, const void* out) {
+  const int64_t row_bytes = E * elem_bytes;
+  return !pre_softmax && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+         (kBwdThreads / L) * row_bytes <= kBwdStageBytes;
+}
+
 // One group of L lanes per row (L = 32 for pre-softmax, whose whole row is computed).
-template <typename D, int L>
+// kStaged: each row is assembled in shared memory (zeros, then the k entries) and written once
+// with 16-byte stores; the scattered 2- or 4-byte stores of the k entries went to L2 as one
+// write request each, and cost the backward 15-25% (benchmarks/NOTES.md).
+template <typename D, int L, bool kStaged>
 __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdKArgs a) {
   using R = typename D::raw;
+  extern __shared__ __align__(16) unsigned char bwd_stage[];  // kStaged: [rows of the block, E]
   const int j = threadIdx.x % L;
   const int64_t grp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / L;
   const int64_t ngrp = (static_cast<int64_t>(gridDim.x) * blockDim.x) / L;
@@ -104,11 +118,16 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdKArgs a) {
         B = dot_add(B, gq, sq);
       }
     }
-    if (ok_row) {
+    R* dst = out + ro;  // where the row is assembled
+    if (kStaged) {
+      dst = reinterpret_cast<R*>(bwd_stage) + (threadIdx.x / L) * static_cast<int64_t>(E);
+      const int nvec = E * static_cast<int>(sizeof(R)) / 16;
+      for (int q = j; q < nvec; q += L) reinterpret_cast<uint4*>(dst)[q] = make_uint4(0, 0, 0, 0);
+    } else if (ok_row) {
       if (pre) {
-        for (int i = j; i < E; i += L) out[ro + i] = D::from_f(softmax_grad(softmax_at(i), 0.0f, B));
+        for (int i = j; i < E; i += L) dst[i] = D::from_f(softmax_grad(softmax_at(i), 0.0f, B));
       } else {
-        group_zero<R, L>(out + ro, E, j);
+        group_zero<R, L>(dst, E, j);
       }
     }
     __syncwarp();  // the row's zeros are stored before the k entries overwrite theirs
@@ -128,10 +147,19 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdKArgs a) {
             return grad_logit<decltype(fn)::value>(k, g, res, A, B);
           });
         }
-        out[ro + e] = D::from_f(dx);
+        dst[e] = D::from_f(dx);
       }
     }
-    __syncwarp();
+    if (kStaged) {
+      __syncwarp();  // the staged row is complete before it is copied out
+      if (ok_row) {
+        const int nvec = E * static_cast<int>(sizeof(R)) / 16;
+        for (int q = j; q < nvec; q += L) {
+          reinterpret_cast<uint4*>(out + ro)[q] = reinterpret_cast<const uint4*>(dst)[q];
+        }
+      }
+    }
+    __syncwarp();  // this row's stores (and staged reads) are done before the next row's zeros
   }
 }
 

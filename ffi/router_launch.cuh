@@ -400,16 +400,25 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   const int64_t cap = static_cast<int64_t>(SmCount(dev)) * (2048 / kBwdThreads);
   if (grid > cap) grid = cap;
   const unsigned g = static_cast<unsigned>(grid);
-#define JR_BWD(DT)                                                      \
-  if (L == 32) bwd_kernel<DT, 32><<<g, kBwdThreads, 0, stream>>>(ka);   \
-  else if (L == 2) bwd_kernel<DT, 2><<<g, kBwdThreads, 0, stream>>>(ka); \
-  else bwd_kernel<DT, 8><<<g, kBwdThreads, 0, stream>>>(ka);
   return DispatchDt(b.out_dt, [&](auto d) {
     using DT = decltype(d);
-    JR_BWD(DT);
+    const int64_t elem = sizeof(typename DT::raw);
+    if (BwdStaged(pre, L, b.experts, elem, b.grad_logits)) {
+      const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
+      if (L == 2) {
+        bwd_kernel<DT, 2, true><<<g, kBwdThreads, smem, stream>>>(ka);
+      } else {
+        bwd_kernel<DT, 8, true><<<g, kBwdThreads, smem, stream>>>(ka);
+      }
+    } else if (L == 32) {
+      bwd_kernel<DT, 32, false><<<g, kBwdThreads, 0, stream>>>(ka);
+    } else if (L == 2) {
+      bwd_kernel<DT, 2, false><<<g, kBwdThreads, 0, stream>>>(ka);
+    } else {
+      bwd_kernel<DT, 8, false><<<g, kBwdThreads, 0, stream>>>(ka);
+    }
     return cudaGetLastError();
   });
-#undef JR_BWD
 }
 
 }  // namespace cuda
