@@ -170,7 +170,9 @@ static void Bench() {
   const char* fT = std::getenv("BENCH_T");
   const char* fdt = std::getenv("BENCH_DT");
   for (const Cfg& c : cfgs) {
-    if (fcfg && c.name != fcfg) continue;
+    if (fcfg && ("," + std::string(fcfg) + ",").find("," + c.name + ",") == std::string::npos) {
+      continue;  // BENCH_CFG: a comma-separated list of config names
+    }
     for (int T : {16384, 65536}) {
       if (fT && T != std::atoi(fT)) continue;
       for (Dt dt : {Dt::kBF16, Dt::kF32}) {

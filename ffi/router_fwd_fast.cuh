@@ -111,6 +111,9 @@ __device__ __forceinline__ void zero_chunk(R* p, int nvalid, bool vec) {
 // ---- fast forward ---------------------------------------------------------------------------
 
 constexpr int kFastThreads = 128;
+#ifndef JR_SCREEN  // a knob for benchmarks/cuda_bench.cu's A/B runs only: 0 turns screening off
+#define JR_SCREEN 1
+#endif
 
 __host__ __device__ constexpr int fast_cmax(int L, int V) { return L * V < 64 ? L * V : 64; }
 __host__ __device__ constexpr int fast_kmax(int L, int V) { return L * V < 32 ? L * V : 32; }
@@ -285,14 +288,23 @@ __device__ __forceinline__ float group_bias_absmax(const float* bias, int nvalid
   return order_key_value(group_max<L>(order_key(m)));
 }
 
-// The exact order key of expert base_e + i of the row at roff (routing_math.h's selection
-// score, from the logit and bias reloaded: the row was just read, so they come from L1).
+// The exact order key of expert e of the row at roff whose bias row is bias_row (nullptr:
+// none): routing_math.h's selection score, from the logit and bias reloaded (the row was just
+// read, so they come from L1), the sigmoid as chunk_keys computes it.
 template <ScoreFn F>
 __device__ __forceinline__ uint32_t exact_key(const FastArgs& a, Dt dt, int64_t roff,
-                                              const float* brow, int base_e, int i) {
-  const float xe = load_as_float(a.logits, dt, roff + base_e + i);
-  const float be = brow != nullptr ? __ldg(brow + i) : 0.0f;
-  return order_key(selection_score(activation<F>(xe), be));
+                                              const float* bias_row, int e) {
+  const float xe = load_as_float(a.logits, dt, roff + e);
+  const float be = bias_row != nullptr ? __ldg(bias_row + e) : 0.0f;
+  float s;
+  if constexpr (F == ScoreFn::kSigmoid) {
+    bool odd = false;
+    s = sigmoid_rn_fast(xe, &odd);
+    if (odd) s = activation<F>(xe);
+  } else {
+    s = activation<F>(xe);
+  }
+  return order_key(selection_score(s, be));
 }
 
 // The kept groups and the candidate threshold of one token, from its lanes' top-P keys
@@ -391,7 +403,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
   const Dt dt = a.logits_dt;
   const int64_t ntiles = (a.rows + TPB - 1) / TPB;
   // sigmoid: screen first (sigmoid_screen.cuh); beta bounds |bias| (one bias row: once here)
-  constexpr bool kScreen = F == ScoreFn::kSigmoid;
+  constexpr bool kScreen = JR_SCREEN && F == ScoreFn::kSigmoid;
   float beta_block = 0.0f;
   if (kScreen && a.bias != nullptr && a.single_bias_row) {
     beta_block = group_bias_absmax<L, V>(a.bias + base_e, nvalid);
@@ -406,8 +418,10 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
     float x[V];
     load_chunk_dt<V>(a.logits, roff + base_e, dt, nv, a.x_vec, x);
     const float* brow = nullptr;
+    const float* bias_row = nullptr;  // the token's bias row (brow: this lane's chunk of it)
     if (!kRaw && a.bias != nullptr) {
-      brow = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E + base_e;
+      bias_row = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E;
+      brow = bias_row + base_e;
     }
     if (nv > 0) {
       if (a.probs) {
@@ -482,7 +496,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
             while (nm) {
               const int i = __ffs(nm) - 1;
               nm &= nm - 1;
-              uint32_t v = exact_key<F>(a, dt, roff, brow, base_e, i);
+              uint32_t v = exact_key<F>(a, dt, roff, bias_row, base_e + i);
 #pragma unroll
               for (int p = 0; p < P; ++p) {
                 const uint32_t hi = max(etop[p], v);
@@ -547,13 +561,24 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       while (mm) {
         const int i = __ffs(mm) - 1;
         mm &= mm - 1;
-        const uint32_t key =
-            exact_tok ? sm_key(keys_sm, tid, i) : exact_key<F>(a, dt, roff, brow, base_e, i);
+        // screened tokens list the expert alone here; its exact key follows below
+        const uint32_t key = exact_tok ? sm_key(keys_sm, tid, i) : 0u;
         lst[pos++] = slot_key(key, static_cast<uint32_t>(base_e + i));
       }
       if (j == 0 && (ctot & 1)) lst[ctot] = 0ull;
     }
     __syncwarp();
+    if (kScreen && __any_sync(0xFFFFFFFFu, !exact_tok)) {
+      // the screened candidates' exact keys, spread over the token's lanes so that their
+      // loads overlap (a screened token always has ctot <= CMAX)
+      if (!exact_tok) {
+        for (int idx = j; idx < ctot; idx += L) {
+          const uint32_t e = slot_expert(lst[idx]);
+          lst[idx] = slot_key(exact_key<F>(a, dt, roff, bias_row, static_cast<int>(e)), e);
+        }
+      }
+      __syncwarp();  // the exact keys are in the list before any lane ranks it
+    }
 
     // Ranks: slot of a candidate = number of candidates with a larger slot key.
     auto record = [&](int rank, unsigned long long sk) {

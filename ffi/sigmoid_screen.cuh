@@ -40,6 +40,22 @@
 namespace jax_router {
 namespace cuda {
 
+#ifndef JR_SCREEN_EX2  // a knob for benchmarks/cuda_bench.cu's A/B runs only
+#define JR_SCREEN_EX2 0
+#endif
+
+#if JR_SCREEN_EX2
+// 1 / (1 + 2^(-x log2 e)): ex2.approx (relative error ~2^-22) and rcp.approx (~1 ulp); the
+// rounded product x log2 e adds |x| 2^-24 to the exponent, which matters only where sigmoid is
+// not saturated. About 5e-7 absolute in all; the constant takes 2^-19.
+constexpr float kScreenSigmoidError = 1.0f / 524288.0f;  // 2^-19
+__device__ __forceinline__ float screen_sigmoid(float x) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -1.44269504f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+  return r;
+}
+#else
 constexpr float kScreenSigmoidError = 1.0f / 2048.0f;  // 2^-11
 
 // 0.5 + 0.5 tanh(x / 2): one MUFU.TANH, a multiply and an fma.
@@ -48,6 +64,7 @@ __device__ __forceinline__ float screen_sigmoid(float x) {
   asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
   return __fmaf_rn(0.5f, t, 0.5f);
 }
+#endif
 
 // delta for a row with |bias| <= beta (2^-21 leaves a factor 4 over the 2^-23 of the bound).
 // NaN or infinite for a NaN or infinite beta: callers test delta <= 1 and take the exact path
