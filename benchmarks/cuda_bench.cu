@@ -54,79 +54,6 @@ struct Cfg {
 };
 
 
-// Experiment (not in the library): a small-E compact forward, one thread per token, the row's
-// E <= kE logits in registers, k <= kK passes of a 64-bit slot-key maximum (routing_math.h
-// slot_key: the library's order and ties), weights by routing_math.h's formulas in slot order.
-// No groups, no pre-softmax, compact outputs only. The "compact-small" row times it and says
-// whether its weights, indices and residuals equal the library kernel's, bit for bit.
-template <typename D, ScoreFn F, int kE, int kK>
-__global__ void __launch_bounds__(256) small_e_kernel(FwdArgs f) {
-  using R = typename D::raw;
-  const int E = static_cast<int>(f.experts), k = static_cast<int>(f.p.topk);
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < f.rows;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const R* xr = static_cast<const R*>(f.logits) + t * E;
-    float x[kE];
-    constexpr int kPer = 16 / sizeof(R);
-    if (E == kE && kE % kPer == 0 && (reinterpret_cast<uintptr_t>(xr) & 15u) == 0) {
-#pragma unroll
-      for (int q = 0; q < kE / kPer; ++q) {
-        D::unpack16(__ldg(reinterpret_cast<const uint4*>(xr) + q), &x[q * kPer]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kE; ++i) x[i] = i < E ? D::to_f(xr[i]) : 0.0f;
-    }
-    unsigned long long key[kE];
-#pragma unroll
-    for (int i = 0; i < kE; ++i) {
-      const float sv = activation<F>(x[i]);
-      const float z = f.bias ? selection_score(sv, f.bias[i]) : sv;
-      key[i] = i < E ? slot_key(order_key(z), static_cast<uint32_t>(i)) : 0ull;
-    }
-    int sel[kK];
-    float v[kK];
-#pragma unroll
-    for (int r = 0; r < kK; ++r) {
-      unsigned long long best = 0ull;
-      int bi = 0;
-      float bv = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kE; ++i) {
-        if (key[i] > best) {
-          best = key[i];
-          bi = i;
-          bv = x[i];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kE; ++i) key[i] = i == bi ? 0ull : key[i];
-      sel[r] = bi;
-      v[r] = activation<F>(bv);
-    }
-    float u[kK];
-    float sum = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kK; ++r) {
-      if (r < k) {
-        u[r] = weight_numerator<F>(false, v[r], v[0], v[r]);
-        sum = r == 0 ? u[r] : slot_sum_add(sum, u[r]);
-      }
-    }
-    const float denom = weight_denominator<F>(sum);
-    const int64_t ko = t * k;
-#pragma unroll
-    for (int r = 0; r < kK; ++r) {
-      if (r < k) {
-        const float p = weight<F>(false, k, u[r], denom);
-        f.weights[ko + r] = exact::canonical(f.p.scaling * p);
-        store_index(f.indices, f.index_dt, ko + r, sel[r]);
-        f.act[ko + r] = exact::canonical(residual<F>(false, p, u[r]));
-      }
-    }
-  }
-}
-
 static cudaStream_t g_stream;
 
 struct Times {
@@ -229,6 +156,15 @@ static void Bench() {
         const Times tc = TimeBoth([&](int s) { fwd(s, false); }, sets);
         const long long ll = LastFastLaunch().load();
         std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
+#if JR_SCREEN_STATS
+        unsigned long long st[4];
+        CK(cudaMemcpyFromSymbol(st, g_screen_stats, sizeof(st)));
+        const unsigned long long zero[4] = {0, 0, 0, 0};
+        CK(cudaMemcpyToSymbol(g_screen_stats, zero, sizeof(zero)));
+        std::printf("  (screen: %llu tokens, %.4f ambiguous, %.4f exact, %.2f candidates a token)\n",
+                    st[0], double(st[1]) / std::max(1ull, st[0]), double(st[2]) / std::max(1ull, st[0]),
+                    double(st[3]) / std::max(1ull, st[0]));
+#endif
         const Times td = TimeBoth([&](int s) { fwd(s, true); }, sets);
         BwdArgs bb;
         bb.rows = T;
@@ -251,44 +187,6 @@ static void Bench() {
             sets);
         const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
         Row(c, T, dts, "compact", tc, fl_c);
-        if (c.E == 8 && c.k <= 2 && c.fn == ScoreFn::kSoftmax && !c.pre && c.G == 0) {
-          // the experiment, into its own buffers, compared with the library's compact outputs
-          const size_t kb = static_cast<size_t>(T) * c.k * 4;
-          float *w2, *a2;
-          int32_t* i2;
-          CK(cudaMalloc(&w2, kb));
-          CK(cudaMalloc(&a2, kb));
-          CK(cudaMalloc(&i2, kb));
-          auto small = [&](int s) {
-            FwdArgs b = a;
-            b.logits = xs[s];
-            b.weights = s == 0 ? w2 : ws[s];
-            b.indices = s == 0 ? i2 : idx[s];
-            b.act = s == 0 ? a2 : acts[s];
-            const unsigned grid = static_cast<unsigned>((T + 255) / 256);
-            if (dt == Dt::kF32) {
-              small_e_kernel<DF32, ScoreFn::kSoftmax, 8, 2><<<grid, 256, 0, g_stream>>>(b);
-            } else {
-              small_e_kernel<DBF16, ScoreFn::kSoftmax, 8, 2><<<grid, 256, 0, g_stream>>>(b);
-            }
-            CK(cudaGetLastError());
-          };
-          fwd(0, false);
-          small(0);
-          CK(cudaStreamSynchronize(g_stream));
-          std::vector<unsigned char> h1(kb), h2(kb);
-          bool same = true;
-          for (auto [x1, x2] : {std::pair<void*, void*>{ws[0], w2}, {idx[0], i2}, {acts[0], a2}}) {
-            CK(cudaMemcpy(h1.data(), x1, kb, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(h2.data(), x2, kb, cudaMemcpyDeviceToHost));
-            same = same && h1 == h2;
-          }
-          Row(c, T, dts, "compact-small", TimeBoth(small, sets), fl_c,
-              same ? "  (experiment, bits equal the library's)" : "  (experiment, BITS DIFFER)");
-          CK(cudaFree(w2));
-          CK(cudaFree(a2));
-          CK(cudaFree(i2));
-        }
         Row(c, T, dts, "dense", td, fl_d);
         Row(c, T, dts, "bwd", tb, fl_b);
         for (int s = 0; s < sets; ++s) {

@@ -114,6 +114,9 @@ constexpr int kFastThreads = 128;
 #ifndef JR_SCREEN  // a knob for benchmarks/cuda_bench.cu's A/B runs only: 0 turns screening off
 #define JR_SCREEN 1
 #endif
+#if JR_SCREEN_STATS  // benchmarks only: tokens screened, ambiguous, exact; candidates listed
+__device__ unsigned long long g_screen_stats[4];
+#endif
 
 __host__ __device__ constexpr int fast_cmax(int L, int V) { return L * V < 64 ? L * V : 64; }
 __host__ __device__ constexpr int fast_kmax(int L, int V) { return L * V < 32 ? L * V : 32; }
@@ -481,6 +484,9 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
           const float gd = screen_group_delta(delta, m, beta);
           amb = tok && !bad && !(order_key_value(kg) - order_key_value(ng) > 2.02f * gd);
         }
+#if JR_SCREEN_STATS
+        if (j == 0 && amb) atomicAdd(&g_screen_stats[1], 1ull);
+#endif
         if (__any_sync(0xFFFFFFFFu, amb)) {
           // the groups' exact top m, from the experts within 2 delta of the screened m-th
           uint32_t etop[P];
@@ -526,6 +532,13 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       }
       count();
       exact_tok = bad || ctot > CMAX;
+#if JR_SCREEN_STATS
+      if (j == 0 && tok) {
+        atomicAdd(&g_screen_stats[0], 1ull);
+        atomicAdd(&g_screen_stats[2], exact_tok ? 1ull : 0ull);
+        atomicAdd(&g_screen_stats[3], static_cast<unsigned long long>(ctot));
+      }
+#endif
     }
     if (__any_sync(0xFFFFFFFFu, exact_tok)) {
       // The exact path: every expert's exact key (kScreen: only the tokens that need it).

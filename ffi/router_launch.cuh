@@ -1,5 +1,5 @@
 // Host-side planning and launching of the router kernels (router_fwd_fast.cuh,
-// router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI handlers (router_cuda.cu)
+// router_fwd_small.cuh, router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI handlers (router_cuda.cu)
 // and the standalone self-test share this code.
 #pragma once
 
@@ -14,6 +14,7 @@
 #include "router_bwd.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_general.cuh"
+#include "router_fwd_small.cuh"
 #include "routing_math.h"
 
 namespace jax_router {
@@ -322,6 +323,9 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
     fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
     fa.cutoff = f.cutoff;
     if (taken) *taken = FwdPath::kFast;
+    if (SmallForward(f.experts, f.p, f.probs != nullptr || f.map != nullptr)) {
+      return LaunchSmall(f.p.score_fn, fa, stream, dev);
+    }
     return LaunchFastAny(plan, f.p.score_fn, is_qb(f.p), fa, stream, dev);
   }
   // General path.

@@ -1,0 +1,114 @@
+// The small-E CUDA forward: E <= 8 experts, compact outputs only (weights, indices, residuals),
+// no group-limited routing, no pre-softmax, no quantile balancing. One thread per token, the
+// row in registers: k rounds of a 64-bit slot-key maximum (routing_math.h's slot_key: score,
+// then the lower expert id), weights by routing_math.h's formulas in slot order, so the bits
+// are those of the fast forward and the CPU. Against the fast forward's one-lane layout it
+// drops the candidate list and its shared memory: Mixtral (E = 8, k = 2) at 65536 tokens went
+// from 4.9 to 3.2 us (benchmarks/NOTES.md).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "router_fwd_fast.cuh"
+#include "routing_math.h"
+
+namespace jax_router {
+namespace cuda {
+
+constexpr int kSmallExperts = 8;
+constexpr int kSmallThreads = 256;
+
+// Whether the small kernel takes a call.
+inline bool SmallForward(int64_t E, const RouteParams& p, bool dense_outputs) {
+  return E <= kSmallExperts && !dense_outputs && p.group_topk <= 0 && !is_qb(p) &&
+         !(p.score_fn == ScoreFn::kSoftmax && p.pre_softmax);
+}
+
+// kK: a power of two >= k (the selection rounds are unrolled; rounds past k do nothing).
+template <ScoreFn F, int kK>
+__global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs a) {
+  constexpr int kE = kSmallExperts;
+  const int E = a.E, k = a.k;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < a.rows;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t roff = t * E;
+    float x[kE];
+    load_chunk_dt<kE>(a.logits, roff, a.logits_dt, E, a.x_vec, x);
+    const float* bias =
+        a.bias != nullptr ? a.bias + (a.single_bias_row ? 0 : t / a.rows_per_bias) * E : nullptr;
+    unsigned long long key[kE];
+#pragma unroll
+    for (int i = 0; i < kE; ++i) {
+      const float s = activation<F>(x[i]);
+      const float z = bias != nullptr && i < E ? selection_score(s, __ldg(bias + i)) : s;
+      key[i] = i < E ? slot_key(order_key(z), static_cast<uint32_t>(i)) : 0ull;
+    }
+    int sel[kK];
+    float v[kK];  // the selected experts' activations (softmax: their logits)
+#pragma unroll
+    for (int r = 0; r < kK; ++r) {
+      unsigned long long best = 0ull;
+      int bi = 0;
+      float bx = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kE; ++i) {
+        if (key[i] > best) {
+          best = key[i];
+          bi = i;
+          bx = x[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kE; ++i) key[i] = i == bi ? 0ull : key[i];
+      sel[r] = bi;
+      v[r] = activation<F>(bx);
+    }
+    float u[kK];
+    float sum = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kK; ++r) {
+      if (r < k) {
+        u[r] = weight_numerator<F>(false, v[r], v[0], v[r]);
+        sum = r == 0 ? u[r] : slot_sum_add(sum, u[r]);
+      }
+    }
+    const float denom = weight_denominator<F>(sum);
+    const int64_t ko = t * k;
+#pragma unroll
+    for (int r = 0; r < kK; ++r) {
+      if (r < k) {
+        const float p = weight<F>(false, k, u[r], denom);
+        if (a.weights) a.weights[ko + r] = exact::canonical(a.scaling * p);
+        if (a.indices) store_index(a.indices, a.index_dt, ko + r, sel[r]);
+        if (a.act) a.act[ko + r] = exact::canonical(residual<F>(false, p, u[r]));
+      }
+    }
+  }
+}
+
+template <ScoreFn F>
+inline cudaError_t LaunchSmallT(const FastArgs& fa, cudaStream_t s, int dev) {
+  const int64_t blocks = (fa.rows + kSmallThreads - 1) / kSmallThreads;
+  const int64_t most = static_cast<int64_t>(SmCount(dev)) * (2048 / kSmallThreads);
+  const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
+  if (fa.k <= 1) {
+    fwd_small_kernel<F, 1><<<grid, kSmallThreads, 0, s>>>(fa);
+  } else if (fa.k <= 2) {
+    fwd_small_kernel<F, 2><<<grid, kSmallThreads, 0, s>>>(fa);
+  } else if (fa.k <= 4) {
+    fwd_small_kernel<F, 4><<<grid, kSmallThreads, 0, s>>>(fa);
+  } else {
+    fwd_small_kernel<F, 8><<<grid, kSmallThreads, 0, s>>>(fa);
+  }
+  return cudaGetLastError();
+}
+
+inline cudaError_t LaunchSmall(ScoreFn fn, const FastArgs& fa, cudaStream_t s, int dev) {
+  return DispatchScoreFn(fn, [&](auto tag) { return LaunchSmallT<decltype(tag)::value>(fa, s, dev); });
+}
+
+}  // namespace cuda
+}  // namespace jax_router
