@@ -156,15 +156,6 @@ static void Bench() {
         const Times tc = TimeBoth([&](int s) { fwd(s, false); }, sets);
         const long long ll = LastFastLaunch().load();
         std::printf("  (fast grid %lld, blocks/SM %lld)\n", ll / 1000, ll % 1000);
-#if JR_SCREEN_STATS
-        unsigned long long st[4];
-        CK(cudaMemcpyFromSymbol(st, g_screen_stats, sizeof(st)));
-        const unsigned long long zero[4] = {0, 0, 0, 0};
-        CK(cudaMemcpyToSymbol(g_screen_stats, zero, sizeof(zero)));
-        std::printf("  (screen: %llu tokens, %.4f ambiguous, %.4f exact, %.2f candidates a token)\n",
-                    st[0], double(st[1]) / std::max(1ull, st[0]), double(st[2]) / std::max(1ull, st[0]),
-                    double(st[3]) / std::max(1ull, st[0]));
-#endif
         const Times td = TimeBoth([&](int s) { fwd(s, true); }, sets);
         BwdArgs bb;
         bb.rows = T;

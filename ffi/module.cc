@@ -9,9 +9,6 @@
 #include "xla/ffi/api/c_api.h"
 #include "dispatch_math.h"
 #include "routing_math.h"
-#if defined(JR_CUDA_MODULE)
-#include "screen_check.h"
-#endif
 
 #if !defined(JR_MODULE) || !defined(JR_HANDLER_SUFFIX)
 #error "build through CMakeLists.txt, which defines JR_MODULE and JR_HANDLER_SUFFIX"
@@ -62,14 +59,6 @@ NB_MODULE(JR_MODULE, m) {
   m.def("dispatch_plan_workspace_size", [](int64_t n, int64_t experts) {
     return jax_router::dispatch::plan_workspace_size(n, experts);
   });
-#if defined(JR_CUDA_MODULE)
-  // The sigmoid screen's largest error over every float32 input on the current device, the
-  // bound the forward assumes, and the count of NaN mismatches (sigmoid_screen.cuh).
-  m.def("screen_sigmoid_error", [] {
-    const jax_router::cuda::ScreenError e = jax_router::cuda::ScreenSigmoidError();
-    return nb::make_tuple(e.max_error, e.bound, e.nan_mismatches);
-  });
-#endif
   // The C++ enums' values by name, for the test that Python sends the same ones.
   m.def("enum_values", [] {
     nb::dict fns, modes, formats;

@@ -34,7 +34,6 @@
 #include "cuda_common.cuh"
 #include "cuda_warp.cuh"
 #include "routing_math.h"
-#include "sigmoid_screen.cuh"
 
 namespace jax_router {
 namespace cuda {
@@ -111,12 +110,6 @@ __device__ __forceinline__ void zero_chunk(R* p, int nvalid, bool vec) {
 // ---- fast forward ---------------------------------------------------------------------------
 
 constexpr int kFastThreads = 128;
-#ifndef JR_SCREEN  // a knob for benchmarks/cuda_bench.cu's A/B runs only: 0 turns screening off
-#define JR_SCREEN 1
-#endif
-#if JR_SCREEN_STATS  // benchmarks only: tokens screened, ambiguous, exact; candidates listed
-__device__ unsigned long long g_screen_stats[4];
-#endif
 
 __host__ __device__ constexpr int fast_cmax(int L, int V) { return L * V < 64 ? L * V : 64; }
 __host__ __device__ constexpr int fast_kmax(int L, int V) { return L * V < 32 ? L * V : 32; }
@@ -231,150 +224,6 @@ __device__ __forceinline__ uint32_t sm_key(const uint4 (*keys_sm)[kFastThreads],
   return w[i & 3];
 }
 
-// The screened (sigmoid_screen.cuh) values of one lane's chunk, streamed 4 at a time into
-// keys_sm[.][tid] as float bits, and its top-P values (descending; NaN dropped, -inf past
-// nvalid and where there are fewer than P).
-template <int V, int P>
-__device__ __forceinline__ void chunk_screen(const float (&x)[V], const float* bias, bool bias_vec,
-                                             int nvalid, uint4 (*keys_sm)[kFastThreads], int tid,
-                                             float (&top)[P]) {
-#pragma unroll
-  for (int p = 0; p < P; ++p) top[p] = -INFINITY;
-  const bool whole = nvalid == V;
-#pragma unroll
-  for (int q = 0; q < V / 4; ++q) {
-    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (bias != nullptr) {
-      if (bias_vec && whole) {
-        const float4 w = __ldg(reinterpret_cast<const float4*>(bias) + q);
-        b[0] = w.x;
-        b[1] = w.y;
-        b[2] = w.z;
-        b[3] = w.w;
-      } else {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (4 * q + u < nvalid) b[u] = __ldg(bias + 4 * q + u);
-        }
-      }
-    }
-    float v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      // fmaxf turns NaN into -inf, which the top-P insert below needs (fminf would drop it)
-      v[u] = fmaxf(screen_sigmoid(x[4 * q + u]) + b[u], -INFINITY);
-      if (!whole && 4 * q + u >= nvalid) v[u] = -INFINITY;
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      float w = v[u];
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const float hi = fmaxf(top[p], w);
-        w = fminf(top[p], w);
-        top[p] = hi;
-      }
-    }
-    keys_sm[q][tid] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]),
-                                 __float_as_uint(v[2]), __float_as_uint(v[3]));
-  }
-}
-
-// max |bias| over a lane's chunk, then over its group of L lanes; +inf if any is NaN.
-template <int L, int V>
-__device__ __forceinline__ float group_bias_absmax(const float* bias, int nvalid) {
-  float m = 0.0f;
-  for (int i = 0; i < nvalid; ++i) {
-    const float b = __ldg(bias + i);
-    m = b == b ? fmaxf(m, fabsf(b)) : INFINITY;
-  }
-  return order_key_value(group_max<L>(order_key(m)));
-}
-
-// The exact order key of expert e of the row at roff whose bias row is bias_row (nullptr:
-// none): routing_math.h's selection score, from the logit and bias reloaded (the row was just
-// read, so they come from L1), the sigmoid as chunk_keys computes it.
-template <ScoreFn F>
-__device__ __forceinline__ uint32_t exact_key(const FastArgs& a, Dt dt, int64_t roff,
-                                              const float* bias_row, int e) {
-  const float xe = load_as_float(a.logits, dt, roff + e);
-  const float be = bias_row != nullptr ? __ldg(bias_row + e) : 0.0f;
-  float s;
-  if constexpr (F == ScoreFn::kSigmoid) {
-    bool odd = false;
-    s = sigmoid_rn_fast(xe, &odd);
-    if (odd) s = activation<F>(xe);
-  } else {
-    s = activation<F>(xe);
-  }
-  return order_key(selection_score(s, be));
-}
-
-// The kept groups and the candidate threshold of one token, from its lanes' top-P keys
-// (exact order keys, or order keys of screened values): group-limited routing ranks the
-// groups by the sum of their top m values (ties to the lower group) and tau is the minimum of
-// the kept groups' m-th keys; otherwise tau is the ranked-th largest of the multiset of every
-// lane's top-P keys. Every lane of the warp calls it (shuffles within groups of L lanes).
-struct FastSelect {
-  bool keep;     // this lane's group is kept (always, without group-limited routing)
-  uint32_t tau;  // no expert of the selection has a key below it
-  uint32_t gk;   // grouped: this group's score key (0 for padding lanes)
-  int rank;      // grouped: this group's rank
-};
-template <int L, int P>
-__device__ __forceinline__ FastSelect fast_select(const FastArgs& a, const uint32_t (&top)[P],
-                                                  bool tok, int j, int ranked) {
-  FastSelect r{tok, 0u, 0u, 0};
-  if (a.num_groups > 0) {
-    const int m = a.m;
-    float gs = order_key_value(top[0]);
-#pragma unroll
-    for (int q = 1; q < P; ++q) {
-      if (q < m) gs = group_score_add(gs, order_key_value(top[q]));
-    }
-    const bool real = j < a.num_groups;
-    r.gk = (real && tok) ? order_key(gs) : 0u;
-    int rank = 0;
-#pragma unroll
-    for (int l = 0; l < L; ++l) {
-      const uint32_t o = __shfl_sync(0xFFFFFFFFu, r.gk, l, L);
-      rank += (o > r.gk || (o == r.gk && l < j)) ? 1 : 0;
-    }
-    r.rank = rank;
-    r.keep = tok && real && rank < a.group_topk;
-    uint32_t mine = top[0];
-#pragma unroll
-    for (int q = 1; q < P; ++q) {
-      if (q == m - 1) mine = top[q];
-    }
-    r.tau = group_min<L>(r.keep ? mine : 0xFFFFFFFFu);
-  } else {
-    // tau = the ranked-th largest of the multiset of every lane's top-P keys (0 past E).
-    int gt[P], ge[P];
-#pragma unroll
-    for (int q = 0; q < P; ++q) gt[q] = ge[q] = 0;
-#pragma unroll
-    for (int l = 0; l < L; ++l) {
-#pragma unroll
-      for (int p = 0; p < P; ++p) {
-        const uint32_t o = __shfl_sync(0xFFFFFFFFu, top[p], l, L);
-#pragma unroll
-        for (int q = 0; q < P; ++q) {
-          gt[q] += o > top[q] ? 1 : 0;
-          ge[q] += o >= top[q] ? 1 : 0;
-        }
-      }
-    }
-    uint32_t mine = 0;
-#pragma unroll
-    for (int q = 0; q < P; ++q) {
-      if (gt[q] < ranked && ge[q] >= ranked) mine = top[q];
-    }
-    r.tau = group_max<L>(mine);
-  }
-  return r;
-}
-
 template <ScoreFn F, int L, int V, int P, bool QB>
 __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArgs a) {
   constexpr int TPB = kFastThreads / L;
@@ -405,12 +254,6 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
   const int gthread0 = tid - j;  // first thread of my group
   const Dt dt = a.logits_dt;
   const int64_t ntiles = (a.rows + TPB - 1) / TPB;
-  // sigmoid: screen first (sigmoid_screen.cuh); beta bounds |bias| (one bias row: once here)
-  constexpr bool kScreen = JR_SCREEN && F == ScoreFn::kSigmoid;
-  float beta_block = 0.0f;
-  if (kScreen && a.bias != nullptr && a.single_bias_row) {
-    beta_block = group_bias_absmax<L, V>(a.bias + base_e, nvalid);
-  }
 
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t t = tile * TPB + tb;
@@ -421,10 +264,8 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
     float x[V];
     load_chunk_dt<V>(a.logits, roff + base_e, dt, nv, a.x_vec, x);
     const float* brow = nullptr;
-    const float* bias_row = nullptr;  // the token's bias row (brow: this lane's chunk of it)
     if (!kRaw && a.bias != nullptr) {
-      bias_row = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E;
-      brow = bias_row + base_e;
+      brow = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E + base_e;
     }
     if (nv > 0) {
       if (a.probs) {
@@ -438,135 +279,79 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       if (a.map && !a.bitmap) zero_chunk<uint8_t, V>(a.map + roff + base_e, nv, a.map_vec);
     }
 
-    // The candidates: cm marks this lane's experts that could be selected. keys_sm holds
-    // exact order keys where exact_tok, screened values (sigmoid_screen.cuh) elsewhere.
+    uint32_t top[P];
+    chunk_keys<F, V, P>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
+
+    // Group-limited routing and the candidate threshold.
     bool keep = tok;
-    uint32_t cm = 0;
-    bool exact_tok = !kScreen;
-    int c = 0, incl = 0, ctot = 0;
-    // c, incl and ctot: this lane's candidates, the inclusive count over its group, the total
-    auto count = [&]() {
-      c = __popc(cm);
-      incl = c;
+    uint32_t tau;
+    if (a.num_groups > 0) {
+      const int m = a.m;
+      float gs = order_key_value(top[0]);
 #pragma unroll
-      for (int d = 1; d < L; d <<= 1) {
-        const int o = __shfl_up_sync(0xFFFFFFFFu, incl, d, L);
-        if (j >= d) incl += o;
+      for (int q = 1; q < P; ++q) {
+        if (q < m) gs = group_score_add(gs, order_key_value(top[q]));
       }
-      ctot = __shfl_sync(0xFFFFFFFFu, incl, L - 1, L);
-    };
-    if constexpr (kScreen) {
-      float beta = beta_block;
-      if (brow != nullptr && !a.single_bias_row) beta = group_bias_absmax<L, V>(brow, nv);
-      const float delta = screen_delta(beta);
-      float atop[P];
-      chunk_screen<V, P>(x, brow, a.bias_vec, nv, keys_sm, tid, atop);
-      uint32_t akey[P];
+      const bool real = j < a.num_groups;
+      const uint32_t gk = (real && tok) ? order_key(gs) : 0u;
+      int rank = 0;
 #pragma unroll
-      for (int p = 0; p < P; ++p) akey[p] = order_key(atop[p]);
-      FastSelect sel = fast_select<L, P>(a, akey, tok, j, ranked);
-      keep = sel.keep;
-      uint32_t tau = sel.tau;
-      bool bad = !(delta <= 1.0f);
-      if (a.num_groups > 0) {
-        const int m = a.m;
-        const bool real = j < a.num_groups;
-        float am = atop[0];  // this group's screened m-th value
+      for (int l = 0; l < L; ++l) {
+        const uint32_t o = __shfl_sync(0xFFFFFFFFu, gk, l, L);
+        rank += (o > gk || (o == gk && l < j)) ? 1 : 0;
+      }
+      keep = tok && real && rank < a.group_topk;
+      uint32_t mine = top[0];
 #pragma unroll
-        for (int q = 1; q < P; ++q) {
-          if (q == m - 1) am = atop[q];
-        }
-        bad = bad || group_max<L>(tok && real && am == -INFINITY ? 1u : 0u) != 0u;
-        bool amb = false;
-        if (a.group_topk < a.num_groups) {
-          const uint32_t kg = group_max<L>(real && sel.rank == a.group_topk - 1 ? sel.gk : 0u);
-          const uint32_t ng = group_max<L>(real && sel.rank == a.group_topk ? sel.gk : 0u);
-          const float gd = screen_group_delta(delta, m, beta);
-          amb = tok && !bad && !(order_key_value(kg) - order_key_value(ng) > 2.02f * gd);
-        }
-#if JR_SCREEN_STATS
-        if (j == 0 && amb) atomicAdd(&g_screen_stats[1], 1ull);
-#endif
-        if (__any_sync(0xFFFFFFFFu, amb)) {
-          // the groups' exact top m, from the experts within 2 delta of the screened m-th
-          uint32_t etop[P];
+      for (int q = 1; q < P; ++q) {
+        if (q == m - 1) mine = top[q];
+      }
+      tau = group_min<L>(keep ? mine : 0xFFFFFFFFu);
+    } else {
+      // tau = the k-th largest of the multiset of every lane's top-P keys (0 past E).
+      int gt[P], ge[P];
 #pragma unroll
-          for (int p = 0; p < P; ++p) etop[p] = 0u;
-          if (amb && real) {
-            const float near = am - 2.02f * delta;
-            uint32_t nm = 0;
+      for (int q = 0; q < P; ++q) gt[q] = ge[q] = 0;
 #pragma unroll
-            for (int i = 0; i < V; ++i) {
-              nm |= (__uint_as_float(sm_key(keys_sm, tid, i)) >= near ? 1u : 0u) << i;
-            }
-            while (nm) {
-              const int i = __ffs(nm) - 1;
-              nm &= nm - 1;
-              uint32_t v = exact_key<F>(a, dt, roff, bias_row, base_e + i);
+      for (int l = 0; l < L; ++l) {
 #pragma unroll
-              for (int p = 0; p < P; ++p) {
-                const uint32_t hi = max(etop[p], v);
-                v = min(etop[p], v);
-                etop[p] = hi;
-              }
-            }
+        for (int p = 0; p < P; ++p) {
+          const uint32_t o = __shfl_sync(0xFFFFFFFFu, top[p], l, L);
+#pragma unroll
+          for (int q = 0; q < P; ++q) {
+            gt[q] += o > top[q] ? 1 : 0;
+            ge[q] += o >= top[q] ? 1 : 0;
           }
-          const FastSelect ex = fast_select<L, P>(a, etop, tok, j, ranked);
-          if (amb) keep = ex.keep;
         }
-        // tau from the screened m-th values of the kept groups (now exactly the kept groups)
-        tau = group_min<L>(keep ? order_key(am) : 0xFFFFFFFFu);
       }
-      const float tau_a = order_key_value(tau);
-      bad = bad || (tok && !(tau_a > -INFINITY));
-      const float thr = tau_a - 2.02f * delta;
-      if (keep && !bad) {
+      uint32_t mine = 0;
 #pragma unroll
-        for (int q = 0; q < V / 4; ++q) {
-          const uint4 w = keys_sm[q][tid];
-          cm |= (__uint_as_float(w.x) >= thr ? 1u : 0u) << (4 * q);
-          cm |= (__uint_as_float(w.y) >= thr ? 1u : 0u) << (4 * q + 1);
-          cm |= (__uint_as_float(w.z) >= thr ? 1u : 0u) << (4 * q + 2);
-          cm |= (__uint_as_float(w.w) >= thr ? 1u : 0u) << (4 * q + 3);
-        }
+      for (int q = 0; q < P; ++q) {
+        if (gt[q] < ranked && ge[q] >= ranked) mine = top[q];
       }
-      count();
-      exact_tok = bad || ctot > CMAX;
-#if JR_SCREEN_STATS
-      if (j == 0 && tok) {
-        atomicAdd(&g_screen_stats[0], 1ull);
-        atomicAdd(&g_screen_stats[2], exact_tok ? 1ull : 0ull);
-        atomicAdd(&g_screen_stats[3], static_cast<unsigned long long>(ctot));
-      }
-#endif
+      tau = group_max<L>(mine);
     }
-    if (__any_sync(0xFFFFFFFFu, exact_tok)) {
-      // The exact path: every expert's exact key (kScreen: only the tokens that need it).
-      uint32_t top[P];
+
+    uint32_t cm = 0;
+    if (keep) {
 #pragma unroll
-      for (int p = 0; p < P; ++p) top[p] = 0u;
-      if (exact_tok) {
-        if (kScreen) load_chunk_dt<V>(a.logits, roff + base_e, dt, nv, a.x_vec, x);
-        chunk_keys<F, V, P>(x, brow, a.bias_vec, nv, keys_sm, tid, top);
+      for (int q = 0; q < V / 4; ++q) {
+        const uint4 w = keys_sm[q][tid];
+        cm |= (w.x >= tau ? 1u : 0u) << (4 * q);
+        cm |= (w.y >= tau ? 1u : 0u) << (4 * q + 1);
+        cm |= (w.z >= tau ? 1u : 0u) << (4 * q + 2);
+        cm |= (w.w >= tau ? 1u : 0u) << (4 * q + 3);
       }
-      const FastSelect sel = fast_select<L, P>(a, top, tok, j, ranked);
-      if (exact_tok) {
-        keep = sel.keep;
-        cm = 0;
-        if (keep) {
-#pragma unroll
-          for (int q = 0; q < V / 4; ++q) {
-            const uint4 w = keys_sm[q][tid];
-            cm |= (w.x >= sel.tau ? 1u : 0u) << (4 * q);
-            cm |= (w.y >= sel.tau ? 1u : 0u) << (4 * q + 1);
-            cm |= (w.z >= sel.tau ? 1u : 0u) << (4 * q + 2);
-            cm |= (w.w >= sel.tau ? 1u : 0u) << (4 * q + 3);
-          }
-        }
-      }
-      count();
     }
     const uint32_t keptmask = __ballot_sync(0xFFFFFFFFu, keep);
+    const int c = __popc(cm);
+    int incl = c;
+#pragma unroll
+    for (int d = 1; d < L; d <<= 1) {
+      const int o = __shfl_up_sync(0xFFFFFFFFu, incl, d, L);
+      if (j >= d) incl += o;
+    }
+    const int ctot = __shfl_sync(0xFFFFFFFFu, incl, L - 1, L);
     unsigned long long* lst = list_sm[tb];
     if (ctot <= CMAX) {
       int pos = incl - c;
@@ -574,24 +359,11 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       while (mm) {
         const int i = __ffs(mm) - 1;
         mm &= mm - 1;
-        // screened tokens list the expert alone here; its exact key follows below
-        const uint32_t key = exact_tok ? sm_key(keys_sm, tid, i) : 0u;
-        lst[pos++] = slot_key(key, static_cast<uint32_t>(base_e + i));
+        lst[pos++] = slot_key(sm_key(keys_sm, tid, i), static_cast<uint32_t>(base_e + i));
       }
       if (j == 0 && (ctot & 1)) lst[ctot] = 0ull;
     }
     __syncwarp();
-    if (kScreen && __any_sync(0xFFFFFFFFu, !exact_tok)) {
-      // the screened candidates' exact keys, spread over the token's lanes so that their
-      // loads overlap (a screened token always has ctot <= CMAX)
-      if (!exact_tok) {
-        for (int idx = j; idx < ctot; idx += L) {
-          const uint32_t e = slot_expert(lst[idx]);
-          lst[idx] = slot_key(exact_key<F>(a, dt, roff, bias_row, static_cast<int>(e)), e);
-        }
-      }
-      __syncwarp();  // the exact keys are in the list before any lane ranks it
-    }
 
     // Ranks: slot of a candidate = number of candidates with a larger slot key.
     auto record = [&](int rank, unsigned long long sk) {
