@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdint>
 
 namespace jax_router {
 namespace cuda {
@@ -37,6 +38,23 @@ inline int SmCount(int dev) {
 inline int SmemOptin(int dev) {
   static std::atomic<int> cache[kMaxDevices];
   return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);
+}
+
+// Lets `kernel` take more than the default 48 KiB of dynamic shared memory on device dev: the
+// limit is raised once per device and kernel, to all the device allows (its opt-in size less
+// the kernel's static shared memory), so that concurrent callers never lower it. `raised` is
+// the caller's per-kernel cache, a static array of kMaxDevices flags.
+template <typename Kern>
+inline cudaError_t AllowDynamicSmem(Kern kernel, size_t smem, int dev, std::atomic<int>* raised) {
+  if (smem <= 48 * 1024 || raised[dev].load(std::memory_order_relaxed) != 0) return cudaSuccess;
+  cudaFuncAttributes fa{};
+  cudaError_t e = cudaFuncGetAttributes(&fa, kernel);
+  if (e != cudaSuccess) return e;
+  const int most = SmemOptin(dev) - static_cast<int>(fa.sharedSizeBytes);
+  if (static_cast<int64_t>(smem) > most) return cudaErrorInvalidValue;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+  if (e == cudaSuccess) raised[dev].store(1, std::memory_order_relaxed);
+  return e;
 }
 
 }  // namespace cuda

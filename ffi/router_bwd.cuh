@@ -56,8 +56,12 @@ __device__ __forceinline__ void group_zero(R* p, int n, int j) {
 }
 
 // Whether bwd_kernel<D, L, true> can stage the rows of out: element-wise or raw softmax, rows
-// of whole 16-byte vectors at a 16-byte aligned base, kBwdThreads / L rows in 48 KiB.
-constexpr int64_t kBwdStageBytes = 48 * 1024;
+// of whole 16-byte vectors at a 16-byte aligned base, kBwdThreads / L rows in kBwdStageBytes
+// (64 KiB keeps three blocks, 24 warps, an SM on sm_90; past it the rows are written in place).
+#ifndef JR_BWD_STAGE_KIB  // a knob for benchmarks/cuda_bench.cu's A/B runs only
+#define JR_BWD_STAGE_KIB 64
+#endif
+constexpr int64_t kBwdStageBytes = JR_BWD_STAGE_KIB * 1024;
 inline bool BwdStaged(bool pre_softmax, int L, int64_t E, int64_t elem_bytes, const void* out) {
   const int64_t row_bytes = E * elem_bytes;
   return !pre_softmax && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&

@@ -210,25 +210,9 @@ template <typename D, ScoreFn F>
 inline cudaError_t LaunchGeneralT(const GenArgs& ga, int threads, size_t smem, cudaStream_t s,
                                   int dev) {
   auto kernel = fwd_general_kernel<D, F>;
-  if (smem > 48 * 1024) {
-    static std::atomic<int> raised[kMaxDevices];
-    static std::atomic<int> static_smem{-1};
-    int st = static_smem.load(std::memory_order_relaxed);
-    if (st < 0) {
-      cudaFuncAttributes fa{};
-      if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) return cudaGetLastError();
-      st = static_cast<int>(fa.sharedSizeBytes);
-      static_smem.store(st, std::memory_order_relaxed);
-    }
-    const int want = SmemOptin(dev) - st;
-    if (static_cast<int>(smem) > want) return cudaErrorInvalidValue;
-    if (raised[dev].load(std::memory_order_relaxed) < want) {
-      cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
-      if (e != cudaSuccess) return e;
-      raised[dev].store(want, std::memory_order_relaxed);
-    }
-  }
+  static std::atomic<int> raised[kMaxDevices];
+  const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
+  if (e != cudaSuccess) return e;
   int64_t grid = ga.rows < (1 << 20) ? ga.rows : (1 << 20);
   kernel<<<static_cast<unsigned>(grid), threads, smem, s>>>(ga);
   return cudaGetLastError();
@@ -271,14 +255,9 @@ inline cudaError_t LaunchQbHistogram(const FwdArgs& f, cudaStream_t stream, int 
   const size_t smem = h.eb > 0 ? static_cast<size_t>(h.eb) * h.num_bins * 4 : 0;
   return DispatchDt(f.logits_dt, [&](auto d) {
     auto kernel = qb_histogram_kernel<decltype(d)>;
-    // the largest limit raised so far, per device and kernel: raised once, not every call
     static std::atomic<int> raised[kMaxDevices];
-    if (smem > 48 * 1024 && raised[dev].load(std::memory_order_relaxed) < static_cast<int>(smem)) {
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-      raised[dev].store(static_cast<int>(smem), std::memory_order_relaxed);
-    }
+    const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
+    if (e != cudaSuccess) return e;
     kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), kQbThreads, smem,
              stream>>>(h);
     return cudaGetLastError();
@@ -409,11 +388,11 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
     const int64_t elem = sizeof(typename DT::raw);
     if (BwdStaged(pre, L, b.experts, elem, b.grad_logits)) {
       const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
-      if (L == 2) {
-        bwd_kernel<DT, 2, true><<<g, kBwdThreads, smem, stream>>>(ka);
-      } else {
-        bwd_kernel<DT, 8, true><<<g, kBwdThreads, smem, stream>>>(ka);
-      }
+      auto staged = L == 2 ? bwd_kernel<DT, 2, true> : bwd_kernel<DT, 8, true>;
+      static std::atomic<int> raised[2][kMaxDevices];
+      const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised[L == 2 ? 0 : 1]);
+      if (e != cudaSuccess) return e;
+      staged<<<g, kBwdThreads, smem, stream>>>(ka);
     } else if (L == 32) {
       bwd_kernel<DT, 32, false><<<g, kBwdThreads, 0, stream>>>(ka);
     } else if (L == 2) {
