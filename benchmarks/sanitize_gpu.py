@@ -22,6 +22,8 @@ CASES = [
     # (E, topk, options)
     (8, 2, dict(score_function="softmax")),
     (8, 8, dict(score_function="softmax")),
+    (6, 5, dict(score_function="sigmoid")),  # the small-E kernel, E < 8: scalar loads
+    (7, 3, dict(score_function="sqrtsoftplus", scaling_factor=1.5)),
     (24, 3, dict(score_function="sigmoid")),
     (64, 4, dict(score_function="sqrtsoftplus", num_groups=4, group_topk=2)),
     (128, 8, dict(score_function="softmax")),
