@@ -386,26 +386,12 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   return DispatchDt(b.out_dt, [&](auto d) {
     using DT = decltype(d);
     const int64_t elem = sizeof(typename DT::raw);
-    const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
-    auto staged = L == 2 ? bwd_kernel<DT, 2, true> : bwd_kernel<DT, 8, true>;
-    bool stage = BwdStaged(pre, L, b.experts, elem, b.grad_logits);
-    if (stage && smem > 48 * 1024) {
+    if (BwdStaged(pre, L, b.experts, elem, b.grad_logits)) {
+      const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
+      auto staged = L == 2 ? bwd_kernel<DT, 2, true> : bwd_kernel<DT, 8, true>;
       static std::atomic<int> raised[2][kMaxDevices];
       const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised[L == 2 ? 0 : 1]);
       if (e != cudaSuccess) return e;
-      // Large staged rows cost occupancy (three blocks an SM at 64 KiB). Where the rows fit
-      // one wave of the unstaged kernel but not one of the staged, the second wave costs more
-      // than the staging saves (Qwen3-Next f32 at 16384 rows: 15.8 against 13.4 us), so the
-      // rows are written in place; the bits are the same either way.
-      int blocks = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, staged, kBwdThreads, smem) !=
-          cudaSuccess) {
-        return cudaGetLastError();
-      }
-      const int64_t staged_wave = static_cast<int64_t>(SmCount(dev)) * blocks * per_block;
-      stage = !(b.rows <= cap * per_block && b.rows > staged_wave);
-    }
-    if (stage) {
       staged<<<g, kBwdThreads, smem, stream>>>(ka);
     } else if (L == 32) {
       bwd_kernel<DT, 32, false><<<g, kBwdThreads, 0, stream>>>(ka);
