@@ -55,16 +55,20 @@ __device__ __forceinline__ void group_zero(R* p, int n, int j) {
   for (int q = j; q < nbody; q += L) body[q] = make_uint4(0, 0, 0, 0);
 }
 
-// Whether bwd_kernel<D, L, true> can stage the rows of out: element-wise or raw softmax, rows
-// of whole 16-byte vectors at a 16-byte aligned base, kBwdThreads / L rows in kBwdStageBytes
-// (64 KiB keeps three blocks, 24 warps, an SM on sm_90; past it the rows are written in place).
+// Whether bwd_kernel<D, L, true> can stage the rows of out: element-wise or raw softmax with
+// 8 lanes a row (E > 16: rows of 16 or 32 bytes gain nothing and measured 2-8% slower), rows of
+// whole 16-byte vectors at a 16-byte aligned base, kBwdThreads / L rows in kBwdStageBytes.
+// Past 48 KiB staging costs occupancy: at 64 KiB (three blocks an SM) the 896-expert bf16 rows
+// gained 18% but Qwen3-Next f32 at 16384 rows lost 18% to a second wave (benchmarks/NOTES.md),
+// so the default stays at 48 KiB until the choice accounts for waves.
 #ifndef JR_BWD_STAGE_KIB  // a knob for benchmarks/cuda_bench.cu's A/B runs only
-#define JR_BWD_STAGE_KIB 64
+#define JR_BWD_STAGE_KIB 48
 #endif
 constexpr int64_t kBwdStageBytes = JR_BWD_STAGE_KIB * 1024;
 inline bool BwdStaged(bool pre_softmax, int L, int64_t E, int64_t elem_bytes, const void* out) {
   const int64_t row_bytes = E * elem_bytes;
-  return !pre_softmax && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+  return !pre_softmax && L == 8 && row_bytes % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
          (kBwdThreads / L) * row_bytes <= kBwdStageBytes;
 }
 

@@ -388,9 +388,9 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
     const int64_t elem = sizeof(typename DT::raw);
     if (BwdStaged(pre, L, b.experts, elem, b.grad_logits)) {
       const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
-      auto staged = L == 2 ? bwd_kernel<DT, 2, true> : bwd_kernel<DT, 8, true>;
-      static std::atomic<int> raised[2][kMaxDevices];
-      const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised[L == 2 ? 0 : 1]);
+      auto staged = bwd_kernel<DT, 8, true>;  // BwdStaged: L == 8
+      static std::atomic<int> raised[kMaxDevices];
+      const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised);
       if (e != cudaSuccess) return e;
       staged<<<g, kBwdThreads, smem, stream>>>(ka);
     } else if (L == 32) {
