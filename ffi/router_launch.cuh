@@ -1,6 +1,6 @@
 // Host-side planning and launching of the router kernels (router_fwd_fast.cuh,
-// router_fwd_small.cuh, router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI handlers (router_cuda.cu)
-// and the standalone self-test share this code.
+// router_fwd_small.cuh, router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI
+// handlers (router_cuda.cu) and the standalone benchmarks share this code.
 #pragma once
 
 #include <cuda_runtime.h>
