@@ -32,6 +32,10 @@ for step in $STEPS; do
     profile) ncu --kernel-name regex:'dispatch|qb_histogram|plan_|permute' --launch-count 8 --section SpeedOfLight $py benchmarks/profile_once.py | grep -E '^  [a-z_].*\(|Duration|Compute \(SM\)|Memory Throughput' ;;
     sharding) $py -m pytest -q -p no:cacheprovider -n 4 --require-gpu tests/test_sharding.py tests/test_dispatch_sharding.py tests/test_qb.py -k "shard or Shard" ;;
     bench) $py benchmarks/bench_gpu.py --configs ${BENCH_CONFIGS:-large,kimi-k2,deepseek-v3} --tokens 65536 --modes compact ;;
+    # the kernel-speed issue's tables: every config, bf16 and f32, compact / dense / backward,
+    # kernel time from 1024 to 262144 tokens, then the through-JAX table and plot
+    kernelsizes) $nvcc benchmarks/cuda_bench.cu -o /tmp/cuda_bench && BENCH_T=1024,4096,16384,65536,262144 /tmp/cuda_bench ;;
+    benchall) $py benchmarks/bench_gpu.py --configs deepseek-v3,qwen3,mixtral,kimi-k2,qwen3-next,large --tokens 16384,65536 --dtypes bf16,f32 --modes compact,dense --out "$OUT" --max-minutes 8 ;;
     *) $py $step ;;  # any other step: a script path
   esac > "$OUT/$step.log" 2>&1
   rc=$?
