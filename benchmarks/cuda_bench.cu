@@ -186,7 +186,19 @@ static void Bench() {
             sets);
         const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
         Row(c, T, dts, "compact", tc, fl_c);
-        Row(c, T, dts, "dense", td, fl_d);
+        {
+          // a hash of set 0's dense probs, so that two builds (e.g. -DJR_STAGE_PROBS=0 and 1)
+          // can be compared bit for bit from their logs
+          fwd(0, true);
+          CK(cudaStreamSynchronize(g_stream));
+          std::vector<unsigned char> hp(xb);
+          CK(cudaMemcpy(hp.data(), probs[0], xb, cudaMemcpyDeviceToHost));
+          unsigned long long h = 1469598103934665603ull;
+          for (unsigned char ch : hp) h = (h ^ ch) * 1099511628211ull;
+          char note[64];
+          std::snprintf(note, sizeof(note), "  (probs fnv1a %016llx)", h);
+          Row(c, T, dts, "dense", td, fl_d, note);
+        }
         Row(c, T, dts, "bwd", tb, fl_b);
         for (int s = 0; s < sets; ++s) {
           CK(cudaFree(xs[s]));
