@@ -386,12 +386,28 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   return DispatchDt(b.out_dt, [&](auto d) {
     using DT = decltype(d);
     const int64_t elem = sizeof(typename DT::raw);
-    if (BwdStaged(pre, L, b.experts, elem, b.grad_logits)) {
-      const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
-      auto staged = bwd_kernel<DT, 8, true>;  // BwdStaged: L == 8
-      static std::atomic<int> raised[kMaxDevices];
-      const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised);
-      if (e != cudaSuccess) return e;
+    const size_t smem = static_cast<size_t>((kBwdThreads / L) * b.experts * elem);
+    auto staged = bwd_kernel<DT, 8, true>;  // BwdStaged: L == 8
+    bool stage = BwdStaged(pre, L, b.experts, elem, b.grad_logits);
+    if constexpr (kBwdStageBytes > 48 * 1024) {  // benchmarks' JR_BWD_STAGE_KIB > 48 only
+      if (stage && smem > 48 * 1024) {
+        static std::atomic<int> raised[kMaxDevices];
+        const cudaError_t e = AllowDynamicSmem(staged, smem, dev, raised);
+        if (e != cudaSuccess) return e;
+        // Past 48 KiB staging costs occupancy (three blocks an SM at 64 KiB). Where the rows
+        // fit one wave of the unstaged kernel but not one of the staged, the second wave costs
+        // more than staging saves (NOTES row 33), so the rows are written in place; the bits
+        // are the same either way.
+        int blocks = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, staged, kBwdThreads, smem) !=
+            cudaSuccess) {
+          return cudaGetLastError();
+        }
+        const int64_t staged_wave = static_cast<int64_t>(SmCount(dev)) * blocks * per_block;
+        stage = !(b.rows <= cap * per_block && b.rows > staged_wave);
+      }
+    }
+    if (stage) {
       staged<<<g, kBwdThreads, smem, stream>>>(ka);
     } else if (L == 32) {
       bwd_kernel<DT, 32, false><<<g, kBwdThreads, 0, stream>>>(ka);
