@@ -173,6 +173,17 @@ struct FastArgs {
   float* cutoff;  // quantile balancing (the QB kernels only): [rows]
 };
 
+// Slot r's compact outputs for the token whose [T, k] rows start at ko: the weight
+// w = scaling * p, the expert e, and the residual the backward reads. Both CUDA forwards
+// (this one and router_fwd_small.cuh) write them here.
+template <ScoreFn F>
+__device__ __forceinline__ void store_slot(const FastArgs& a, int64_t ko, int r, int e, float w,
+                                           float p, float u) {
+  if (a.weights) a.weights[ko + r] = exact::canonical(w);
+  if (a.indices) store_index(a.indices, a.index_dt, ko + r, e);
+  if (a.act) a.act[ko + r] = exact::canonical(residual<F>(false, p, u));
+}
+
 // routing_math.h's activation of 4 values, out of line: the rare path (a reciprocal outside the
 // fast path's exact range: x below about -87, or NaN) stays out of the hot loop's instruction
 // stream.
@@ -471,9 +482,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
           const int e = sel_e[tb][r];
           const float p = weight<F>(false, k, u[q], denom);
           const float w = a.scaling * p;
-          if (a.weights) a.weights[ko + r] = exact::canonical(w);
-          if (a.indices) store_index(a.indices, a.index_dt, ko + r, e);
-          if (a.act) a.act[ko + r] = exact::canonical(residual<F>(false, p, u[q]));
+          store_slot<F>(a, ko, r, e, w, p, u[q]);
           if (a.probs && !kStageProbs) store_from_float(a.probs, dt, roff + e, w);
           if (a.map && !a.bitmap) a.map[roff + e] = 1;
         }

@@ -81,9 +81,7 @@ __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs
     for (int r = 0; r < kK; ++r) {
       if (r < k) {
         const float p = weight<F>(false, k, u[r], denom);
-        if (a.weights) a.weights[ko + r] = exact::canonical(a.scaling * p);
-        if (a.indices) store_index(a.indices, a.index_dt, ko + r, sel[r]);
-        if (a.act) a.act[ko + r] = exact::canonical(residual<F>(false, p, u[r]));
+        store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
       }
     }
   }
