@@ -30,8 +30,8 @@
 // (one expert each) read and write them coalesced. The rank kernel keeps its tables in 48 KiB
 // of shared memory (no opt-in) with 16, 8, 4, 2 or 1 warps as E and the grid allow; past
 // kPlanSharedMaxExperts it runs one warp per block with its table and the starts in the
-// workspace (plan_starts_kernel writes the starts and totals first). The count kernel likewise falls back to global atomics
-// past kPlanCountSmemExperts.
+// workspace (plan_starts_kernel writes the starts and totals first). The count kernel likewise
+// falls back to global atomics past kPlanCountSmemExperts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -374,7 +374,8 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
   // the sums follow the counts in the workspace (OnWorkspace)
   int32_t* zero_from = shared_counts ? a.sums : a.counts;
   const int64_t zeros = (shared_counts ? 0 : a.tiles * E) + a.groups * E;
-  const int64_t most = 4 * static_cast<int64_t>(SmCount(CurrentDevice()));
+  const int sms = SmCount(CurrentDevice());
+  const int64_t most = 4 * static_cast<int64_t>(sms);
   const unsigned zgrid = static_cast<unsigned>(std::min<int64_t>((zeros + 4095) / 4096, most));
   plan_zero_kernel<<<zgrid, 1024, 0, s>>>(zero_from, zeros);
   cudaError_t err =
@@ -383,7 +384,7 @@ cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
                         static_cast<size_t>(E) * sizeof(int32_t), s, a)
           : LaunchAfter(plan_count_kernel<I, false>, dim3(grid), dim3(kPlanCountThreads), 0, s, a);
   if (err != cudaSuccess) return err;
-  const int warps = PlanRankWarps(a.experts, a.tiles, SmCount(CurrentDevice()));
+  const int warps = PlanRankWarps(a.experts, a.tiles, sms);
   if (warps > 0) {
     err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
     if (err != cudaSuccess) return err;
