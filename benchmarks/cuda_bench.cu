@@ -31,18 +31,6 @@ static uint16_t f2bf(float f) {
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
-static float bf2f(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static uint16_t f2h(float f) {
-  __half h = __float2half_rn(f);
-  return *reinterpret_cast<uint16_t*>(&h);
-}
-static float h2f(uint16_t v) { return __half2float(*reinterpret_cast<__half*>(&v)); }
-
 struct Cfg {
   std::string name;
   int E, k;
