@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_cluster.cuh"
 #include "cuda_common.cuh"
 #include "cuda_device.cuh"
 #include "cuda_launch.cuh"
@@ -55,7 +56,14 @@ constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thr
 #define JR_PLAN_MAX_WARPS 16
 #endif
 constexpr int kPlanMaxWarps = JR_PLAN_MAX_WARPS;
+#ifndef JR_PLAN_SUM_UNROLL  // a knob for benchmarks/cuda_bench_dispatch.cu only
+#define JR_PLAN_SUM_UNROLL 8
+#endif
+constexpr int kPlanSumUnroll = JR_PLAN_SUM_UNROLL;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
+// Tiles a group may have on the cluster path (dispatch_math.h): one cluster a group, at most the
+// portable cluster size.
+constexpr unsigned kPlanMaxCluster = static_cast<unsigned>(dispatch::kPlanClusterGroup);
 static_assert(kPlanTile % (32 * kPlanMaxWarps) == 0, "a tile splits into whole warp steps");
 
 struct PlanArgs {
@@ -65,6 +73,7 @@ struct PlanArgs {
   int64_t capacity = dispatch::kNoCapacity;
   int64_t rows = 0;  // R
   int64_t tiles = 0, group = 1, groups = 0;
+  bool prefixed = false;  // counts[b, e] holds the counts of the tiles before b in its group
   int32_t* tokens_per_expert = nullptr;
   int32_t* positions = nullptr;
   int32_t* source = nullptr;
@@ -131,21 +140,66 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   }
 }
 
+// 1'. One cluster a group (the cluster path, groups of at most kPlanMaxCluster tiles): each
+// block counts its tile in shared memory; after the cluster barrier it reads the counts of the
+// tiles before its own in the group from their blocks' shared memory and writes their sum,
+// the tile's first rank within the group, as counts[b, e] (a.prefixed); the group's last block
+// also writes the group's sums. Plain stores, each element once: no zeroing and no global
+// atomics, so no kernel runs before this one. Blocks past the last tile (the grid is whole
+// clusters) count nothing and write only the sums, if last.
+template <typename I>
+__global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(PlanArgs a) {
+  extern __shared__ int32_t plan_smem[];
+  allow_next_grid();  // the rank kernel's blocks may load and count their tiles meanwhile
+  const int32_t E = a.experts;
+  const int64_t b = blockIdx.x;
+  int32_t ex[kPlanCountSteps];
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    ex[s] = plan_expert<I>(a, b * kPlanTile + s * kPlanCountThreads + threadIdx.x);
+  }
+  int32_t* table = plan_smem;
+  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
+  __syncthreads();  // orders the zeroing before any thread's adds
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
+  }
+  cluster_sync();  // orders every block's counts before any block of the cluster reads them
+  const unsigned r = cluster_block_rank();
+  const bool last = static_cast<int64_t>(r) == a.group - 1;
+  int32_t* sums = a.sums + (b / a.group) * E;
+  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t before = 0;
+#pragma unroll
+    for (unsigned q = 0; q < kPlanMaxCluster; ++q) {  // independent loads, all unrolled
+      if (q < r) before += load_cluster_shared(table + e, q);
+    }
+    if (b < a.tiles) a.counts[b * E + e] = before;
+    if (last) sums[e] = before + table[e];
+  }
+  cluster_sync();  // keeps every block's shared memory until the other blocks have read it
+}
+
 // Expert e's total (the group sums added up) and tile b's first rank in it (the sums of the
-// groups before b's, then the counts of the tiles before b in its group): one pass of
-// independent loads, at most groups + group - 1 of them.
+// groups before b's, then the counts of the tiles before b in its group, or, a.prefixed, their
+// sum): one pass of independent loads, at most groups + group - 1 of them.
 __device__ __forceinline__ void expert_sums(const PlanArgs& a, int64_t b, int32_t e,
                                             int32_t* total, int32_t* first) {
   const int64_t E = a.experts, g = b / a.group;
   int32_t all = 0, before = 0;
-#pragma unroll 8
+#pragma unroll kPlanSumUnroll
   for (int64_t h = 0; h < a.groups; ++h) {
     const int32_t v = a.sums[h * E + e];
     all += v;
     before += h < g ? v : 0;
   }
+  if (a.prefixed) {
+    before += a.counts[b * E + e];
+  } else {
 #pragma unroll 8
-  for (int64_t t = g * a.group; t < b; ++t) before += a.counts[t * E + e];
+    for (int64_t t = g * a.group; t < b; ++t) before += a.counts[t * E + e];
+  }
   *total = all;
   *first = before;
 }
@@ -219,87 +273,80 @@ __device__ __forceinline__ void fill_empty_rows(const PlanArgs& a, const int32_t
   }
 }
 
-// 2. positions and source. Shared tables: kWarps warps, dynamic shared memory
-// [E starts | E totals | E first ranks | E tile offsets | 32 warp totals | kWarps x E counts |
-// kPlanTile rows | kPlanTile entries]. Global tables (kWarps == 1): the block's table is its
-// workspace row, the starts and totals come from plan_starts_kernel.
-//
-// With shared tables the source writes are staged: the tile's kept entries are laid out in
-// shared memory in buffer order (expert by expert, then rank), and the block then writes
-// source[row] = i with consecutive threads on consecutive rows. Written straight from the walk,
-// every entry was a 4-byte store to its own 32-byte sector, scattered across the buffer; that
-// cost a third of the plan (benchmarks/NOTES.md).
-template <typename I, int kWarps, bool kShared>
-__global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
-  static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
-  constexpr int kSteps = kPlanTile / (32 * kWarps);  // entries a lane ranks
-  extern __shared__ int32_t plan_smem[];
-  const int32_t E = a.experts;
-  const int64_t b = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t i0 = b * kPlanTile + static_cast<int64_t>(warp) * kSteps * 32;
-  int32_t ex[kSteps];  // this warp's sub-tile, loaded once for both walks
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) ex[s] = plan_expert<I>(a, i0 + s * 32 + lane);
+// ---- ranking a tile with shared tables ------------------------------------------------------
 
-  const int32_t* starts = a.starts;
-  const int32_t* totals = a.tokens_per_expert;
-  int32_t* mine = a.tables + b * E;  // this warp's running ranks per expert
-  // shared path only: the tile's first rank and offset (in buffer order) per expert, the staging
-  int32_t *first = nullptr, *tile_off = nullptr, *stage_row = nullptr, *stage_i = nullptr;
-  int32_t kept = 0;  // the tile's entries with a valid id
-  if (kShared) {
-    int32_t* s_starts = plan_smem;
-    int32_t* s_totals = s_starts + E;
-    first = s_totals + E;
-    tile_off = first + E;
-    int32_t* warp_totals = tile_off + E;
-    int32_t* table = warp_totals + 32;
-    stage_row = table + static_cast<int64_t>(kWarps) * E;
-    stage_i = stage_row + kPlanTile;
-    for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
-      table[x] = 0;
-    }
-    mine = table + static_cast<int64_t>(warp) * E;
-    __syncthreads();  // orders the zeroed tables before the counts
-    // this warp's counts per expert, in its own table (the order of the adds does not matter);
-    // like the id loads, they need nothing from the count kernel, so they run before the wait
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      if (ex[s] < E) atomicAdd(mine + ex[s], 1);
-    }
-    wait_for_previous_grid();  // the counts and group sums are complete past this point
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
-      int32_t total;
-      expert_sums(a, b, e, &total, first + e);
-      s_totals[e] = total;
-      if (b == 0) a.tokens_per_expert[e] = total;
-    }
-    __syncthreads();  // orders the totals, first ranks and warp counts before their use
-    block_starts(a, s_totals, s_starts, warp_totals);
-    // exclusive scan across warps, per expert, from the tile's first ranks; the tile's count
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
-      int32_t run = first[e];
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const int32_t t = table[static_cast<int64_t>(w) * E + e];
-        table[static_cast<int64_t>(w) * E + e] = run;
-        run += t;
-      }
-      tile_off[e] = run - first[e];
-    }
-    // its barriers order the scanned tables before the walk below
-    kept = block_exclusive_scan(tile_off, tile_off, E, warp_totals);
-    starts = s_starts;
-    totals = s_totals;
-  } else {
-    wait_for_previous_grid();  // a no-op: this path is launched without overlap
-    for (int32_t e = lane; e < E; e += 32) {
-      int32_t unused;
-      expert_sums(a, b, e, &unused, mine + e);
-    }
-    __syncwarp();  // orders the initialised table before the walk (one warp)
+// The rank kernel's shared memory, carved from its dynamic shared memory in this order ([E]
+// each unless noted): PlanRankSmemInts counts it.
+struct TileSmem {
+  int32_t* starts;       // the expert starts (buffer row of each expert's rank 0)
+  int32_t* totals;       // tokens per expert
+  int32_t* first;        // the tile's first rank in each expert
+  int32_t* tile_off;     // the tile's count of each expert, then its offset in buffer order
+  int32_t* warp_totals;  // [32]: block_exclusive_scan's scratch
+  int32_t* table;        // [warps, E]: each warp's running rank per expert, within the tile
+  int32_t* stage_row;    // [kPlanTile]: the tile's kept entries in buffer order: their rows
+  int32_t* stage_i;      // [kPlanTile]: and their flat indices
+};
+
+__device__ __forceinline__ TileSmem carve_tile_smem(int32_t* p, int32_t E, int warps) {
+  TileSmem t;
+  t.starts = p;
+  t.totals = t.starts + E;
+  t.first = t.totals + E;
+  t.tile_off = t.first + E;
+  t.warp_totals = t.tile_off + E;
+  t.table = t.warp_totals + 32;
+  t.stage_row = t.table + static_cast<int64_t>(warps) * E;
+  t.stage_i = t.stage_row + kPlanTile;
+  return t;
+}
+
+// The rank kernel's shared memory with shared tables, in int32 elements (TileSmem's layout).
+inline int64_t PlanRankSmemInts(int64_t E, int warps) {
+  return (4 + warps) * E + 32 + 2 * kPlanTile;
+}
+
+// Everything a tile can know of its ranks without the other tiles: table[w, e] = the entries
+// of expert e in the tile's warps before w (where warp w's walk starts), tile_off[e] = the
+// tile's count of e. The order of the shared-memory adds does not matter (integers). Ends after
+// the scans across warps, without a barrier: the caller orders them before other threads read
+// table or tile_off.
+template <int kWarps, int kSteps>
+__device__ __forceinline__ void tile_counts(const int32_t (&ex)[kSteps], const TileSmem& t,
+                                            int32_t E) {
+  const int warp = threadIdx.x >> 5;
+  for (int64_t x = threadIdx.x; x < static_cast<int64_t>(kWarps) * E; x += blockDim.x) {
+    t.table[x] = 0;
   }
+  __syncthreads();  // orders the zeroed tables before the counts
+  int32_t* mine = t.table + static_cast<int64_t>(warp) * E;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (ex[s] < E) atomicAdd(mine + ex[s], 1);
+  }
+  __syncthreads();  // orders every warp's counts before the scans across warps read them
+  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t run = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int32_t c = t.table[static_cast<int64_t>(w) * E + e];
+      t.table[static_cast<int64_t>(w) * E + e] = run;
+      run += c;
+    }
+    t.tile_off[e] = run;
+  }
+}
+
+// The walk: each warp ranks its sub-tile in flat order, lanes holding the same expert
+// (warp_peers) by lane order, from its running ranks `mine` (within the tile with shared
+// tables, whose first ranks are t.first; global ones without). positions[i] is written here;
+// source rows are staged in shared memory (shared tables) or stored straight (global tables).
+template <int kSteps, bool kShared>
+__device__ __forceinline__ void walk_sub_tile(const PlanArgs& a, const int32_t (&ex)[kSteps],
+                                              int64_t i0, int32_t* mine, const int32_t* starts,
+                                              const TileSmem& t) {
+  const int32_t E = a.experts;
+  const int lane = threadIdx.x & 31;
   const unsigned lanes_before = (1u << lane) - 1u;
   const int bits = plan_bits(E);
 #pragma unroll
@@ -313,33 +360,86 @@ __global__ void __launch_bounds__(kWarps * 32) plan_rank_kernel(PlanArgs a) {
       rank0 = mine[e];
       mine[e] = rank0 + __popc(peers);
     }
-    const int32_t rank = __shfl_sync(kFullMask, rank0, leader) + __popc(peers & lanes_before);
+    const int32_t local = __shfl_sync(kFullMask, rank0, leader) + __popc(peers & lanes_before);
     __syncwarp();  // orders this step's count updates before the next step's leaders read them
     if (i < a.n) {
+      const int32_t rank = kShared && e < E ? t.first[e] + local : local;
       const int32_t row = e < E ? dispatch::plan_row(starts[e], rank, a.capacity) : -1;
       a.positions[i] = row;
-      if (kShared && e < E) {  // every valid entry has its own place: tile_off + rank in tile
-        const int32_t at = tile_off[e] + (rank - first[e]);
-        stage_row[at] = row;
-        stage_i[at] = static_cast<int32_t>(i);
+      if (kShared && e < E) {  // every valid entry has its own place: tile offset + local rank
+        const int32_t at = t.tile_off[e] + local;
+        t.stage_row[at] = row;
+        t.stage_i[at] = static_cast<int32_t>(i);
       } else if (!kShared && row >= 0) {
         a.source[row] = static_cast<int32_t>(i);
       }
     }
   }
-  if (kShared) {
-    __syncthreads();  // orders the staged entries before the block writes them out
-    for (int32_t x = threadIdx.x; x < kept; x += blockDim.x) {
-      const int32_t row = stage_row[x];
-      if (row >= 0) a.source[row] = stage_i[x];  // -1: dropped by capacity
-    }
-  }
-  fill_empty_rows(a, totals, starts);
 }
 
-// The rank kernel's shared memory with shared tables, in int32 elements (its layout above).
-inline int64_t PlanRankSmemInts(int64_t E, int warps) {
-  return (4 + warps) * E + 32 + 2 * kPlanTile;
+// Blocks an SM the rank kernel is compiled for: 1024 threads' worth with 8 or 16 warps (at most
+// 64 registers, so 256 tiles of 16 warps fit one wave on 132 SMs), else 1. Left to itself,
+// ptxas gave the 16-warp kernel 32 registers with spills, or 70 (one block an SM).
+__host__ __device__ constexpr int kPlanRankMinBlocks(int warps) {
+  return warps >= 8 ? 1024 / (32 * warps) : 1;
+}
+
+// 2. positions and source. Shared tables: kWarps warps, TileSmem in dynamic shared memory.
+// Global tables (kWarps == 1): the block's table is its workspace row, the starts and totals
+// come from plan_starts_kernel.
+//
+// Everything the tile knows alone (its ids, its counts, the scans across its warps and its
+// offsets in buffer order) is done before the wait for the count kernel. With shared tables
+// the source writes are staged: the tile's kept entries are laid out in shared memory in
+// buffer order (expert by expert, then rank), and the block then writes source[row] = i with
+// consecutive threads on consecutive rows. Written straight from the walk, every entry was a
+// 4-byte store to its own 32-byte sector, scattered across the buffer; that cost a third of
+// the plan (benchmarks/NOTES.md).
+template <typename I, int kWarps, bool kShared>
+__global__ void __launch_bounds__(kWarps * 32, kPlanRankMinBlocks(kWarps)) plan_rank_kernel(PlanArgs a) {
+  static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
+  constexpr int kSteps = kPlanTile / (32 * kWarps);  // entries a lane ranks
+  extern __shared__ int32_t plan_smem[];
+  const int32_t E = a.experts;
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t i0 = b * kPlanTile + static_cast<int64_t>(warp) * kSteps * 32;
+  int32_t ex[kSteps];  // this warp's sub-tile, loaded once for the counts and the walk
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) ex[s] = plan_expert<I>(a, i0 + s * 32 + lane);
+  if (kShared) {
+    const TileSmem t = carve_tile_smem(plan_smem, E, kWarps);
+    tile_counts<kWarps>(ex, t, E);
+    // its barriers order the scanned tables before the walk below
+    const int32_t kept = block_exclusive_scan(t.tile_off, t.tile_off, E, t.warp_totals);
+    wait_for_previous_grid();  // the counts and group sums are complete past this point
+    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
+      int32_t total;
+      expert_sums(a, b, e, &total, t.first + e);
+      t.totals[e] = total;
+      if (b == 0) a.tokens_per_expert[e] = total;
+    }
+    __syncthreads();  // orders the totals and first ranks before the scan reads them
+    block_starts(a, t.totals, t.starts, t.warp_totals);
+    walk_sub_tile<kSteps, true>(a, ex, i0, t.table + static_cast<int64_t>(warp) * E, t.starts,
+                                t);
+    __syncthreads();  // orders the staged entries before the block writes them out
+    for (int32_t x = threadIdx.x; x < kept; x += blockDim.x) {
+      const int32_t row = t.stage_row[x];
+      if (row >= 0) a.source[row] = t.stage_i[x];  // -1: dropped by capacity
+    }
+    fill_empty_rows(a, t.totals, t.starts);
+  } else {
+    wait_for_previous_grid();  // a no-op: this path is launched without overlap
+    int32_t* mine = a.tables + b * E;  // the running ranks per expert, global
+    for (int32_t e = lane; e < E; e += 32) {
+      int32_t unused;
+      expert_sums(a, b, e, &unused, mine + e);
+    }
+    __syncwarp();  // orders the initialised table before the walk (one warp)
+    walk_sub_tile<kSteps, false>(a, ex, i0, mine, a.starts, TileSmem{});
+    fill_empty_rows(a, a.tokens_per_expert, a.starts);
+  }
 }
 
 // Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1), or 0 when even one
@@ -366,27 +466,84 @@ cudaError_t LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
                      dim3(kWarps * 32), smem, s, a);
 }
 
+#ifndef JR_PLAN_CLUSTER  // a knob for benchmarks/cuda_bench_dispatch.cu's A/B runs only
+#define JR_PLAN_CLUSTER 1
+#endif
+
+// The count kernel of the cluster path, one cluster of a.group blocks a group, if the device
+// can place such a cluster (a cached answer per device and cluster size); *launched says
+// whether it ran.
 template <typename I>
-cudaError_t LaunchPlanT(const PlanArgs& a, cudaStream_t s) {
+cudaError_t LaunchClusterCount(const PlanArgs& a, int dev, bool* launched, cudaStream_t s) {
+  *launched = false;
+  const int C = static_cast<int>(a.group);
+  if (!JR_PLAN_CLUSTER || C > static_cast<int>(kPlanMaxCluster) || a.experts > kPlanCountSmemExperts ||
+      !ClusterCapable(dev)) {
+    return cudaSuccess;
+  }
+  auto kernel = plan_cluster_count_kernel<I>;
+  const size_t smem = static_cast<size_t>(a.experts) * sizeof(int32_t);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.groups * C));
+  cfg.blockDim = dim3(kPlanCountThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // fits[dev][log2 C]: 0 unknown, 1 yes, 2 no. The query is host-side, safe under capture.
+  static std::atomic<int> fits[kMaxDevices][4];
+  int log2c = 0;
+  while ((1 << log2c) < C) ++log2c;
+  int f = fits[dev][log2c].load(std::memory_order_relaxed);
+  if (f == 0) {
+    int clusters = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+    if (e != cudaSuccess) cudaGetLastError();  // not fatal: the other path runs instead
+    f = e == cudaSuccess && clusters > 0 ? 1 : 2;
+    fits[dev][log2c].store(f, std::memory_order_relaxed);
+  }
+  if (f != 1) return cudaSuccess;
+  *launched = true;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <typename I>
+cudaError_t LaunchPlanT(PlanArgs a, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(a.tiles);
   const int64_t E = a.experts;
-  const bool shared_counts = E <= kPlanCountSmemExperts;
-  // the sums follow the counts in the workspace (OnWorkspace)
-  int32_t* zero_from = shared_counts ? a.sums : a.counts;
-  const int64_t zeros = (shared_counts ? 0 : a.tiles * E) + a.groups * E;
-  const int sms = SmCount(CurrentDevice());
-  const int64_t most = 4 * static_cast<int64_t>(sms);
-  const unsigned zgrid = static_cast<unsigned>(std::min<int64_t>((zeros + 4095) / 4096, most));
-  plan_zero_kernel<<<zgrid, 1024, 0, s>>>(zero_from, zeros);
-  cudaError_t err =
-      shared_counts
-          ? LaunchAfter(plan_count_kernel<I, true>, dim3(grid), dim3(kPlanCountThreads),
-                        static_cast<size_t>(E) * sizeof(int32_t), s, a)
-          : LaunchAfter(plan_count_kernel<I, false>, dim3(grid), dim3(kPlanCountThreads), 0, s, a);
-  if (err != cudaSuccess) return err;
+  const int dev = CurrentDevice();
+  const int sms = SmCount(dev);
   const int warps = PlanRankWarps(a.experts, a.tiles, sms);
+  bool counted = false;
+  if (warps > 0) {  // the counts and group sums by one kernel of clusters, if it can run
+    a.prefixed = true;
+    const cudaError_t err = LaunchClusterCount<I>(a, dev, &counted, s);
+    if (err != cudaSuccess) return err;
+    a.prefixed = counted;
+  }
+  if (!counted) {
+    const bool shared_counts = E <= kPlanCountSmemExperts;
+    // the sums follow the counts in the workspace (OnWorkspace)
+    int32_t* zero_from = shared_counts ? a.sums : a.counts;
+    const int64_t zeros = (shared_counts ? 0 : a.tiles * E) + a.groups * E;
+    const int64_t most = 4 * static_cast<int64_t>(sms);
+    const unsigned zgrid = static_cast<unsigned>(std::min<int64_t>((zeros + 4095) / 4096, most));
+    plan_zero_kernel<<<zgrid, 1024, 0, s>>>(zero_from, zeros);
+    const cudaError_t err =
+        shared_counts
+            ? LaunchAfter(plan_count_kernel<I, true>, dim3(grid), dim3(kPlanCountThreads),
+                          static_cast<size_t>(E) * sizeof(int32_t), s, a)
+            : LaunchAfter(plan_count_kernel<I, false>, dim3(grid), dim3(kPlanCountThreads), 0, s,
+                          a);
+    if (err != cudaSuccess) return err;
+  }
   if (warps > 0) {
-    err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
+    const cudaError_t err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
     if (err != cudaSuccess) return err;
   } else {
     plan_starts_kernel<<<1, 1024, 0, s>>>(a);

@@ -40,6 +40,7 @@ from .router import autodiff_guard
 # the compiled modules' dispatch_plan_workspace_size.
 PLAN_TILE = 2048
 _PLAN_SHARED_MAX_EXPERTS = (12288 - 32 - 2 * PLAN_TILE) // 5
+_PLAN_CLUSTER_GROUP, _PLAN_CLUSTER_MAX_TILES = 8, 256  # groups of at most 8 tiles up to 256 tiles
 _NO_CAPACITY = -1  # the capacity attribute's "none" (ffi/dispatch_math.h kNoCapacity)
 
 
@@ -49,6 +50,8 @@ def plan_workspace_size(num_entries: int, num_experts: int) -> int:
     group = 1
     while group * group < tiles:
         group *= 2
+    if tiles <= _PLAN_CLUSTER_MAX_TILES:
+        group = min(group, _PLAN_CLUSTER_GROUP)
     groups = -(-tiles // group)
     global_tables = tiles + 1 if num_experts > _PLAN_SHARED_MAX_EXPERTS else 0
     return (tiles + groups + global_tables) * num_experts
