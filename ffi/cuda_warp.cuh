@@ -91,6 +91,23 @@ __device__ __forceinline__ unsigned warp_peers(int32_t v, int bits) {
   return peers;
 }
 
+// warp_peers of N values a lane, bit by bit across all N: the N chains of ballots are
+// independent, so they overlap.
+template <int N>
+__device__ __forceinline__ void warp_peers_steps(const int32_t (&v)[N], int bits,
+                                                 unsigned (&peers)[N]) {
+#pragma unroll
+  for (int s = 0; s < N; ++s) peers[s] = kFullMask;
+  for (int bit = 0; bit < bits; ++bit) {
+#pragma unroll
+    for (int s = 0; s < N; ++s) {
+      const bool set = (v[s] >> bit) & 1;
+      const unsigned m = __ballot_sync(kFullMask, set);
+      peers[s] &= set ? m : ~m;
+    }
+  }
+}
+
 // The lowest lane of a group of peers: the one that speaks for it.
 __device__ __forceinline__ int group_leader(unsigned peers) { return __ffs(peers) - 1; }
 

@@ -2,27 +2,32 @@
 // (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc computes the same integers).
 //
 // The flat (token, slot) entries form tiles of kPlanTile; CUDA block b takes tile b. The tiles
-// form groups of plan_group(tiles) (dispatch_math.h). Three kernels:
-//   0. plan_zero_kernel zeroes the group sums (and, past kPlanCountSmemExperts, the counts).
-//   1. plan_count_kernel: each block counts its tile per expert -> counts[b, e], and adds those
-//      counts to its group's sums[g, e].
+// form groups of plan_group(tiles) (dispatch_math.h). Two kernels on sm_90 while the groups
+// have at most 8 tiles (up to 256 tiles: 65536 tokens of top-8), three otherwise:
+//   1. the counts and group sums, either
+//      - plan_cluster_count_kernel (the cluster path): one thread block cluster a group; each
+//        block counts its tile in shared memory, then reads the counts of the tiles before it
+//        in the group from their blocks' shared memory: counts[b, e] = the tile's first rank
+//        within its group, sums[g, e] = the group's count, plain stores (no zeroing, no global
+//        atomics); or
+//      - plan_zero_kernel (zeroes the group sums, and past kPlanCountSmemExperts the counts),
+//        then plan_count_kernel: counts[b, e] = the tile's count, added to sums[g, e].
 //   2. plan_rank_kernel: each block
+//      - before it waits for step 1 (everything its tile knows alone): loads its ids (kept in
+//        registers), counts them per warp and expert, scans those counts across its warps and
+//        the tile's counts into its offsets in buffer order;
 //      - sums the group sums into the totals (tokens_per_expert, written by block 0) and scans
 //        them into the expert starts (or e * C);
 //      - finds its tile's first rank in each expert: the sums of the groups before its own plus
-//        the counts of the tiles before it in its group, at most ~2 sqrt(tiles) loads a
-//        thread, all independent (no chained look-back, no third kernel);
-//      - ranks its entries in flat order: its warps own consecutive sub-tiles, count them per
-//        expert, scan those counts across warps from the tile's first ranks, then walk their
-//        sub-tiles (the ids kept in registers), lanes holding the same expert (warp_peers)
-//        ranked by lane order; positions[i] follows, and source[row] is written from shared
-//        memory in buffer order (coalesced), every kept row exactly once;
+//        its first rank in its group (or the counts of the tiles before it there), at most
+//        ~2 sqrt(tiles) independent loads a thread (no chained look-back);
+//      - ranks its entries in flat order: each warp walks its sub-tile, lanes holding the same
+//        expert (warp_peers) ranked by lane order; positions[i] follows, and source[row] is
+//        written from shared memory in buffer order (coalesced), every kept row exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
-// Each kernel is launched to overlap the one before it (cuda_launch.cuh): the count kernel's
-// blocks load and count their tiles before they wait for the zeroing; the rank kernel's blocks
-// (shared tables) load their ids and count their warps' entries before they wait for the
-// counts and sums.
+// Each kernel after the first is launched to overlap the one before it (cuda_launch.cuh); each
+// waits only where it needs the previous one's results.
 // Every count is an integer, so the result does not depend on the order of the adds (shared-
 // memory and global atomics included): the plan is exact and repeatable.
 //
@@ -56,10 +61,6 @@ constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thr
 #define JR_PLAN_MAX_WARPS 16
 #endif
 constexpr int kPlanMaxWarps = JR_PLAN_MAX_WARPS;
-#ifndef JR_PLAN_SUM_UNROLL  // a knob for benchmarks/cuda_bench_dispatch.cu only
-#define JR_PLAN_SUM_UNROLL 8
-#endif
-constexpr int kPlanSumUnroll = JR_PLAN_SUM_UNROLL;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
 // Tiles a group may have on the cluster path (dispatch_math.h): one cluster a group, at most the
 // portable cluster size.
@@ -183,12 +184,13 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
 
 // Expert e's total (the group sums added up) and tile b's first rank in it (the sums of the
 // groups before b's, then the counts of the tiles before b in its group, or, a.prefixed, their
-// sum): one pass of independent loads, at most groups + group - 1 of them.
+// sum): one pass of independent loads, at most groups + group - 1 of them. (Batches of 16
+// loads held in registers before their adds were slower: benchmarks/NOTES.md.)
 __device__ __forceinline__ void expert_sums(const PlanArgs& a, int64_t b, int32_t e,
                                             int32_t* total, int32_t* first) {
   const int64_t E = a.experts, g = b / a.group;
   int32_t all = 0, before = 0;
-#pragma unroll kPlanSumUnroll
+#pragma unroll 8
   for (int64_t h = 0; h < a.groups; ++h) {
     const int32_t v = a.sums[h * E + e];
     all += v;
@@ -349,11 +351,21 @@ __device__ __forceinline__ void walk_sub_tile(const PlanArgs& a, const int32_t (
   const int lane = threadIdx.x & 31;
   const unsigned lanes_before = (1u << lane) - 1u;
   const int bits = plan_bits(E);
+  // every step's peers first, when few: the steps' ballots are independent, so they overlap
+  // instead of each step waiting for its own chain of `bits` ballots
+  constexpr bool kPeersFirst = kSteps <= 8;
+  unsigned all_peers[kPeersFirst ? kSteps : 1];
+  if constexpr (kPeersFirst) warp_peers_steps(ex, bits, all_peers);
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int64_t i = i0 + s * 32 + lane;
     const int32_t e = ex[s];
-    const unsigned peers = warp_peers(e, bits);
+    unsigned peers;
+    if constexpr (kPeersFirst) {
+      peers = all_peers[s];
+    } else {
+      peers = warp_peers(e, bits);
+    }
     const int leader = group_leader(peers);
     int32_t rank0 = 0;
     if (e < E && lane == leader) {  // the leader alone reads and advances the group's count
@@ -380,7 +392,7 @@ __device__ __forceinline__ void walk_sub_tile(const PlanArgs& a, const int32_t (
 // Blocks an SM the rank kernel is compiled for: 1024 threads' worth with 8 or 16 warps (at most
 // 64 registers, so 256 tiles of 16 warps fit one wave on 132 SMs), else 1. Left to itself,
 // ptxas gave the 16-warp kernel 32 registers with spills, or 70 (one block an SM).
-__host__ __device__ constexpr int kPlanRankMinBlocks(int warps) {
+__host__ __device__ constexpr int plan_rank_min_blocks(int warps) {
   return warps >= 8 ? 1024 / (32 * warps) : 1;
 }
 
@@ -396,7 +408,8 @@ __host__ __device__ constexpr int kPlanRankMinBlocks(int warps) {
 // 4-byte store to its own 32-byte sector, scattered across the buffer; that cost a third of
 // the plan (benchmarks/NOTES.md).
 template <typename I, int kWarps, bool kShared>
-__global__ void __launch_bounds__(kWarps * 32, kPlanRankMinBlocks(kWarps)) plan_rank_kernel(PlanArgs a) {
+__global__ void __launch_bounds__(kWarps * 32, plan_rank_min_blocks(kWarps))
+    plan_rank_kernel(PlanArgs a) {
   static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
   constexpr int kSteps = kPlanTile / (32 * kWarps);  // entries a lane ranks
   extern __shared__ int32_t plan_smem[];
@@ -477,8 +490,8 @@ template <typename I>
 cudaError_t LaunchClusterCount(const PlanArgs& a, int dev, bool* launched, cudaStream_t s) {
   *launched = false;
   const int C = static_cast<int>(a.group);
-  if (!JR_PLAN_CLUSTER || C > static_cast<int>(kPlanMaxCluster) || a.experts > kPlanCountSmemExperts ||
-      !ClusterCapable(dev)) {
+  if (!JR_PLAN_CLUSTER || C > static_cast<int>(kPlanMaxCluster) ||
+      a.experts > kPlanCountSmemExperts || !ClusterCapable(dev)) {
     return cudaSuccess;
   }
   auto kernel = plan_cluster_count_kernel<I>;

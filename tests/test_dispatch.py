@@ -41,10 +41,11 @@ def assert_plan(plan, idx, E, capacity):
 # ---- the plan ------------------------------------------------------------------------------
 
 # (lead shape, topk, E, load kind, capacity): T*k from 0 to many plan tiles (2048 entries each;
-# 160000 entries are 79 tiles in 5 groups of 16), empty and overfull experts, every capacity
-# regime, and every layout of the CUDA rank kernel: shared tables with 16 warps (E <= 408), 8
-# (600), 4 (1000), 2 (1200) and 1 (1500), one warp from global tables (2000, 7000), global
-# counts too (13000)
+# 160000 entries are 79 tiles in 10 groups of 8, the last one short: on CUDA, clusters of 8
+# blocks with one past the last tile; 560000 entries are 274 tiles in 9 groups of 32, counted
+# by the zero and count kernels), empty and overfull experts, every capacity regime, and every
+# layout of the CUDA rank kernel: shared tables with 16 warps (E <= 408), 8 (600), 4 (1000), 2
+# (1200) and 1 (1500), one warp from global tables (2000, 7000), global counts too (13000)
 PLAN_CASES = [
     ((64,), 4, 8, "uniform", None),
     ((3000,), 3, 37, "uniform", None),
@@ -63,6 +64,7 @@ PLAN_CASES = [
     ((5, 7, 3), 2, 6, "uniform", None),
     ((4, 0, 3), 2, 6, "uniform", 2),
     ((20000,), 8, 256, "zipf", None),
+    ((70000,), 8, 256, "uniform", None),
     ((20000,), 8, 96, "uniform", 1700),
     ((3000,), 4, 600, "uniform", None),
     ((3000,), 4, 1000, "zipf", 5),
