@@ -106,11 +106,12 @@ def run_qb(E, topk, dtype):
 
 # Dispatch kernels: (T, topk, E, H, capacity) for the plan's shared tables with 16, 8 and 1
 # warps (E = 8 / 37, 600, 1500), its global-table rank path (E = 7000) and global counts
-# (E = 13000), several plan tiles and groups, capacity drops, invalid ids, the vector
+# (E = 13000), several plan tiles and groups (79 tiles: clusters of 8 with a block past the
+# last tile; 274 tiles: the zero and count kernels), capacity drops, invalid ids, the vector
 # (H * bytes % 16 == 0) and element-by-element row paths, T = 0.
 DISPATCH_CASES = [(37, 2, 8, 64, None), (3000, 4, 37, 13, 90), (3000, 4, 600, 16, None),
                   (1500, 3, 1500, 24, 2), (1500, 3, 7000, 24, None), (700, 2, 13000, 40, 1),
-                  (0, 2, 8, 16, 3)]
+                  (20000, 8, 256, 8, None), (70000, 8, 256, 8, 1500), (0, 2, 8, 16, 3)]
 
 
 def run_dispatch(T, topk, E, H, capacity, dtype):
