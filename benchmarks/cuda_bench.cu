@@ -175,7 +175,7 @@ static void Bench() {
         const char* dts = dt == Dt::kF32 ? "f32" : "bf16";
         Row(c, T, dts, "compact", tc, fl_c);
         {
-          // a hash of set 0's dense probs, so that two builds (e.g. -DJR_STAGE_PROBS=0 and 1)
+          // a hash of set 0's dense probs, so that two builds (an A/B of a kernel change)
           // can be compared bit for bit from their logs
           fwd(0, true);
           CK(cudaStreamSynchronize(g_stream));

@@ -110,42 +110,6 @@ __device__ __forceinline__ void zero_chunk(R* p, int nvalid, bool vec) {
 // ---- fast forward ---------------------------------------------------------------------------
 
 constexpr int kFastThreads = 128;
-// Dense probs assembled per lane and written once (stage_probs_chunk). Off by default until it
-// has been measured and run on a GPU: a knob for benchmarks/cuda_bench.cu's A/B runs.
-#ifndef JR_STAGE_PROBS
-#define JR_STAGE_PROBS 0
-#endif
-constexpr bool kStageProbs = JR_STAGE_PROBS != 0;
-
-// This lane's chunk of the dense probs (V elements of R from base_e), assembled in its own
-// column of keys_sm (keys_sm[q][tid], free once the ranks are taken: no other lane reads it
-// past the ranking's __syncwarp) and written once with 16-byte stores, instead of zeros first
-// and the k selected entries scattered after, one L2 write request each (the backward gained
-// 15-25% from the same change). value(r) is slot r's weight, as the slot's own lane computes it.
-template <typename D, int V, typename Fn>
-__device__ __forceinline__ void stage_probs_chunk(typename D::raw* dst,
-                                                  uint4 (*keys_sm)[kFastThreads], int tid,
-                                                  int nvalid, bool vec, int base_e,
-                                                  const int* sel_e, int k, Fn value) {
-  using R = typename D::raw;
-  constexpr int PER = 16 / static_cast<int>(sizeof(R));
-  static_assert(V % PER == 0, "a chunk is whole 16-byte pieces");
-#pragma unroll
-  for (int q = 0; q < V / PER; ++q) keys_sm[q][tid] = make_uint4(0, 0, 0, 0);
-  for (int r = 0; r < k; ++r) {
-    const int d = sel_e[r] - base_e;
-    if (d >= 0 && d < V) reinterpret_cast<R*>(&keys_sm[d / PER][tid])[d % PER] = D::from_f(value(r));
-  }
-  if (vec && nvalid == V) {
-#pragma unroll
-    for (int q = 0; q < V / PER; ++q) reinterpret_cast<uint4*>(dst)[q] = keys_sm[q][tid];
-  } else {
-    for (int i = 0; i < nvalid; ++i) {
-      dst[i] = reinterpret_cast<const R*>(&keys_sm[i / PER][tid])[i % PER];
-    }
-  }
-}
-
 __host__ __device__ constexpr int fast_cmax(int L, int V) { return L * V < 64 ? L * V : 64; }
 __host__ __device__ constexpr int fast_kmax(int L, int V) { return L * V < 32 ? L * V : 32; }
 
@@ -314,7 +278,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
       brow = a.bias + (a.single_bias_row ? 0 : (tok ? t / a.rows_per_bias : 0)) * E + base_e;
     }
     if (nv > 0) {
-      if (a.probs && !kStageProbs) {
+      if (a.probs) {
         if (dt == Dt::kF32) {
           zero_chunk<float, V>(static_cast<float*>(a.probs) + roff + base_e, nv, a.probs_vec);
         } else {
@@ -483,7 +447,7 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
           const float p = weight<F>(false, k, u[q], denom);
           const float w = a.scaling * p;
           store_slot<F>(a, ko, r, e, w, p, u[q]);
-          if (a.probs && !kStageProbs) store_from_float(a.probs, dt, roff + e, w);
+          if (a.probs) store_from_float(a.probs, dt, roff + e, w);
           if (a.map && !a.bitmap) a.map[roff + e] = 1;
         }
       }
@@ -498,23 +462,6 @@ __global__ void __launch_bounds__(kFastThreads, 6) fwd_fast_kernel(const FastArg
 #pragma unroll
         for (int q = 0; q < V / 8; ++q) {
           if (b0 + q < nbytes) a.map[t * nbytes + b0 + q] = static_cast<uint8_t>(mask >> (8 * q));
-        }
-      }
-      if (kStageProbs && a.probs && nv > 0) {
-        auto w_of = [&](int r) {
-          const float ur =
-              kRaw ? sel_u[tb][r] : weight_numerator<F>(false, sel_v[tb][r], x0, sel_v[tb][r]);
-          return a.scaling * weight<F>(false, k, ur, denom);
-        };
-        if (dt == Dt::kF32) {
-          stage_probs_chunk<DF32, V>(static_cast<float*>(a.probs) + roff + base_e, keys_sm, tid,
-                                     nv, a.probs_vec, base_e, sel_e[tb], k, w_of);
-        } else if (dt == Dt::kBF16) {
-          stage_probs_chunk<DBF16, V>(static_cast<uint16_t*>(a.probs) + roff + base_e, keys_sm,
-                                      tid, nv, a.probs_vec, base_e, sel_e[tb], k, w_of);
-        } else {
-          stage_probs_chunk<DF16, V>(static_cast<uint16_t*>(a.probs) + roff + base_e, keys_sm,
-                                     tid, nv, a.probs_vec, base_e, sel_e[tb], k, w_of);
         }
       }
     }
