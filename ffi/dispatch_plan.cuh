@@ -105,6 +105,26 @@ __global__ void __launch_bounds__(1024) plan_zero_kernel(int32_t* p, int64_t n) 
   }
 }
 
+// The count kernels' share of tile b: kPlanCountSteps entries a thread, all loaded before the
+// first count.
+template <typename I>
+__device__ __forceinline__ void load_count_tile(const PlanArgs& a, int64_t b,
+                                                int32_t (&ex)[kPlanCountSteps]) {
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    ex[s] = plan_expert<I>(a, b * kPlanTile + s * kPlanCountThreads + threadIdx.x);
+  }
+}
+
+// table[e] += 1 for each loaded entry of expert e; the order of the adds does not matter.
+__device__ __forceinline__ void add_counts(const int32_t (&ex)[kPlanCountSteps], int32_t* table,
+                                           int32_t E) {
+#pragma unroll
+  for (int s = 0; s < kPlanCountSteps; ++s) {
+    if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
+  }
+}
+
 // 1. counts[b, e] and sums[b / group, e] += counts[b, e]. The thread's entries are loaded
 // before the first count. The adds go into a shared table, or straight into the tile's global
 // row (zeroed by plan_zero_kernel) when E does not fit; their order does not matter (integers).
@@ -115,10 +135,7 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
   int32_t ex[kPlanCountSteps];
-#pragma unroll
-  for (int s = 0; s < kPlanCountSteps; ++s) {
-    ex[s] = plan_expert<I>(a, b * kPlanTile + s * kPlanCountThreads + threadIdx.x);
-  }
+  load_count_tile<I>(a, b, ex);
   int32_t* row = a.counts + b * E;
   int32_t* table = kShared ? plan_smem : row;
   if (kShared) {
@@ -127,10 +144,7 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
   } else {
     wait_for_previous_grid();  // the global rows are zeroed past this point
   }
-#pragma unroll
-  for (int s = 0; s < kPlanCountSteps; ++s) {
-    if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
-  }
+  add_counts(ex, table, E);
   __syncthreads();  // orders every thread's adds before the counts are read back
   if (kShared) wait_for_previous_grid();  // the group sums are zeroed past this point
   int32_t* sums = a.sums + (b / a.group) * E;
@@ -155,17 +169,11 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
   int32_t ex[kPlanCountSteps];
-#pragma unroll
-  for (int s = 0; s < kPlanCountSteps; ++s) {
-    ex[s] = plan_expert<I>(a, b * kPlanTile + s * kPlanCountThreads + threadIdx.x);
-  }
+  load_count_tile<I>(a, b, ex);
   int32_t* table = plan_smem;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
   __syncthreads();  // orders the zeroing before any thread's adds
-#pragma unroll
-  for (int s = 0; s < kPlanCountSteps; ++s) {
-    if (ex[s] < E) atomicAdd(&table[ex[s]], 1);
-  }
+  add_counts(ex, table, E);
   cluster_sync();  // orders every block's counts before any block of the cluster reads them
   const unsigned r = cluster_block_rank();
   const bool last = static_cast<int64_t>(r) == a.group - 1;
