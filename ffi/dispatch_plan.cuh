@@ -61,6 +61,10 @@ constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thr
 #define JR_PLAN_MAX_WARPS 16
 #endif
 constexpr int kPlanMaxWarps = JR_PLAN_MAX_WARPS;
+#ifndef JR_PLAN_MATCH  // a knob for benchmarks/cuda_bench_dispatch.cu only: 1 finds the walk's
+#define JR_PLAN_MATCH 0  // peers with __match_any_sync instead of ballots (NOTES, the plan)
+#endif
+constexpr bool kPlanMatch = JR_PLAN_MATCH != 0;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
 // Tiles a group may have on the cluster path (dispatch_math.h): one cluster a group, at most the
 // portable cluster size.
@@ -363,7 +367,12 @@ __device__ __forceinline__ void walk_sub_tile(const PlanArgs& a, const int32_t (
   // instead of each step waiting for its own chain of `bits` ballots
   constexpr bool kPeersFirst = kSteps <= 8;
   unsigned all_peers[kPeersFirst ? kSteps : 1];
-  if constexpr (kPeersFirst) warp_peers_steps(ex, bits, all_peers);
+  if constexpr (kPeersFirst && kPlanMatch) {
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) all_peers[s] = __match_any_sync(kFullMask, ex[s]);
+  } else if constexpr (kPeersFirst) {
+    warp_peers_steps(ex, bits, all_peers);
+  }
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int64_t i = i0 + s * 32 + lane;
