@@ -1,8 +1,8 @@
-"""The CUDA handlers inside XLA command buffers (SPEC §7): the same program, with every fusion
-and custom call captured into CUDA graphs from graphs of one command on, gives the same bits as
-with command buffers off. Routing, the plan (its cluster path: 8, 32 and 256 tiles),
-permute and unpermute, forward and backward. Each setting runs in its own process, since XLA
-reads its flags once."""
+"""The CUDA handlers inside XLA command buffers (docs/semantics.md#jax, "CUDA"): the same
+program, with every fusion and custom call captured into CUDA graphs from graphs of one command
+on, gives the same bits as with command buffers off. Routing, the plan (its cluster path: 8, 32
+and 256 tiles), permute and unpermute, forward and backward. Each setting runs in its own
+process, since XLA reads its flags once."""
 
 import os
 import subprocess
