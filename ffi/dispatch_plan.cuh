@@ -551,10 +551,9 @@ cudaError_t LaunchPlanT(PlanArgs a, cudaStream_t s) {
   const int warps = PlanRankWarps(a.experts, a.tiles, sms);
   bool counted = false;
   if (warps > 0) {  // the counts and group sums by one kernel of clusters, if it can run
-    a.prefixed = true;
     const cudaError_t err = LaunchClusterCount<I>(a, dev, &counted, s);
     if (err != cudaSuccess) return err;
-    a.prefixed = counted;
+    a.prefixed = counted;  // what the rank kernel reads in counts
   }
   if (!counted) {
     const bool shared_counts = E <= kPlanCountSmemExperts;

@@ -110,6 +110,7 @@ __device__ __forceinline__ void zero_chunk(R* p, int nvalid, bool vec) {
 // ---- fast forward ---------------------------------------------------------------------------
 
 constexpr int kFastThreads = 128;
+
 __host__ __device__ constexpr int fast_cmax(int L, int V) { return L * V < 64 ? L * V : 64; }
 __host__ __device__ constexpr int fast_kmax(int L, int V) { return L * V < 32 ? L * V : 32; }
 
