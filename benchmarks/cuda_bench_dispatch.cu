@@ -63,8 +63,16 @@ struct PlanBufs {
   int32_t *ids, *tpe, *pos, *src, *ws;
 };
 
+#if JR_PLAN_TRACE
+static unsigned long long* g_trace;  // [sets][kPlanTraceSlots * 1024]
+static int g_trace_set;
+#endif
+
 static PlanArgs ArgsFor(const PlanBufs& b, int64_t n, int E) {
   PlanArgs a;
+#if JR_PLAN_TRACE
+  a.trace = g_trace + static_cast<size_t>(g_trace_set) * kPlanTraceSlots * 1024;
+#endif
   a.ids = b.ids;
   a.n = n;
   a.experts = E;
@@ -91,8 +99,44 @@ static bool CheckPlan(const std::vector<int32_t>& ids, int E, const PlanBufs& b)
   return gt == tpe && gp == pos && gs == src;
 }
 
+#if JR_PLAN_TRACE
+// The last graph's last two plans (sets - 2 and sets - 1, back to back): per stamp, the first
+// and last block, ns from the last plan's first count stamp.
+static void PrintTrace(int sets, int blocks) {
+  const size_t per = static_cast<size_t>(kPlanTraceSlots) * 1024;
+  std::vector<unsigned long long> h(per * sets);
+  CK(cudaMemcpy(h.data(), g_trace, h.size() * 8, cudaMemcpyDeviceToHost));
+  const char* names[kPlanTraceSlots] = {"count start", "counted", "count end", "scan start",
+                                        "scan summed", "scan end", "rank start", "rank prewait",
+                                        "rank released", "rank loaded", "positions", "rank end"};
+  auto range = [&](int set, int slot, int nb, unsigned long long* lo, unsigned long long* hi) {
+    *lo = ~0ull;
+    *hi = 0;
+    for (int b = 0; b < nb; ++b) {
+      const unsigned long long t = h[per * set + static_cast<size_t>(slot) * 1024 + b];
+      *lo = std::min(*lo, t);
+      *hi = std::max(*hi, t);
+    }
+  };
+  unsigned long long t0, unused;
+  range(sets - 1, 0, blocks, &t0, &unused);
+  for (int set : {sets - 2, sets - 1}) {
+    for (int slot = 0; slot < kPlanTraceSlots; ++slot) {
+      const int nb = slot >= 3 && slot <= 5 ? 1 : blocks;
+      unsigned long long lo, hi;
+      range(set, slot, nb, &lo, &hi);
+      std::printf("  trace plan %s %-14s %8lld %8lld\n", set == sets - 1 ? "last" : "prev",
+                  names[slot], static_cast<long long>(lo - t0), static_cast<long long>(hi - t0));
+    }
+  }
+}
+#endif
+
 int main() {
   CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+#if JR_PLAN_TRACE
+  CK(cudaMalloc(&g_trace, 16 * kPlanTraceSlots * 1024 * 8));
+#endif
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const size_t cb = size_t(1) << 30;
@@ -136,6 +180,9 @@ int main() {
       CK(cudaMemcpy(b.ids, ids.data(), n * 4, cudaMemcpyHostToDevice));
     }
     auto plan = [&](int s) {
+#if JR_PLAN_TRACE
+      g_trace_set = s;
+#endif
       CK(LaunchPlan(ArgsFor(bufs[s], n, E), It::kS32, bufs[s].ws, g_stream));
     };
     const double floor_us = 3.0 * n * 4 / bw * 1e6;  // ids read, positions and source written
@@ -146,6 +193,9 @@ int main() {
     CK(cudaStreamSynchronize(g_stream));
     const bool ok = CheckPlan(ids0, E, bufs[0]);
     const float tg = TimeGraph(plan, sets, 32, g_stream);
+#if JR_PLAN_TRACE
+    PrintTrace(sets, static_cast<int>(dispatch::plan_tiles(n)));
+#endif
     const float te = TimeEvents(plan, sets, 64, g_stream);
     std::printf("%8d %6lld %10.2f %10.2f %10.2f %6s\n", T,
                 static_cast<long long>(dispatch::plan_tiles(n)), tg, te, floor_us,

@@ -104,7 +104,7 @@ def run_qb(E, topk, dtype):
     jax.block_until_ready(outs)
 
 
-# Dispatch kernels: (T, topk, E, H, capacity) for the plan's shared tables with 16, 8 and 1
+# Dispatch kernels: (T, topk, E, H, capacity) for the plan's shared tables with 16, 8 and 2
 # warps (E = 8 / 37, 600, 1500), its global-table rank path (E = 7000) and global counts
 # (E = 13000), several plan tiles and groups (79 tiles: clusters of 8 with a block past the
 # last tile; 274 tiles: the zero and count kernels), capacity drops, invalid ids, the vector

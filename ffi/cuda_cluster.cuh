@@ -14,15 +14,6 @@
 namespace jax_router {
 namespace cuda {
 
-// A knob for benchmarks/cuda_bench_dispatch.cu only: 1 reads other blocks' shared memory through
-// CUDA's __cluster_map_shared_rank (a generic address) instead of mapa + ld.shared::cluster, to
-// see whether compute-sanitizer's racecheck, which fails with an internal error on the PTX form,
-// handles it (benchmarks/NOTES.md row 43).
-#ifndef JR_CLUSTER_INTRINSICS
-#define JR_CLUSTER_INTRINSICS 0
-#endif
-constexpr bool kClusterIntrinsics = JR_CLUSTER_INTRINSICS != 0;
-
 // This block's rank in its cluster, 0 .. cluster size - 1.
 __device__ __forceinline__ unsigned cluster_block_rank() {
   unsigned r = 0;
@@ -47,14 +38,10 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ int32_t load_cluster_shared(const int32_t* p, unsigned rank) {
   int32_t v = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kClusterIntrinsics) {
-    v = *static_cast<const volatile int32_t*>(__cluster_map_shared_rank(p, rank));
-  } else {
-    const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
-  }
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
 #endif
   return v;
 }

@@ -30,11 +30,16 @@ constexpr int64_t kPlanTile = JR_PLAN_TILE;
 
 // int32 elements of shared memory the CUDA rank kernel may hold (48 KiB, no opt-in): the expert
 // starts, the totals, the tile's first ranks and offsets and one count table per warp, [E]
-// each, 32 warp totals, and the tile's staged (row, entry) pairs. With a single warp that is
-// 5 * E + 32 + 2 * kPlanTile, so past kPlanSharedMaxExperts the tables live in the workspace
-// instead (dispatch_plan.cuh).
+// each, 32 warp totals, and the tile's staged entries [kPlanTile]. A lane holds its entries of
+// the tile in registers, at most kPlanMaxLaneEntries (more spill), so the tables need at least
+// kPlanMinSharedWarps warps; past kPlanSharedMaxExperts they live in the workspace instead
+// (dispatch_plan.cuh).
 constexpr int64_t kPlanSmemInts = 12288;
-constexpr int64_t kPlanSharedMaxExperts = (kPlanSmemInts - 32 - 2 * kPlanTile) / 5;
+constexpr int64_t kPlanMaxLaneEntries = 64;
+constexpr int64_t kPlanMinSharedWarps =
+    kPlanTile > 32 * kPlanMaxLaneEntries ? kPlanTile / (32 * kPlanMaxLaneEntries) : 1;
+constexpr int64_t kPlanSharedMaxExperts =
+    (kPlanSmemInts - 32 - kPlanTile) / (4 + kPlanMinSharedWarps);
 
 // attribute value of `capacity` meaning "no capacity" (R = T * topk, experts packed)
 constexpr int64_t kNoCapacity = -1;
@@ -58,13 +63,13 @@ JR_HD int64_t plan_groups(int64_t tiles) {
   return (tiles + g - 1) / g;
 }
 
-// The workspace's int32 elements: the counts [tiles, E], the group sums [groups, E], and, when
-// E is past kPlanSharedMaxExperts, the expert starts [E] and one rank table per tile
-// [tiles, E]. (The CPU handler uses the first tiles * E, for its counts.)
+// The workspace's int32 elements: the counts [tiles, E], the group sums [groups, E], the expert
+// starts [E], and, when E is past kPlanSharedMaxExperts, one rank table per tile [tiles, E].
+// (The CPU handler uses the first tiles * E, for its counts.)
 JR_HD int64_t plan_workspace_size(int64_t n, int64_t experts) {
   const int64_t tiles = plan_tiles(n);
-  const int64_t global_tables = experts > kPlanSharedMaxExperts ? tiles + 1 : 0;
-  return (tiles + plan_groups(tiles) + global_tables) * experts;
+  const int64_t global_tables = experts > kPlanSharedMaxExperts ? tiles : 0;
+  return (tiles + plan_groups(tiles) + 1 + global_tables) * experts;
 }
 
 // The expert of an id, or `experts` (a sentinel sorting after every expert) when the id is

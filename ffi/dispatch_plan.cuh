@@ -2,8 +2,8 @@
 // (docs/semantics.md#dispatch; the CPU handler in dispatch_cpu.cc computes the same integers).
 //
 // The flat (token, slot) entries form tiles of kPlanTile; CUDA block b takes tile b. The tiles
-// form groups of plan_group(tiles) (dispatch_math.h). Two kernels on sm_90 while the groups
-// have at most 8 tiles (up to 256 tiles: 65536 tokens of top-8), three otherwise:
+// form groups of plan_group(tiles) (dispatch_math.h). Three kernels on sm_90 while the groups
+// have at most 8 tiles (up to 256 tiles: 65536 tokens of top-8), four otherwise:
 //   1. the counts and group sums, either
 //      - plan_cluster_count_kernel (the cluster path): one thread block cluster a group; each
 //        block counts its tile in shared memory, then reads the counts of the tiles before it
@@ -12,18 +12,19 @@
 //        atomics); or
 //      - plan_zero_kernel (zeroes the group sums, and past kPlanCountSmemExperts the counts),
 //        then plan_count_kernel: counts[b, e] = the tile's count, added to sums[g, e].
-//   2. plan_rank_kernel: each block
-//      - before it waits for step 1 (everything its tile knows alone): loads its ids (kept in
-//        registers), counts them per warp and expert, scans those counts across its warps and
-//        the tile's counts into its offsets in buffer order;
-//      - sums the group sums into the totals (tokens_per_expert, written by block 0) and scans
-//        them into the expert starts (or e * C);
-//      - finds its tile's first rank in each expert: the sums of the groups before its own plus
-//        its first rank in its group (or the counts of the tiles before it there), at most
-//        ~2 sqrt(tiles) independent loads a thread (no chained look-back);
-//      - ranks its entries in flat order: each warp walks its sub-tile, lanes holding the same
-//        expert (warp_peers) ranked by lane order; positions[i] follows, and source[row] is
-//        written from shared memory in buffer order (coalesced), every kept row exactly once;
+//   2. plan_scan_kernel, one block: sums[g, e] becomes the sum of the groups before g, the
+//      totals are written to tokens_per_expert and scanned into the expert starts (or e * C).
+//   3. plan_rank_kernel: each block
+//      - before it waits for steps 1 and 2 (everything its tile knows alone): loads its ids
+//        (kept in registers), counts them per warp and expert, scans those counts across its
+//        warps and the tile's counts into its offsets in buffer order, and ranks its entries
+//        within the tile in flat order: each warp walks its sub-tile, lanes holding the same
+//        expert ranked by lane order; the kept entries are staged in shared memory in buffer
+//        order;
+//      - finds its tile's first rank in each expert: the scanned sum of the groups before its
+//        own plus its first rank in its group (or the counts of the tiles before it there);
+//      - writes positions[i] from the ranks each lane holds, and source[row] from the staged
+//        entries in buffer order (coalesced), every kept row exactly once;
 //      - writes -1 to its share of the empty rows (rows no entry fills, known from the totals),
 //        so no row is written twice.
 // Each kernel after the first is launched to overlap the one before it (cuda_launch.cuh); each
@@ -34,9 +35,9 @@
 // Layouts: counts [tiles, E] and sums [groups, E] are expert-minor, so the threads of a block
 // (one expert each) read and write them coalesced. The rank kernel keeps its tables in 48 KiB
 // of shared memory (no opt-in) with 16, 8, 4, 2 or 1 warps as E and the grid allow; past
-// kPlanSharedMaxExperts it runs one warp per block with its table and the starts in the
-// workspace (plan_starts_kernel writes the starts and totals first). The count kernel likewise
-// falls back to global atomics past kPlanCountSmemExperts.
+// kPlanSharedMaxExperts it runs one warp per block, which ranks after the wait, with its table
+// in the workspace. The count kernel likewise falls back to global atomics past
+// kPlanCountSmemExperts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,21 +52,32 @@
 #include "cuda_warp.cuh"
 #include "dispatch_math.h"
 
+#ifndef JR_PLAN_TRACE
+#define JR_PLAN_TRACE 0
+#endif
+
 namespace jax_router {
 namespace cuda {
 
 constexpr int kPlanTile = static_cast<int>(dispatch::kPlanTile);
-constexpr int kPlanCountThreads = 512;
+#ifndef JR_PLAN_COUNT_THREADS  // a knob for benchmarks/cuda_bench_dispatch.cu only
+#define JR_PLAN_COUNT_THREADS 256
+#endif
+// Threads of a count block: 256, so that on an SM two count blocks (at most 32 registers) and
+// two 16-warp rank blocks (48) fit the 64K registers together, and every rank block of a wave
+// starts its prologue while the counts run (benchmarks/NOTES.md).
+constexpr int kPlanCountThreads = JR_PLAN_COUNT_THREADS;
 constexpr int kPlanCountSteps = kPlanTile / kPlanCountThreads;  // entries a thread counts
 #ifndef JR_PLAN_MAX_WARPS  // a knob for benchmarks/cuda_bench_dispatch.cu only
 #define JR_PLAN_MAX_WARPS 16
 #endif
 constexpr int kPlanMaxWarps = JR_PLAN_MAX_WARPS;
-#ifndef JR_PLAN_MATCH  // a knob for benchmarks/cuda_bench_dispatch.cu only: 1 finds the walk's
-#define JR_PLAN_MATCH 0  // peers with __match_any_sync instead of ballots (NOTES, the plan)
-#endif
-constexpr bool kPlanMatch = JR_PLAN_MATCH != 0;
 constexpr int64_t kPlanCountSmemExperts = dispatch::kPlanSmemInts;
+constexpr int kPlanMinSharedWarps = static_cast<int>(dispatch::kPlanMinSharedWarps);
+// bits of an entry's index within its tile (the staged entries pack it beside the expert)
+constexpr int kPlanTileBits = __builtin_ctz(static_cast<unsigned>(kPlanTile));
+static_assert(kPlanTile == 1 << kPlanTileBits, "the tile is a power of two");
+
 // Tiles a group may have on the cluster path (dispatch_math.h): one cluster a group, at most the
 // portable cluster size.
 constexpr unsigned kPlanMaxCluster = static_cast<unsigned>(dispatch::kPlanClusterGroup);
@@ -84,9 +96,30 @@ struct PlanArgs {
   int32_t* source = nullptr;
   int32_t* counts = nullptr;  // workspace [tiles, E]
   int32_t* sums = nullptr;    // workspace [groups, E]
-  int32_t* starts = nullptr;  // workspace [E], global tables only
+  int32_t* starts = nullptr;  // workspace [E]: the expert starts
   int32_t* tables = nullptr;  // workspace [tiles, E], global tables only
+#if JR_PLAN_TRACE
+  unsigned long long* trace = nullptr;  // [kPlanTraceSlots, 1024] %globaltimer stamps
+#endif
 };
+
+// A timeline for benchmarks/cuda_bench_dispatch.cu only (-DJR_PLAN_TRACE=1): thread 0 of each
+// block stamps %globaltimer into trace[slot, block] at the points marked PLAN_TRACE.
+#if JR_PLAN_TRACE
+constexpr int kPlanTraceSlots = 12;
+#define PLAN_TRACE(a, slot)                                                     \
+  do {                                                                          \
+    if (threadIdx.x == 0) {                                                     \
+      unsigned long long t_;                                                    \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                    \
+      (a).trace[(slot) * 1024 + blockIdx.x] = t_;                               \
+    }                                                                           \
+  } while (0)
+#else
+#define PLAN_TRACE(a, slot) \
+  do {                      \
+  } while (0)
+#endif
 
 // The expert of flat entry i, or E (dropped) for an id outside [0, E) or i past the end.
 template <typename I>
@@ -99,9 +132,20 @@ __device__ __forceinline__ int32_t plan_expert(const PlanArgs& a, int64_t i) {
 // Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
 __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(experts); }
 
+// The start of the plan's first kernel (the zero kernel, or the cluster count kernel), which is
+// launched to overlap whatever kernel came before it on the stream: it waits for that kernel
+// (which may write the ids) before anything else, and only then lets the plan's next kernel be
+// scheduled, because that one loads the ids before its own wait. So every kernel of the plan
+// reads the ids after the kernel before the plan has finished, and the first one's launch is
+// hidden behind that kernel's tail.
+__device__ __forceinline__ void first_kernel_start() {
+  wait_for_previous_grid();
+  allow_next_grid();
+}
+
 // 0. Zeroes n ints at p: the group sums, and past kPlanCountSmemExperts the counts before them.
 __global__ void __launch_bounds__(1024) plan_zero_kernel(int32_t* p, int64_t n) {
-  allow_next_grid();  // the count kernel's blocks may load and count their tiles meanwhile
+  first_kernel_start();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
@@ -169,15 +213,17 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_count_kernel(PlanArgs 
 template <typename I>
 __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(PlanArgs a) {
   extern __shared__ int32_t plan_smem[];
-  allow_next_grid();  // the rank kernel's blocks may load and count their tiles meanwhile
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
+  int32_t* table = plan_smem;
+  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;  // while it waits
+  first_kernel_start();
+  PLAN_TRACE(a, 0);
   int32_t ex[kPlanCountSteps];
   load_count_tile<I>(a, b, ex);
-  int32_t* table = plan_smem;
-  for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;
   __syncthreads();  // orders the zeroing before any thread's adds
   add_counts(ex, table, E);
+  PLAN_TRACE(a, 1);
   cluster_sync();  // orders every block's counts before any block of the cluster reads them
   const unsigned r = cluster_block_rank();
   const bool last = static_cast<int64_t>(r) == a.group - 1;
@@ -192,30 +238,19 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
     if (last) sums[e] = before + table[e];
   }
   cluster_sync();  // keeps every block's shared memory until the other blocks have read it
+  PLAN_TRACE(a, 2);
 }
 
-// Expert e's total (the group sums added up) and tile b's first rank in it (the sums of the
-// groups before b's, then the counts of the tiles before b in its group, or, a.prefixed, their
-// sum): one pass of independent loads, at most groups + group - 1 of them. (Batches of 16
-// loads held in registers before their adds were slower: benchmarks/NOTES.md.)
-__device__ __forceinline__ void expert_sums(const PlanArgs& a, int64_t b, int32_t e,
-                                            int32_t* total, int32_t* first) {
+// Tile b's first rank in expert e: the sum of the groups before its own (sums[g, e] once
+// plan_scan_kernel has run) plus the counts of the tiles before b in its group, or, a.prefixed,
+// their sum.
+__device__ __forceinline__ int32_t tile_first(const PlanArgs& a, int64_t b, int32_t e) {
   const int64_t E = a.experts, g = b / a.group;
-  int32_t all = 0, before = 0;
+  int32_t before = a.sums[g * E + e];
+  if (a.prefixed) return before + a.counts[b * E + e];
 #pragma unroll 8
-  for (int64_t h = 0; h < a.groups; ++h) {
-    const int32_t v = a.sums[h * E + e];
-    all += v;
-    before += h < g ? v : 0;
-  }
-  if (a.prefixed) {
-    before += a.counts[b * E + e];
-  } else {
-#pragma unroll 8
-    for (int64_t t = g * a.group; t < b; ++t) before += a.counts[t * E + e];
-  }
-  *total = all;
-  *first = before;
+  for (int64_t t = g * a.group; t < b; ++t) before += a.counts[t * E + e];
+  return before;
 }
 
 // out[x] = in[0] + ... + in[x - 1] for x < n, by a whole block; returns the sum of all n (to
@@ -256,16 +291,72 @@ __device__ __forceinline__ void block_starts(const PlanArgs& a, const int32_t* t
   __syncthreads();  // orders the starts before every thread reads them
 }
 
-// Global-table path only: tokens_per_expert and the starts, by one block.
-__global__ void __launch_bounds__(1024) plan_starts_kernel(PlanArgs a) {
+#ifndef JR_PLAN_SCAN_PARTS  // a knob for benchmarks/cuda_bench_dispatch.cu only
+#define JR_PLAN_SCAN_PARTS 2
+#endif
+// The scan block: kPlanScanParts threads an expert, 256 experts a round, each thread holding
+// up to kPlanScanChunk of its expert's group sums in registers (all the cluster path has: 32
+// groups). Two threads an expert measured best, by a hair, against one and four
+// (benchmarks/NOTES.md).
+constexpr int kPlanScanParts = JR_PLAN_SCAN_PARTS;
+constexpr int kPlanScanExperts = 256;
+constexpr int kPlanScanThreads = kPlanScanParts * kPlanScanExperts;
+constexpr int kPlanScanChunk = 32 / kPlanScanParts;
+
+// 2. The scan, by one block: for each expert e, sums[g, e] := the sum of the groups before g, in
+// place; tokens_per_expert[e] := the total; starts[e] := the buffer row of e's rank 0. Part p of
+// an expert's threads takes the groups [p * per, (p + 1) * per): it sums them, learns the parts
+// before its own from shared memory, then writes its groups' prefixes. Done once here, so that
+// a rank block reads a few ints an expert instead of every group's sum (256 rank blocks reading
+// 32 group sums an expert took 1.4 us, and their scans of the starts ~1 us: NOTES.md).
+__global__ void __launch_bounds__(kPlanScanThreads) plan_scan_kernel(PlanArgs a) {
   __shared__ int32_t warp_totals[32];
-  for (int32_t e = threadIdx.x; e < a.experts; e += blockDim.x) {
-    int32_t total, unused;
-    expert_sums(a, 0, e, &total, &unused);
-    a.tokens_per_expert[e] = total;
+  __shared__ int32_t part_sums[kPlanScanParts][kPlanScanExperts];
+  allow_next_grid();  // the rank kernel's blocks may load and rank their tiles meanwhile
+  wait_for_previous_grid();  // the group sums are complete past this point
+  PLAN_TRACE(a, 3);
+  const int64_t E = a.experts;
+  const int part = threadIdx.x / kPlanScanExperts, x = threadIdx.x % kPlanScanExperts;
+  const int64_t per = (a.groups + kPlanScanParts - 1) / kPlanScanParts;
+  const int64_t h0 = part * per, h1 = std::min<int64_t>(a.groups, h0 + per);
+  for (int64_t e0 = 0; e0 < E; e0 += kPlanScanExperts) {  // the same trip count in every thread
+    const int64_t e = e0 + x;
+    const bool live = e < E;
+    int32_t* col = a.sums + h0 * E + e;  // the part's first group sum of expert e
+    int32_t v[kPlanScanChunk];  // the first groups of the part, kept for the second pass
+    int32_t mine = 0;
+#pragma unroll
+    for (int j = 0; j < kPlanScanChunk; ++j) {
+      v[j] = live && h0 + j < h1 ? col[j * E] : 0;
+      mine += v[j];
+    }
+    for (int64_t h = h0 + kPlanScanChunk; live && h < h1; ++h) mine += a.sums[h * E + e];
+    part_sums[part][x] = mine;
+    __syncthreads();  // orders every part's sum before the other parts read it
+    int32_t run = 0, total = 0;
+#pragma unroll
+    for (int q = 0; q < kPlanScanParts; ++q) {
+      run += q < part ? part_sums[q][x] : 0;
+      total += part_sums[q][x];
+    }
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < kPlanScanChunk; ++j) {
+        if (h0 + j < h1) col[j * E] = run;
+        run += v[j];
+      }
+      for (int64_t h = h0 + kPlanScanChunk; h < h1; ++h) {  // not yet overwritten: its own
+        const int32_t c = a.sums[h * E + e];
+        a.sums[h * E + e] = run;
+        run += c;
+      }
+      if (part == 0) a.tokens_per_expert[e] = total;
+    }
+    __syncthreads();  // orders this round's reads of part_sums before the next round's writes
   }
-  __syncthreads();  // orders the totals before the scan reads them
-  block_starts(a, a.tokens_per_expert, a.starts, warp_totals);
+  PLAN_TRACE(a, 4);
+  block_starts(a, a.tokens_per_expert, a.starts, warp_totals);  // ordered by the barrier above
+  PLAN_TRACE(a, 5);
 }
 
 // The empty rows, -1, split across the grid: without capacity the last R - sum(totals) rows
@@ -298,8 +389,7 @@ struct TileSmem {
   int32_t* tile_off;     // the tile's count of each expert, then its offset in buffer order
   int32_t* warp_totals;  // [32]: block_exclusive_scan's scratch
   int32_t* table;        // [warps, E]: each warp's running rank per expert, within the tile
-  int32_t* stage_row;    // [kPlanTile]: the tile's kept entries in buffer order: their rows
-  int32_t* stage_i;      // [kPlanTile]: and their flat indices
+  int32_t* stage;        // [kPlanTile]: the tile's kept entries in buffer order, staged_entry
 };
 
 __device__ __forceinline__ TileSmem carve_tile_smem(int32_t* p, int32_t E, int warps) {
@@ -310,14 +400,19 @@ __device__ __forceinline__ TileSmem carve_tile_smem(int32_t* p, int32_t E, int w
   t.tile_off = t.first + E;
   t.warp_totals = t.tile_off + E;
   t.table = t.warp_totals + 32;
-  t.stage_row = t.table + static_cast<int64_t>(warps) * E;
-  t.stage_i = t.stage_row + kPlanTile;
+  t.stage = t.table + static_cast<int64_t>(warps) * E;
   return t;
 }
 
 // The rank kernel's shared memory with shared tables, in int32 elements (TileSmem's layout).
 inline int64_t PlanRankSmemInts(int64_t E, int warps) {
-  return (4 + warps) * E + 32 + 2 * kPlanTile;
+  return (4 + warps) * E + 32 + kPlanTile;
+}
+
+// A staged entry: its expert (< 2^(31 - kPlanTileBits) on the shared path) and its index within
+// the tile, in one int.
+__device__ __forceinline__ int32_t staged_entry(int32_t e, int32_t index_in_tile) {
+  return (e << kPlanTileBits) | index_in_tile;
 }
 
 // Everything a tile can know of its ranks without the other tiles: table[w, e] = the entries
@@ -351,81 +446,70 @@ __device__ __forceinline__ void tile_counts(const int32_t (&ex)[kSteps], const T
   }
 }
 
-// The walk: each warp ranks its sub-tile in flat order, lanes holding the same expert
-// (warp_peers) by lane order, from its running ranks `mine` (within the tile with shared
-// tables, whose first ranks are t.first; global ones without). positions[i] is written here;
-// source rows are staged in shared memory (shared tables) or stored straight (global tables).
-template <int kSteps, bool kShared>
-__device__ __forceinline__ void walk_sub_tile(const PlanArgs& a, const int32_t (&ex)[kSteps],
-                                              int64_t i0, int32_t* mine, const int32_t* starts,
-                                              const TileSmem& t) {
-  const int32_t E = a.experts;
+// The walk over kN consecutive steps of a warp (lane l of step s holds the expert ex[s] of
+// one entry, the entries in flat order step by step, lane by lane): each entry's rank among the
+// entries of its expert, counted from the running ranks mine[e], which it advances. Lanes
+// holding the same expert (warp_peers_steps; __match_any_sync was slower, benchmarks/NOTES.md)
+// are ranked in lane order; every step's peers are found first, so that the steps' ballot chains overlap.
+// visit(s, e, rank) sees each step in every lane (rank is meaningless where e >= E).
+template <int kN, typename Visit>
+__device__ __forceinline__ void walk_steps(const int32_t* ex, int32_t E, int32_t* mine,
+                                           Visit&& visit) {
   const int lane = threadIdx.x & 31;
   const unsigned lanes_before = (1u << lane) - 1u;
-  const int bits = plan_bits(E);
-  // every step's peers first, when few: the steps' ballots are independent, so they overlap
-  // instead of each step waiting for its own chain of `bits` ballots
-  constexpr bool kPeersFirst = kSteps <= 8;
-  unsigned all_peers[kPeersFirst ? kSteps : 1];
-  if constexpr (kPeersFirst && kPlanMatch) {
+  unsigned peers[kN];
+  warp_peers_steps<kN>(ex, plan_bits(E), peers);
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) all_peers[s] = __match_any_sync(kFullMask, ex[s]);
-  } else if constexpr (kPeersFirst) {
-    warp_peers_steps(ex, bits, all_peers);
-  }
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    const int64_t i = i0 + s * 32 + lane;
+  for (int s = 0; s < kN; ++s) {
     const int32_t e = ex[s];
-    unsigned peers;
-    if constexpr (kPeersFirst) {
-      peers = all_peers[s];
-    } else {
-      peers = warp_peers(e, bits);
-    }
-    const int leader = group_leader(peers);
+    const int leader = group_leader(peers[s]);
     int32_t rank0 = 0;
     if (e < E && lane == leader) {  // the leader alone reads and advances the group's count
       rank0 = mine[e];
-      mine[e] = rank0 + __popc(peers);
+      mine[e] = rank0 + __popc(peers[s]);
     }
-    const int32_t local = __shfl_sync(kFullMask, rank0, leader) + __popc(peers & lanes_before);
+    const int32_t rank = __shfl_sync(kFullMask, rank0, leader) + __popc(peers[s] & lanes_before);
     __syncwarp();  // orders this step's count updates before the next step's leaders read them
-    if (i < a.n) {
-      const int32_t rank = kShared && e < E ? t.first[e] + local : local;
-      const int32_t row = e < E ? dispatch::plan_row(starts[e], rank, a.capacity) : -1;
-      a.positions[i] = row;
-      if (kShared && e < E) {  // every valid entry has its own place: tile offset + local rank
-        const int32_t at = t.tile_off[e] + local;
-        t.stage_row[at] = row;
-        t.stage_i[at] = static_cast<int32_t>(i);
-      } else if (!kShared && row >= 0) {
-        a.source[row] = static_cast<int32_t>(i);
-      }
-    }
+    visit(s, e, rank);
   }
 }
 
-// Blocks an SM the rank kernel is compiled for: 1024 threads' worth with 8 or 16 warps (at most
-// 64 registers, so 256 tiles of 16 warps fit one wave on 132 SMs), else 1. Left to itself,
-// ptxas gave the 16-warp kernel 32 registers with spills, or 70 (one block an SM).
-__host__ __device__ constexpr int plan_rank_min_blocks(int warps) {
-  return warps >= 8 ? 1024 / (32 * warps) : 1;
+// Steps a walk_steps call takes at most: more peers in flight cost registers for nothing.
+constexpr int kPlanWalkChunk = 8;
+
+// walk_steps over all kSteps steps of a warp's sub-tile, kPlanWalkChunk at a time.
+template <int kSteps, typename Visit>
+__device__ __forceinline__ void walk_sub_tile(const int32_t (&ex)[kSteps], int32_t E,
+                                              int32_t* mine, Visit&& visit) {
+  constexpr int kN = kSteps < kPlanWalkChunk ? kSteps : kPlanWalkChunk;
+  static_assert(kSteps % kN == 0, "whole chunks");
+#pragma unroll
+  for (int c = 0; c < kSteps; c += kN) {
+    walk_steps<kN>(ex + c, E, mine, [&](int s, int32_t e, int32_t r) { visit(c + s, e, r); });
+  }
 }
 
-// 2. positions and source. Shared tables: kWarps warps, TileSmem in dynamic shared memory.
-// Global tables (kWarps == 1): the block's table is its workspace row, the starts and totals
-// come from plan_starts_kernel.
+// Registers a rank kernel thread may use: 48 with 16 warps, so that two rank blocks and two
+// count blocks fit one SM's 64K registers and every rank block of a wave starts while the
+// counts run (left to itself ptxas took 62); 64 with 8 warps (four blocks an SM; 48 spills);
+// 255, the most, with fewer warps.
+__host__ __device__ constexpr int plan_rank_max_registers(int warps) {
+  return warps >= 16 ? 48 : warps >= 8 ? 64 : 255;
+}
+
+// 3. positions and source. Shared tables: kWarps warps, TileSmem in dynamic shared memory.
+// Global tables (kWarps == 1): the block's table is its workspace row.
 //
-// Everything the tile knows alone (its ids, its counts, the scans across its warps and its
-// offsets in buffer order) is done before the wait for the count kernel. With shared tables
-// the source writes are staged: the tile's kept entries are laid out in shared memory in
-// buffer order (expert by expert, then rank), and the block then writes source[row] = i with
-// consecutive threads on consecutive rows. Written straight from the walk, every entry was a
-// 4-byte store to its own 32-byte sector, scattered across the buffer; that cost a third of
-// the plan (benchmarks/NOTES.md).
+// With shared tables everything the tile knows alone is done before the wait for the count
+// kernel: its ids, its counts per warp, the scans across its warps, its offsets in buffer
+// order, and the walk, which ranks each entry within the tile and stages the kept entries in
+// shared memory in buffer order (expert by expert, then rank). After the wait only the sums
+// across tiles and the writes remain: positions from each lane's (expert, rank) held in
+// registers, and source[row] = i with consecutive threads on consecutive rows. (Written
+// straight from the walk, every source entry was a 4-byte store to its own 32-byte sector,
+// scattered across the buffer; that cost a third of the plan: benchmarks/NOTES.md.)
 template <typename I, int kWarps, bool kShared>
-__global__ void __launch_bounds__(kWarps * 32, plan_rank_min_blocks(kWarps))
+__global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registers(kWarps))
     plan_rank_kernel(PlanArgs a) {
   static_assert(kShared || kWarps == 1, "global tables hold one running count per expert");
   constexpr int kSteps = kPlanTile / (32 * kWarps);  // entries a lane ranks
@@ -433,53 +517,88 @@ __global__ void __launch_bounds__(kWarps * 32, plan_rank_min_blocks(kWarps))
   const int32_t E = a.experts;
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t i0 = b * kPlanTile + static_cast<int64_t>(warp) * kSteps * 32;
-  int32_t ex[kSteps];  // this warp's sub-tile, loaded once for the counts and the walk
+  const int32_t w0 = warp * kSteps * 32;  // the warp's first entry within the tile
+  const int64_t i0 = b * kPlanTile + w0;
+  allow_next_grid();  // the next kernel (the next plan's first) waits for this one's end itself
+  PLAN_TRACE(a, 6);
+  if constexpr (kShared) {
+    static_assert(kSteps <= dispatch::kPlanMaxLaneEntries, "entries a lane holds");
+    int32_t ex[kSteps];  // this warp's sub-tile, loaded once for the counts and the walk
 #pragma unroll
-  for (int s = 0; s < kSteps; ++s) ex[s] = plan_expert<I>(a, i0 + s * 32 + lane);
-  if (kShared) {
+    for (int s = 0; s < kSteps; ++s) ex[s] = plan_expert<I>(a, i0 + s * 32 + lane);
     const TileSmem t = carve_tile_smem(plan_smem, E, kWarps);
     tile_counts<kWarps>(ex, t, E);
     // its barriers order the scanned tables before the walk below
     const int32_t kept = block_exclusive_scan(t.tile_off, t.tile_off, E, t.warp_totals);
-    wait_for_previous_grid();  // the counts and group sums are complete past this point
+    // entry[s] = the step's expert and, in the high bits, its rank within the tile
+    uint32_t entry[kSteps];
+    walk_sub_tile(ex, E, t.table + static_cast<int64_t>(warp) * E,
+                  [&](int s, int32_t e, int32_t rank) {
+                    entry[s] = static_cast<uint32_t>(e < E ? e : E) |
+                               (static_cast<uint32_t>(e < E ? rank : 0) << 16);
+                    // every kept entry has its own place: the tile's offset + its rank
+                    if (e < E) t.stage[t.tile_off[e] + rank] = staged_entry(e, w0 + s * 32 + lane);
+                  });
+    PLAN_TRACE(a, 7);
+    wait_for_previous_grid();  // the counts and the scanned sums are complete past this point
+    PLAN_TRACE(a, 8);
     for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
-      int32_t total;
-      expert_sums(a, b, e, &total, t.first + e);
-      t.totals[e] = total;
-      if (b == 0) a.tokens_per_expert[e] = total;
+      t.first[e] = tile_first(a, b, e);
+      t.starts[e] = a.starts[e];
+      t.totals[e] = a.tokens_per_expert[e];
     }
-    __syncthreads();  // orders the totals and first ranks before the scan reads them
-    block_starts(a, t.totals, t.starts, t.warp_totals);
-    walk_sub_tile<kSteps, true>(a, ex, i0, t.table + static_cast<int64_t>(warp) * E, t.starts,
-                                t);
-    __syncthreads();  // orders the staged entries before the block writes them out
+    __syncthreads();  // orders the first ranks, starts, totals and staged entries before reads
+    PLAN_TRACE(a, 9);
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int64_t i = i0 + s * 32 + lane;
+      const int32_t e = static_cast<int32_t>(entry[s] & 0xFFFFu);
+      const int32_t rank = static_cast<int32_t>(entry[s] >> 16);
+      if (i < a.n) {
+        a.positions[i] = e < E ? dispatch::plan_row(t.starts[e], t.first[e] + rank, a.capacity)
+                               : -1;
+      }
+    }
+    PLAN_TRACE(a, 10);
     for (int32_t x = threadIdx.x; x < kept; x += blockDim.x) {
-      const int32_t row = t.stage_row[x];
-      if (row >= 0) a.source[row] = t.stage_i[x];  // -1: dropped by capacity
+      const int32_t v = t.stage[x];
+      const int32_t e = v >> kPlanTileBits;
+      const int32_t rank = t.first[e] + (x - t.tile_off[e]);
+      const int32_t row = dispatch::plan_row(t.starts[e], rank, a.capacity);
+      if (row >= 0) a.source[row] = static_cast<int32_t>(b * kPlanTile + (v & (kPlanTile - 1)));
     }
     fill_empty_rows(a, t.totals, t.starts);
+    PLAN_TRACE(a, 11);
   } else {
     wait_for_previous_grid();  // a no-op: this path is launched without overlap
     int32_t* mine = a.tables + b * E;  // the running ranks per expert, global
-    for (int32_t e = lane; e < E; e += 32) {
-      int32_t unused;
-      expert_sums(a, b, e, &unused, mine + e);
-    }
+    for (int32_t e = lane; e < E; e += 32) mine[e] = tile_first(a, b, e);
     __syncwarp();  // orders the initialised table before the walk (one warp)
-    walk_sub_tile<kSteps, false>(a, ex, i0, mine, a.starts, TileSmem{});
+#pragma unroll 1
+    for (int c = 0; c < kSteps; c += kPlanWalkChunk) {  // a chunk's ids at a time
+      int32_t ex[kPlanWalkChunk];
+#pragma unroll
+      for (int s = 0; s < kPlanWalkChunk; ++s) ex[s] = plan_expert<I>(a, i0 + (c + s) * 32 + lane);
+      walk_steps<kPlanWalkChunk>(ex, E, mine, [&](int s, int32_t e, int32_t rank) {
+        const int64_t i = i0 + (c + s) * 32 + lane;
+        if (i >= a.n) return;
+        const int32_t row = e < E ? dispatch::plan_row(a.starts[e], rank, a.capacity) : -1;
+        a.positions[i] = row;
+        if (row >= 0) a.source[row] = static_cast<int32_t>(i);
+      });
+    }
     fill_empty_rows(a, a.tokens_per_expert, a.starts);
   }
 }
 
-// Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1), or 0 when even one
-// warp's tables do not fit: the global path. 16 warps while the tiles fit in one wave of
+// Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1, at least
+// kPlanMinSharedWarps), or 0 when the fewest warps' tables do not fit: the global path. 16 warps while the tiles fit in one wave of
 // 512-thread blocks (4 a SM), 8 past that: measured on the H200 at 65536 and 262144 tokens
 // (benchmarks/NOTES.md), where the longer walks of 8 warps cost less than a second wave.
 inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
   const bool one_wave = tiles <= 4 * static_cast<int64_t>(sms);
   const int most = one_wave || kPlanMaxWarps == 1 ? kPlanMaxWarps : kPlanMaxWarps / 2;
-  for (int w = most; w >= 1; w >>= 1) {
+  for (int w = most; w >= kPlanMinSharedWarps; w >>= 1) {
     if (PlanRankSmemInts(E, w) <= dispatch::kPlanSmemInts) return w;
   }
   return 0;
@@ -488,7 +607,7 @@ inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
 // The rank kernel with shared tables and `warps` warps (a power of two <= kWarps).
 template <typename I, int kWarps>
 cudaError_t LaunchRankShared(const PlanArgs& a, int warps, cudaStream_t s) {
-  if constexpr (kWarps > 1) {
+  if constexpr (kWarps > kPlanMinSharedWarps) {
     if (warps < kWarps) return LaunchRankShared<I, kWarps / 2>(a, warps, s);
   }
   const size_t smem = static_cast<size_t>(PlanRankSmemInts(a.experts, kWarps)) * sizeof(int32_t);
@@ -518,13 +637,15 @@ cudaError_t LaunchClusterCount(const PlanArgs& a, int dev, bool* launched, cudaS
   cfg.blockDim = dim3(kPlanCountThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = C;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // first_kernel_start
+  attr[1].val.programmaticStreamSerializationAllowed = JR_PDL;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = 2;
   // fits[dev][log2 C]: 0 unknown, 1 yes, 2 no. The query is host-side, safe under capture.
   static std::atomic<int> fits[kMaxDevices][4];
   int log2c = 0;
@@ -562,8 +683,10 @@ cudaError_t LaunchPlanT(PlanArgs a, cudaStream_t s) {
     const int64_t zeros = (shared_counts ? 0 : a.tiles * E) + a.groups * E;
     const int64_t most = 4 * static_cast<int64_t>(sms);
     const unsigned zgrid = static_cast<unsigned>(std::min<int64_t>((zeros + 4095) / 4096, most));
-    plan_zero_kernel<<<zgrid, 1024, 0, s>>>(zero_from, zeros);
-    const cudaError_t err =
+    cudaError_t err =
+        LaunchAfter(plan_zero_kernel, dim3(zgrid), dim3(1024), 0, s, zero_from, zeros);
+    if (err != cudaSuccess) return err;
+    err =
         shared_counts
             ? LaunchAfter(plan_count_kernel<I, true>, dim3(grid), dim3(kPlanCountThreads),
                           static_cast<size_t>(E) * sizeof(int32_t), s, a)
@@ -571,19 +694,20 @@ cudaError_t LaunchPlanT(PlanArgs a, cudaStream_t s) {
                           a);
     if (err != cudaSuccess) return err;
   }
+  cudaError_t err = LaunchAfter(plan_scan_kernel, dim3(1), dim3(kPlanScanThreads), 0, s, a);
+  if (err != cudaSuccess) return err;
   if (warps > 0) {
-    const cudaError_t err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
+    err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
     if (err != cudaSuccess) return err;
   } else {
-    plan_starts_kernel<<<1, 1024, 0, s>>>(a);
     plan_rank_kernel<I, 1, false><<<grid, 32, 0, s>>>(a);
   }
   return cudaGetLastError();
 }
 
 // a with its tiling and its scratch in `workspace`, laid out as dispatch_math.h's
-// plan_workspace_size counts it: counts [tiles, E], sums [groups, E], then (global tables only)
-// starts [E] and tables [tiles, E].
+// plan_workspace_size counts it: counts [tiles, E], sums [groups, E], starts [E], then (global
+// tables only) tables [tiles, E].
 inline PlanArgs OnWorkspace(PlanArgs a, int32_t* workspace) {
   const int64_t E = a.experts;
   a.tiles = dispatch::plan_tiles(a.n);

@@ -35,11 +35,12 @@ from .router import autodiff_guard
 
 # The plan kernels' tiling (ffi/dispatch_math.h): flat (token, slot) entries per tile, and the
 # number of experts past which the CUDA rank tables live in the workspace. The plan call's
-# workspace holds the counts per (tile, expert) and per (group of tiles, expert), and past that
-# number of experts the starts and one table per tile. A test compares plan_workspace_size with
+# workspace holds the counts per (tile, expert) and per (group of tiles, expert), the expert
+# starts, and past that number of experts one table per tile. A test compares plan_workspace_size with
 # the compiled modules' dispatch_plan_workspace_size.
 PLAN_TILE = 2048
-_PLAN_SHARED_MAX_EXPERTS = (12288 - 32 - 2 * PLAN_TILE) // 5
+_PLAN_MIN_SHARED_WARPS = max(1, PLAN_TILE // (32 * 64))  # a lane holds at most 64 entries
+_PLAN_SHARED_MAX_EXPERTS = (12288 - 32 - PLAN_TILE) // (4 + _PLAN_MIN_SHARED_WARPS)
 _PLAN_CLUSTER_GROUP, _PLAN_CLUSTER_MAX_TILES = 8, 256  # groups of at most 8 tiles up to 256 tiles
 _NO_CAPACITY = -1  # the capacity attribute's "none" (ffi/dispatch_math.h kNoCapacity)
 
@@ -53,8 +54,8 @@ def plan_workspace_size(num_entries: int, num_experts: int) -> int:
     if tiles <= _PLAN_CLUSTER_MAX_TILES:
         group = min(group, _PLAN_CLUSTER_GROUP)
     groups = -(-tiles // group)
-    global_tables = tiles + 1 if num_experts > _PLAN_SHARED_MAX_EXPERTS else 0
-    return (tiles + groups + global_tables) * num_experts
+    global_tables = tiles if num_experts > _PLAN_SHARED_MAX_EXPERTS else 0
+    return (tiles + groups + 1 + global_tables) * num_experts
 
 
 def _use_kernels(implementation: str | None) -> bool:

@@ -44,8 +44,9 @@ def assert_plan(plan, idx, E, capacity):
 # 160000 entries are 79 tiles in 10 groups of 8, the last one short: on CUDA, clusters of 8
 # blocks with one past the last tile; 560000 entries are 274 tiles in 9 groups of 32, counted
 # by the zero and count kernels), empty and overfull experts, every capacity regime, and every
-# layout of the CUDA rank kernel: shared tables with 16 warps (E <= 408), 8 (600), 4 (1000), 2
-# (1200) and 1 (1500), one warp from global tables (2000, 7000), global counts too (13000)
+# layout of the CUDA rank kernel: shared tables with 16 warps (E <= 510), 8 (600), 4 (1000,
+# 1200), 2 (1500) and 1 (2000), one warp from global tables (2500, 7000), global counts too
+# (13000)
 PLAN_CASES = [
     ((64,), 4, 8, "uniform", None),
     ((3000,), 3, 37, "uniform", None),
@@ -71,6 +72,7 @@ PLAN_CASES = [
     ((3000,), 4, 1200, "uniform", None),
     ((3000,), 4, 1500, "invalid", 4),
     ((3000,), 4, 2000, "zipf", 3),
+    ((3000,), 4, 2500, "uniform", None),
     ((2, 3000), 2, 7000, "uniform", None),
     ((2, 3000), 2, 13000, "zipf", 3),
 ]
@@ -122,7 +124,7 @@ def test_plan_workspace_size_matches_the_modules():
     if not modules:
         pytest.skip("no compiled module")
     for n in (0, 1, 2047, 2048, 2049, 9000, 5 * 2048, 17 * 2048 + 3, 524288, 2**31 - 1):
-        for E in (1, 256, 1632, 1633, 40000):
+        for E in (1, 256, jd._PLAN_SHARED_MAX_EXPERTS, jd._PLAN_SHARED_MAX_EXPERTS + 1, 40000):
             for module in modules:
                 assert module.dispatch_plan_workspace_size(n, E) == jd.plan_workspace_size(n, E)
 
