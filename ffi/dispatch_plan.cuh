@@ -465,8 +465,9 @@ __device__ __forceinline__ void tile_counts(const int32_t (&ex)[kSteps], const T
 // one entry, the entries in flat order step by step, lane by lane): each entry's rank among the
 // entries of its expert, counted from the running ranks mine[e], which it advances. Lanes
 // holding the same expert (warp_peers_steps; __match_any_sync was slower, benchmarks/NOTES.md)
-// are ranked in lane order; every step's peers are found first, so that the steps' ballot chains overlap.
-// visit(s, e, rank) sees each step in every lane (rank is meaningless where e >= E).
+// are ranked in lane order; every step's peers are found first, so that the steps' ballot
+// chains overlap. visit(s, e, rank) sees each step in every lane (rank is meaningless where
+// e >= E).
 template <int kN, typename Visit>
 __device__ __forceinline__ void walk_steps(const int32_t* ex, int32_t E, int32_t* mine,
                                            Visit&& visit) {
@@ -515,12 +516,13 @@ __host__ __device__ constexpr int plan_rank_max_registers(int warps) {
 // 3. positions and source. Shared tables: kWarps warps, TileSmem in dynamic shared memory.
 // Global tables (kWarps == 1): the block's table is its workspace row.
 //
-// With shared tables everything the tile knows alone is done before the wait for the count
-// kernel: its ids, its counts per warp, the scans across its warps, its offsets in buffer
+// With shared tables everything the tile knows alone is done before the wait for the count and
+// scan kernels: its ids, its counts per warp, the scans across its warps, its offsets in buffer
 // order, and the walk, which ranks each entry within the tile and stages the kept entries in
-// shared memory in buffer order (expert by expert, then rank). After the wait only the sums
-// across tiles and the writes remain: positions from each lane's (expert, rank) held in
-// registers, and source[row] = i with consecutive threads on consecutive rows. (Written
+// shared memory in buffer order (expert by expert, then rank). After the wait only the tile's
+// first ranks, the starts and the totals (a few loads an expert) and the writes remain:
+// positions from each lane's (expert, rank) held in registers, and source[row] = i with
+// consecutive threads on consecutive rows. (Written
 // straight from the walk, every source entry was a 4-byte store to its own 32-byte sector,
 // scattered across the buffer; that cost a third of the plan: benchmarks/NOTES.md.)
 template <typename I, int kWarps, bool kShared>
@@ -545,7 +547,9 @@ __global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registe
     tile_counts<kWarps>(ex, t, E);
     // its barriers order the scanned tables before the walk below
     const int32_t kept = block_exclusive_scan(t.tile_off, t.tile_off, E, t.warp_totals);
-    // entry[s] = the step's expert and, in the high bits, its rank within the tile
+    // entry[s] = the step's expert and, in the high 16 bits, its rank within the tile
+    static_assert(dispatch::kPlanSharedMaxExperts < (1 << 16) && kPlanTile <= (1 << 16),
+                  "an expert and a rank within the tile fit 16 bits each");
     uint32_t entry[kSteps];
     walk_sub_tile(ex, E, t.table + static_cast<int64_t>(warp) * E,
                   [&](int s, int32_t e, int32_t rank) {
@@ -593,7 +597,9 @@ __global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registe
     for (int c = 0; c < kSteps; c += kPlanWalkChunk) {  // a chunk's ids at a time
       int32_t ex[kPlanWalkChunk];
 #pragma unroll
-      for (int s = 0; s < kPlanWalkChunk; ++s) ex[s] = plan_expert<I>(a, i0 + (c + s) * 32 + lane);
+      for (int s = 0; s < kPlanWalkChunk; ++s) {
+        ex[s] = plan_expert<I>(a, i0 + (c + s) * 32 + lane);
+      }
       walk_steps<kPlanWalkChunk>(ex, E, mine, [&](int s, int32_t e, int32_t rank) {
         const int64_t i = i0 + (c + s) * 32 + lane;
         if (i >= a.n) return;
@@ -607,9 +613,10 @@ __global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registe
 }
 
 // Warps per block of the rank kernel with shared tables (16, 8, 4, 2 or 1, at least
-// kPlanMinSharedWarps), or 0 when the fewest warps' tables do not fit: the global path. 16 warps while the tiles fit in one wave of
-// 512-thread blocks (4 a SM), 8 past that: measured on the H200 at 65536 and 262144 tokens
-// (benchmarks/NOTES.md), where the longer walks of 8 warps cost less than a second wave.
+// kPlanMinSharedWarps), or 0 when the fewest warps' tables do not fit: the global path. 16 warps
+// while the tiles fit in one wave of 512-thread blocks (4 a SM), 8 past that: measured on the
+// H200 at 65536 and 262144 tokens (benchmarks/NOTES.md), where the longer walks of 8 warps cost
+// less than a second wave.
 inline int PlanRankWarps(int64_t E, int64_t tiles, int sms) {
   const bool one_wave = tiles <= 4 * static_cast<int64_t>(sms);
   const int most = one_wave || kPlanMaxWarps == 1 ? kPlanMaxWarps : kPlanMaxWarps / 2;
