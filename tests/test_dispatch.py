@@ -19,7 +19,8 @@ from jax.test_util import check_grads
 import jax_router as jr
 from jax_router import _ffi, dispatch as jd
 
-from .dispatch_util import permute_oracle, plan_oracle, random_ids, unpermute_oracle
+from .dispatch_util import (permute_oracle, plan_oracle, plan_oracle_sorted, random_ids,
+                            unpermute_oracle)
 from .util import FLOAT_DTYPES
 
 F32 = np.float32
@@ -91,6 +92,25 @@ def test_plan_matches_the_definition(impl, case):
         ref = jr.reference.dispatch_plan(idx, E, capacity=capacity)
         for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(ref)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sorted_oracle_matches_the_loop():
+    rng = np.random.default_rng(11)
+    for kind, capacity in (("uniform", None), ("invalid", None), ("zipf", 3), ("invalid", 0)):
+        idx = random_ids(rng, (700, 3), 20, kind)
+        for a, b in zip(plan_oracle(idx, 20, capacity), plan_oracle_sorted(idx, 20, capacity)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_plan_with_many_groups(impl):
+    """4.8M entries: 2344 tiles in 37 groups of 64, more groups than a thread of the CUDA scan
+    block keeps in registers (it reads the rest again), and the zero + count path."""
+    rng = np.random.default_rng(12)
+    idx = random_ids(rng, (600000, 8), 256, "invalid").astype(np.int32)
+    plan = plan_of(impl, idx, 256)
+    for got, want, name in zip(jax.tree.leaves(plan), plan_oracle_sorted(idx, 256, None),
+                               ("tokens_per_expert", "positions", "source")):
+        np.testing.assert_array_equal(np.asarray(got), want, name)
 
 
 def test_plan_int64_ids(impl):
