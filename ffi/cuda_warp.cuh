@@ -80,10 +80,12 @@ __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 // The lanes of the warp holding the same value as this lane, for each of N values v[s] in
 // [0, 2^bits): one ballot per bit and value, each lane keeping the lanes that agree with it on
 // that bit. This is what __match_any_sync computes; on the H200 it was faster while the plan
-// walked its tiles twice, and level since (NOTES rows 18 and 20). The loop runs bit by bit
-// across all N values: their N chains of ballots are independent, so they overlap.
+// walked its tiles twice, level later and slower since (NOTES rows 18, 20 and 45). The loop
+// runs bit by bit across all N values: their N chains of ballots are independent, so they
+// overlap.
 template <int N>
-__device__ __forceinline__ void warp_peers_steps(const int32_t* v, int bits, unsigned (&peers)[N]) {
+__device__ __forceinline__ void warp_peers_steps(const int32_t* v, int bits,
+                                                 unsigned (&peers)[N]) {
 #pragma unroll
   for (int s = 0; s < N; ++s) peers[s] = kFullMask;
   for (int bit = 0; bit < bits; ++bit) {

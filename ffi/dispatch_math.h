@@ -49,7 +49,7 @@ JR_HD int64_t plan_tiles(int64_t n) { return (n + kPlanTile - 1) / kPlanTile; }
 // Tiles per group: the smallest power of two whose square covers the tiles (1 for one tile),
 // but at most kPlanClusterGroup while there are at most kPlanClusterMaxTiles tiles. There the
 // CUDA plan counts each group in one cluster of blocks (dispatch_plan.cuh), whose portable
-// size is 8; a rank block then reads at most 32 group sums per expert.
+// size is 8; the scan block then reads at most 32 group sums per expert.
 constexpr int64_t kPlanClusterGroup = 8;
 constexpr int64_t kPlanClusterMaxTiles = 256;
 JR_HD int64_t plan_group(int64_t tiles) {

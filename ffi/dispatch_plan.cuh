@@ -522,9 +522,9 @@ __host__ __device__ constexpr int plan_rank_max_registers(int warps) {
 // shared memory in buffer order (expert by expert, then rank). After the wait only the tile's
 // first ranks, the starts and the totals (a few loads an expert) and the writes remain:
 // positions from each lane's (expert, rank) held in registers, and source[row] = i with
-// consecutive threads on consecutive rows. (Written
-// straight from the walk, every source entry was a 4-byte store to its own 32-byte sector,
-// scattered across the buffer; that cost a third of the plan: benchmarks/NOTES.md.)
+// consecutive threads on consecutive rows. (Written straight from the walk, every source entry
+// was a 4-byte store to its own 32-byte sector, scattered across the buffer; that cost a third
+// of the plan: benchmarks/NOTES.md.)
 template <typename I, int kWarps, bool kShared>
 __global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registers(kWarps))
     plan_rank_kernel(PlanArgs a) {

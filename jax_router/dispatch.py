@@ -36,8 +36,8 @@ from .router import autodiff_guard
 # The plan kernels' tiling (ffi/dispatch_math.h): flat (token, slot) entries per tile, and the
 # number of experts past which the CUDA rank tables live in the workspace. The plan call's
 # workspace holds the counts per (tile, expert) and per (group of tiles, expert), the expert
-# starts, and past that number of experts one table per tile. A test compares plan_workspace_size with
-# the compiled modules' dispatch_plan_workspace_size.
+# starts, and past that number of experts one table per tile. A test compares
+# plan_workspace_size with the compiled modules' dispatch_plan_workspace_size.
 PLAN_TILE = 2048
 _PLAN_MIN_SHARED_WARPS = max(1, PLAN_TILE // (32 * 64))  # a lane holds at most 64 entries
 _PLAN_SHARED_MAX_EXPERTS = (12288 - 32 - PLAN_TILE) // (4 + _PLAN_MIN_SHARED_WARPS)
