@@ -106,6 +106,8 @@ static void PrintTrace(int sets, int blocks) {
   const size_t per = static_cast<size_t>(kPlanTraceSlots) * 1024;
   std::vector<unsigned long long> h(per * sets);
   CK(cudaMemcpy(h.data(), g_trace, h.size() * 8, cudaMemcpyDeviceToHost));
+  // stamps never written (0: the buffer is zeroed once) are skipped, so a kernel variant may
+  // stamp a slot from any of its blocks
   const char* names[kPlanTraceSlots] = {"count start", "counted", "count end", "scan start",
                                         "scan summed", "scan end", "rank start", "rank prewait",
                                         "rank released", "rank loaded", "positions", "rank end"};
@@ -114,6 +116,7 @@ static void PrintTrace(int sets, int blocks) {
     *hi = 0;
     for (int b = 0; b < nb; ++b) {
       const unsigned long long t = h[per * set + static_cast<size_t>(slot) * 1024 + b];
+      if (t == 0) continue;
       *lo = std::min(*lo, t);
       *hi = std::max(*hi, t);
     }
@@ -122,7 +125,7 @@ static void PrintTrace(int sets, int blocks) {
   range(sets - 1, 0, blocks, &t0, &unused);
   for (int set : {sets - 2, sets - 1}) {
     for (int slot = 0; slot < kPlanTraceSlots; ++slot) {
-      const int nb = slot >= 3 && slot <= 5 ? 1 : blocks;
+      const int nb = blocks;
       unsigned long long lo, hi;
       range(set, slot, nb, &lo, &hi);
       std::printf("  trace plan %s %-14s %8lld %8lld\n", set == sets - 1 ? "last" : "prev",
@@ -136,6 +139,7 @@ int main() {
   CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
 #if JR_PLAN_TRACE
   CK(cudaMalloc(&g_trace, 16 * kPlanTraceSlots * 1024 * 8));
+  CK(cudaMemset(g_trace, 0, 16 * kPlanTraceSlots * 1024 * 8));
 #endif
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));

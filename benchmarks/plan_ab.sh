@@ -23,6 +23,6 @@ for pass in $(seq "$PASSES"); do
   for name in "${names[@]}"; do
     [ -x "/tmp/plan_ab_$name" ] || continue
     BENCH_OPS=plan "/tmp/plan_ab_$name" | awk -v n="$name" -v p="$pass" \
-      '/^ +[0-9]/ {printf "%-14s pass %d: %s\n", n, p, $0}'
+      '/^ +[0-9]/ {printf "%-14s pass %d: %s\n", n, p, $0} /trace/ {print n, $0}'
   done
 done
