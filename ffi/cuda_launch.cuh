@@ -34,6 +34,16 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
+// The start of a kernel launched with LaunchAfter that reads what the kernel before it wrote
+// from its first instruction: it waits for that kernel, then lets the next one be scheduled
+// (whose blocks wait in turn). Every block of this grid has started by then, so the next grid's
+// waiting blocks never hold a place this grid needs; what the overlap saves is the next
+// launch's latency, behind this kernel's run.
+__device__ __forceinline__ void overlapped_start() {
+  wait_for_previous_grid();
+  allow_next_grid();
+}
+
 // kernel<<<grid, block, smem, s>>>(args...) with programmatic stream serialization allowed.
 template <typename... Params, typename... Args>
 cudaError_t LaunchAfter(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,

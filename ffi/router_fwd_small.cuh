@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "cuda_launch.cuh"
 #include "router_fwd_fast.cuh"
 #include "routing_math.h"
 
@@ -32,6 +33,9 @@ template <ScoreFn F, int kK>
 __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs a) {
   constexpr int kE = kSmallExperts;
   const int E = a.E, k = a.k;
+  // Launched with LaunchAfter: the next kernel's launch hides behind this one's run, 0.2-0.3 us
+  // of a 2-3 us call (benchmarks/NOTES.md; the larger kernels measured slower with it).
+  overlapped_start();
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < a.rows;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t roff = t * E;
@@ -92,16 +96,11 @@ inline cudaError_t LaunchSmallT(const FastArgs& fa, cudaStream_t s, int dev) {
   const int64_t blocks = (fa.rows + kSmallThreads - 1) / kSmallThreads;
   const int64_t most = static_cast<int64_t>(SmCount(dev)) * (2048 / kSmallThreads);
   const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
-  if (fa.k <= 1) {
-    fwd_small_kernel<F, 1><<<grid, kSmallThreads, 0, s>>>(fa);
-  } else if (fa.k <= 2) {
-    fwd_small_kernel<F, 2><<<grid, kSmallThreads, 0, s>>>(fa);
-  } else if (fa.k <= 4) {
-    fwd_small_kernel<F, 4><<<grid, kSmallThreads, 0, s>>>(fa);
-  } else {
-    fwd_small_kernel<F, 8><<<grid, kSmallThreads, 0, s>>>(fa);
-  }
-  return cudaGetLastError();
+  auto kernel = fa.k <= 1   ? fwd_small_kernel<F, 1>
+                : fa.k <= 2 ? fwd_small_kernel<F, 2>
+                : fa.k <= 4 ? fwd_small_kernel<F, 4>
+                            : fwd_small_kernel<F, 8>;
+  return LaunchAfter(kernel, dim3(grid), dim3(kSmallThreads), 0, s, fa);
 }
 
 inline cudaError_t LaunchSmall(ScoreFn fn, const FastArgs& fa, cudaStream_t s, int dev) {
