@@ -132,20 +132,16 @@ __device__ __forceinline__ int32_t plan_expert(const PlanArgs& a, int64_t i) {
 // Bits that hold every value of plan_expert (0 .. E, E being the dropped sentinel).
 __device__ __forceinline__ int plan_bits(int32_t experts) { return 32 - __clz(experts); }
 
-// The start of the plan's first kernel (the zero kernel, or the cluster count kernel), which is
-// launched to overlap whatever kernel came before it on the stream: it waits for that kernel
-// (which may write the ids) before anything else, and only then lets the plan's next kernel be
-// scheduled, because that one loads the ids before its own wait. So every kernel of the plan
-// reads the ids after the kernel before the plan has finished, and the first one's launch is
-// hidden behind that kernel's tail.
-__device__ __forceinline__ void first_kernel_start() {
-  wait_for_previous_grid();
-  allow_next_grid();
-}
+// The plan's first kernel (the zero kernel, or the cluster count kernel) is launched to overlap
+// whatever kernel came before it on the stream and starts with overlapped_start: it waits for
+// that kernel (which may write the ids) before anything else, and only then lets the plan's
+// next kernel be scheduled, because that one loads the ids before its own wait. So every
+// kernel of the plan reads the ids after the kernel before the plan has finished, and the first
+// one's launch is hidden behind that kernel's tail.
 
 // 0. Zeroes n ints at p: the group sums, and past kPlanCountSmemExperts the counts before them.
 __global__ void __launch_bounds__(1024) plan_zero_kernel(int32_t* p, int64_t n) {
-  first_kernel_start();
+  overlapped_start();  // the plan's first kernel
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
@@ -217,7 +213,7 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
   const int64_t b = blockIdx.x;
   int32_t* table = plan_smem;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) table[e] = 0;  // while it waits
-  first_kernel_start();
+  overlapped_start();  // the plan's first kernel
   PLAN_TRACE(a, 0);
   int32_t ex[kPlanCountSteps];
   load_count_tile<I>(a, b, ex);
@@ -664,7 +660,7 @@ cudaError_t LaunchClusterCount(const PlanArgs& a, int dev, bool* launched, cudaS
   attr[0].val.clusterDim.x = C;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // first_kernel_start
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // overlapped_start
   attr[1].val.programmaticStreamSerializationAllowed = JR_PDL;
   cfg.attrs = attr;
   cfg.numAttrs = 2;
