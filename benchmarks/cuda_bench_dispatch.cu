@@ -111,10 +111,10 @@ static void PrintTrace(int sets, int blocks) {
   const char* names[kPlanTraceSlots] = {"count start", "counted", "count end", "scan start",
                                         "scan summed", "scan end", "rank start", "rank prewait",
                                         "rank released", "rank loaded", "positions", "rank end"};
-  auto range = [&](int set, int slot, int nb, unsigned long long* lo, unsigned long long* hi) {
+  auto range = [&](int set, int slot, unsigned long long* lo, unsigned long long* hi) {
     *lo = ~0ull;
     *hi = 0;
-    for (int b = 0; b < nb; ++b) {
+    for (int b = 0; b < blocks; ++b) {
       const unsigned long long t = h[per * set + static_cast<size_t>(slot) * 1024 + b];
       if (t == 0) continue;
       *lo = std::min(*lo, t);
@@ -122,12 +122,11 @@ static void PrintTrace(int sets, int blocks) {
     }
   };
   unsigned long long t0, unused;
-  range(sets - 1, 0, blocks, &t0, &unused);
+  range(sets - 1, 0, &t0, &unused);
   for (int set : {sets - 2, sets - 1}) {
     for (int slot = 0; slot < kPlanTraceSlots; ++slot) {
-      const int nb = blocks;
       unsigned long long lo, hi;
-      range(set, slot, nb, &lo, &hi);
+      range(set, slot, &lo, &hi);
       std::printf("  trace plan %s %-14s %8lld %8lld\n", set == sets - 1 ? "last" : "prev",
                   names[slot], static_cast<long long>(lo - t0), static_cast<long long>(hi - t0));
     }

@@ -40,11 +40,6 @@ inline int SmemOptin(int dev) {
   return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);
 }
 
-inline int SmemPerSm(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  return CachedAttr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, cache, dev, 48 * 1024);
-}
-
 // Lets `kernel` take more than the default 48 KiB of dynamic shared memory on device dev: the
 // limit is raised once per device and kernel, to all the device allows (its opt-in size less
 // the kernel's static shared memory), so that concurrent callers never lower it. `raised` is

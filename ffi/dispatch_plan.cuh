@@ -298,17 +298,6 @@ constexpr int kPlanScanParts = JR_PLAN_SCAN_PARTS;
 constexpr int kPlanScanExperts = 256;
 constexpr int kPlanScanThreads = kPlanScanParts * kPlanScanExperts;
 constexpr int kPlanScanChunk = 32 / kPlanScanParts;
-// Knobs for benchmarks/cuda_bench_dispatch.cu only (NOTES.md, "Next for the plan"), both off:
-// JR_PLAN_SCAN_SMEM_TOTALS keeps the scan's totals in shared memory for its scan of the starts
-// (instead of reading back tokens_per_expert); JR_PLAN_SCAN_RESERVE gives the scan block so much
-// shared memory that no rank block shares its SM (the rank blocks' walk there competes with
-// the scan's loads for issue slots).
-#ifndef JR_PLAN_SCAN_SMEM_TOTALS
-#define JR_PLAN_SCAN_SMEM_TOTALS 0
-#endif
-#ifndef JR_PLAN_SCAN_RESERVE
-#define JR_PLAN_SCAN_RESERVE 0
-#endif
 
 // 2. The scan, by one block: for each expert e, sums[g, e] := the sum of the groups before g, in
 // place; tokens_per_expert[e] := the total; starts[e] := the buffer row of e's rank 0. Part p of
@@ -317,7 +306,6 @@ constexpr int kPlanScanChunk = 32 / kPlanScanParts;
 // a rank block reads a few ints an expert instead of every group's sum (256 rank blocks reading
 // 32 group sums an expert took 1.4 us, and their scans of the starts ~1 us: NOTES.md).
 __global__ void __launch_bounds__(kPlanScanThreads) plan_scan_kernel(PlanArgs a) {
-  extern __shared__ int32_t plan_smem[];  // JR_PLAN_SCAN_SMEM_TOTALS: the totals, [E]
   __shared__ int32_t warp_totals[32];
   __shared__ int32_t part_sums[kPlanScanParts][kPlanScanExperts];
   allow_next_grid();  // the rank kernel's blocks may load and rank their tiles meanwhile
@@ -359,14 +347,12 @@ __global__ void __launch_bounds__(kPlanScanThreads) plan_scan_kernel(PlanArgs a)
         run += c;
       }
       if (part == 0) a.tokens_per_expert[e] = total;
-      if (JR_PLAN_SCAN_SMEM_TOTALS && part == 0) plan_smem[e] = total;
     }
     __syncthreads();  // orders this round's reads of part_sums before the next round's writes
   }
   PLAN_TRACE(a, 4);
   // ordered by the barrier above
-  block_starts(a, JR_PLAN_SCAN_SMEM_TOTALS ? plan_smem : a.tokens_per_expert, a.starts,
-               warp_totals);
+  block_starts(a, a.tokens_per_expert, a.starts, warp_totals);
   PLAN_TRACE(a, 5);
 }
 
@@ -712,18 +698,7 @@ cudaError_t LaunchPlanT(PlanArgs a, cudaStream_t s) {
                           a);
     if (err != cudaSuccess) return err;
   }
-  size_t scan_smem = JR_PLAN_SCAN_SMEM_TOTALS ? static_cast<size_t>(E) * sizeof(int32_t) : 0;
-  if (JR_PLAN_SCAN_RESERVE && warps > 0) {  // more than an SM holds beside one rank block
-    const size_t rank = static_cast<size_t>(PlanRankSmemInts(E, warps)) * sizeof(int32_t);
-    scan_smem = std::max(scan_smem, static_cast<size_t>(SmemPerSm(dev)) - rank - 2048 + 16);
-  }
-  if (JR_PLAN_SCAN_SMEM_TOTALS || JR_PLAN_SCAN_RESERVE) {
-    static std::atomic<int> raised[kMaxDevices];
-    const cudaError_t e = AllowDynamicSmem(plan_scan_kernel, scan_smem, dev, raised);
-    if (e != cudaSuccess) return e;
-  }
-  cudaError_t err =
-      LaunchAfter(plan_scan_kernel, dim3(1), dim3(kPlanScanThreads), scan_smem, s, a);
+  cudaError_t err = LaunchAfter(plan_scan_kernel, dim3(1), dim3(kPlanScanThreads), 0, s, a);
   if (err != cudaSuccess) return err;
   if (warps > 0) {
     err = LaunchRankShared<I, kPlanMaxWarps>(a, warps, s);
