@@ -61,7 +61,17 @@ static std::vector<int32_t> RandomIds(int T, int k, int E, uint32_t seed) {
 
 struct PlanBufs {
   int32_t *ids, *tpe, *pos, *src, *ws;
+  int32_t* orig = nullptr;  // BENCH_PLAN_PRODUCER: the ids the producer copies into ids
 };
+
+// The kernel before the plan in BENCH_PLAN_PRODUCER mode, as the router before it in a layer:
+// it writes the plan's ids (a copy of n ints), so the plan reads them from L2.
+__global__ void produce_ids(const int4* from, int4* to, int64_t n4) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    to[i] = from[i];
+  }
+}
 
 #if JR_PLAN_TRACE
 static unsigned long long* g_trace;  // [sets][kPlanTraceSlots * 1024]
@@ -164,11 +174,26 @@ int main() {
   const char* only_t = std::getenv("BENCH_T");
   const char* ops = std::getenv("BENCH_OPS");
   auto skip = [&](int T) { return only_t != nullptr && std::atoi(only_t) != T; };
-  for (int T : {16384, 65536, 262144}) {
+  // BENCH_PLAN_T=4096,32768 (a list): the plan at those token counts instead
+  std::vector<int> plan_ts = {16384, 65536, 262144};
+  if (const char* ts = std::getenv("BENCH_PLAN_T")) {
+    plan_ts.clear();
+    for (const char* c = ts; *c != '\0';) {
+      plan_ts.push_back(std::atoi(c));
+      while (*c != '\0' && *c != ',') ++c;
+      if (*c == ',') ++c;
+    }
+  }
+  for (int T : plan_ts) {
     if (skip(T)) continue;
     const int64_t n = int64_t(T) * k;
-    const int sets = 16;
+    // 16 sets rotate the ids past L2 (cold, as a plan after an unrelated kernel reads them);
+    // BENCH_PLAN_SETS=2 keeps them in L2 (hot, as right after the router wrote them)
+    const char* sets_env = std::getenv("BENCH_PLAN_SETS");
+    const int sets = sets_env != nullptr ? std::min(16, std::max(2, std::atoi(sets_env))) : 16;
     std::vector<PlanBufs> bufs(sets);
+    // BENCH_PLAN_PRODUCER=1: each plan after a kernel that writes its ids (graph_us holds both)
+    const bool producer = std::getenv("BENCH_PLAN_PRODUCER") != nullptr;
     std::vector<int32_t> ids0;
     const int64_t wsn = dispatch::plan_workspace_size(n, E);
     for (int s = 0; s < sets; ++s) {
@@ -181,11 +206,20 @@ int main() {
       CK(cudaMalloc(&b.src, n * 4));
       CK(cudaMalloc(&b.ws, wsn * 4));
       CK(cudaMemcpy(b.ids, ids.data(), n * 4, cudaMemcpyHostToDevice));
+      if (producer) {
+        CK(cudaMalloc(&b.orig, n * 4));
+        CK(cudaMemcpy(b.orig, ids.data(), n * 4, cudaMemcpyHostToDevice));
+      }
     }
+    auto produce = [&](int s) {
+      produce_ids<<<4 * 132, 256, 0, g_stream>>>(reinterpret_cast<const int4*>(bufs[s].orig),
+                                                 reinterpret_cast<int4*>(bufs[s].ids), n / 4);
+    };
     auto plan = [&](int s) {
 #if JR_PLAN_TRACE
       g_trace_set = s;
 #endif
+      if (producer) produce(s);
       CK(LaunchPlan(ArgsFor(bufs[s], n, E), It::kS32, bufs[s].ws, g_stream));
     };
     const double floor_us = 3.0 * n * 4 / bw * 1e6;  // ids read, positions and source written
@@ -203,12 +237,17 @@ int main() {
     std::printf("%8d %6lld %10.2f %10.2f %10.2f %6s\n", T,
                 static_cast<long long>(dispatch::plan_tiles(n)), tg, te, floor_us,
                 ok ? "ok" : "WRONG");
+    if (producer) {
+      const float tp = TimeGraph(produce, sets, 32, g_stream);
+      std::printf("  producer %8d %10.2f alone, plan after it %10.2f\n", T, tp, tg - tp);
+    }
     for (PlanBufs& b : bufs) {
       CK(cudaFree(b.ids));
       CK(cudaFree(b.tpe));
       CK(cudaFree(b.pos));
       CK(cudaFree(b.src));
       CK(cudaFree(b.ws));
+      if (b.orig != nullptr) CK(cudaFree(b.orig));
     }
   }
 

@@ -33,6 +33,23 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// cluster_sync's two halves without its memory ordering, for a block that has read the other
+// blocks' shared memory and only has to stay resident until they are done reading its own:
+// arrive does not wait for this thread's earlier stores (a release would), and takes `used`, a
+// value computed from every remote load the thread made, so that those loads have returned
+// before it arrives.
+__device__ __forceinline__ void cluster_arrive_relaxed(int32_t used) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned; // %0" ::"r"(used) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+
 // *p in the shared memory of the cluster's block `rank` (p an address of this block's shared
 // memory: every block of a kernel has the same layout).
 __device__ __forceinline__ int32_t load_cluster_shared(const int32_t* p, unsigned rank) {

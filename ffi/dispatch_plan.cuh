@@ -224,6 +224,7 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
   const unsigned r = cluster_block_rank();
   const bool last = static_cast<int64_t>(r) == a.group - 1;
   int32_t* sums = a.sums + (b / a.group) * E;
+  int32_t used = 0;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
     int32_t before = 0;
 #pragma unroll
@@ -232,8 +233,15 @@ __global__ void __launch_bounds__(kPlanCountThreads) plan_cluster_count_kernel(P
     }
     if (b < a.tiles) a.counts[b * E + e] = before;
     if (last) sums[e] = before + table[e];
+    used ^= before;
   }
-  cluster_sync();  // keeps every block's shared memory until the other blocks have read it
+  // Keeps every block's shared memory until the other blocks have read it. Nothing is ordered
+  // here, so the arrive is relaxed: a release arrive is a GPU-scope fence (MEMBAR.ALL.GPU),
+  // which waited for the stores above to reach L2 before the block could end, ~0.3 us of the
+  // plan at 65536 tokens (benchmarks/NOTES.md). Their visibility to the next kernel comes from
+  // this grid's completion instead.
+  cluster_arrive_relaxed(used);
+  cluster_wait();
   PLAN_TRACE(a, 2);
 }
 
@@ -535,7 +543,7 @@ __global__ void __launch_bounds__(kWarps * 32) __maxnreg__(plan_rank_max_registe
     uint32_t entry[kSteps];
     walk_sub_tile(ex, E, t.table + static_cast<int64_t>(warp) * E,
                   [&](int s, int32_t e, int32_t rank) {
-                    entry[s] = static_cast<uint32_t>(e < E ? e : E) |
+                    entry[s] = static_cast<uint32_t>(e) |  // e <= E (plan_expert)
                                (static_cast<uint32_t>(e < E ? rank : 0) << 16);
                     // every kept entry has its own place: the tile's offset + its rank
                     if (e < E) t.stage[t.tile_off[e] + rank] = staged_entry(e, w0 + s * 32 + lane);
