@@ -9,6 +9,9 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -fmad=false -Iffi \
 //        benchmarks/cuda_bench_dispatch.cu -o /tmp/cuda_bench_dispatch && /tmp/cuda_bench_dispatch
 //   BENCH_T=65536 BENCH_OPS=plan /tmp/cuda_bench_dispatch   # one size, the plan only (profiling)
+//   BENCH_PLAN_T=4096,65536 BENCH_OPS=plan ...  # the plan at those token counts
+//   BENCH_PLAN_SETS=2 ...      # its ids hot in L2 (2 input sets instead of 16 rotating past it)
+//   BENCH_PLAN_PRODUCER=1 ...  # each plan after a kernel that writes its ids, as in a layer
 #include <cuda_runtime.h>
 
 #include <algorithm>
