@@ -135,6 +135,8 @@ struct FastArgs {
   int group_topk;
   int m;           // topk / group_topk (grouped)
   bool x_vec, bias_vec, probs_vec, map_vec;
+  bool slots_vec = false;  // the small forward: a token's k compact slots as one vector store
+                           // per output (router_fwd_small.cuh, SmallSlotsVec)
   float* cutoff;  // quantile balancing (the QB kernels only): [rows]
 };
 

@@ -28,6 +28,33 @@ inline bool SmallForward(int64_t E, const RouteParams& p, bool dense_outputs) {
          !(p.score_fn == ScoreFn::kSoftmax && p.pre_softmax);
 }
 
+// Whether a token's k slots of each compact output can go out as whole 8- or 16-byte stores:
+// k of 2, 4 or 8 (so the kernel's kK is k and a token's slots are one aligned run of 4k bytes),
+// int32 indices, every output aligned to 16 bytes.
+inline bool SmallSlotsVec(const FastArgs& fa) {
+  auto ok = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+  return (fa.k == 2 || fa.k == 4 || fa.k == 8) &&
+         (fa.indices == nullptr || fa.index_dt == It::kS32) && ok(fa.weights) &&
+         ok(fa.indices) && ok(fa.act);
+}
+
+// v[0 .. kN) to p[0 .. kN) (p aligned to 4 * kN bytes, kN 2, 4 or 8) in as few stores as can be:
+// one store instruction writes a warp's 32 tokens' slots as one coalesced run, where kN scalar
+// stores would each write every kN-th word of it. Mixtral (k = 2) measured 0.08-0.23 us faster
+// at every T from 1024 to 262144 tokens, 3.02 -> 2.85 us at 65536 bf16 (benchmarks/NOTES.md).
+template <int kN>
+__device__ __forceinline__ void store_words(void* p, const uint32_t (&v)[kN]) {
+  static_assert(kN == 2 || kN % 4 == 0, "whole vectors");
+  if constexpr (kN == 2) {
+    *static_cast<uint2*>(p) = make_uint2(v[0], v[1]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < kN / 4; ++q) {
+      static_cast<uint4*>(p)[q] = make_uint4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    }
+  }
+}
+
 // kK: a power of two >= k (the selection rounds are unrolled; rounds past k do nothing).
 template <ScoreFn F, int kK>
 __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs a) {
@@ -81,6 +108,22 @@ __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs
     }
     const float denom = weight_denominator<F>(sum);
     const int64_t ko = t * k;
+    if constexpr (kK >= 2) {
+      if (a.slots_vec) {  // k == kK (SmallSlotsVec): store_slot's values, kK at a time
+        uint32_t w[kK], ix[kK], res[kK];
+#pragma unroll
+        for (int r = 0; r < kK; ++r) {
+          const float p = weight<F>(false, k, u[r], denom);
+          w[r] = __float_as_uint(exact::canonical(a.scaling * p));
+          ix[r] = static_cast<uint32_t>(sel[r]);
+          res[r] = __float_as_uint(exact::canonical(residual<F>(false, p, u[r])));
+        }
+        if (a.weights) store_words<kK>(a.weights + ko, w);
+        if (a.indices) store_words<kK>(static_cast<int32_t*>(a.indices) + ko, ix);
+        if (a.act) store_words<kK>(a.act + ko, res);
+        continue;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < kK; ++r) {
       if (r < k) {
@@ -96,11 +139,13 @@ inline cudaError_t LaunchSmallT(const FastArgs& fa, cudaStream_t s, int dev) {
   const int64_t blocks = (fa.rows + kSmallThreads - 1) / kSmallThreads;
   const int64_t most = static_cast<int64_t>(SmCount(dev)) * (2048 / kSmallThreads);
   const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
+  FastArgs args = fa;
+  args.slots_vec = SmallSlotsVec(fa);
   auto kernel = fa.k <= 1   ? fwd_small_kernel<F, 1>
                 : fa.k <= 2 ? fwd_small_kernel<F, 2>
                 : fa.k <= 4 ? fwd_small_kernel<F, 4>
                             : fwd_small_kernel<F, 8>;
-  return LaunchAfter(kernel, dim3(grid), dim3(kSmallThreads), 0, s, fa);
+  return LaunchAfter(kernel, dim3(grid), dim3(kSmallThreads), 0, s, args);
 }
 
 inline cudaError_t LaunchSmall(ScoreFn fn, const FastArgs& fa, cudaStream_t s, int dev) {
