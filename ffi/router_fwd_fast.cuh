@@ -135,20 +135,30 @@ struct FastArgs {
   int group_topk;
   int m;           // topk / group_topk (grouped)
   bool x_vec, bias_vec, probs_vec, map_vec;
-  bool slots_vec = false;  // the small forward: a token's k compact slots as one vector store
-                           // per output (router_fwd_small.cuh, SmallSlotsVec)
+  // the small forward (router_fwd_small.cuh): a token's k compact slots as one 8- or 16-byte
+  // store per output. Set where k is 2, 4 or 8 (the kernel's kK is then k), the indices int32
+  // and every compact output 16-byte aligned.
+  bool slots_vec;
   float* cutoff;  // quantile balancing (the QB kernels only): [rows]
 };
 
-// Slot r's compact outputs for the token whose [T, k] rows start at ko: the weight
-// w = scaling * p, the expert e, and the residual the backward reads. Both CUDA forwards
-// (this one and router_fwd_small.cuh) write them here.
+// A slot's compact floats as stored: the weight w = scaling * p, and the residual the backward
+// reads. store_slot and the small forward's vector stores both take them from here.
+__device__ __forceinline__ float compact_weight(float w) { return exact::canonical(w); }
+template <ScoreFn F>
+__device__ __forceinline__ float compact_residual(float p, float u) {
+  return exact::canonical(residual<F>(false, p, u));
+}
+
+// Slot r's compact outputs for the token whose [T, k] rows start at ko: the weight, the expert
+// e and the residual. Both CUDA forwards (this one and router_fwd_small.cuh) write them here,
+// except the small forward's vector path.
 template <ScoreFn F>
 __device__ __forceinline__ void store_slot(const FastArgs& a, int64_t ko, int r, int e, float w,
                                            float p, float u) {
-  if (a.weights) a.weights[ko + r] = exact::canonical(w);
+  if (a.weights) a.weights[ko + r] = compact_weight(w);
   if (a.indices) store_index(a.indices, a.index_dt, ko + r, e);
-  if (a.act) a.act[ko + r] = exact::canonical(residual<F>(false, p, u));
+  if (a.act) a.act[ko + r] = compact_residual<F>(p, u);
 }
 
 // routing_math.h's activation of 4 values, out of line: the rare path (a reciprocal outside the

@@ -28,16 +28,6 @@ inline bool SmallForward(int64_t E, const RouteParams& p, bool dense_outputs) {
          !(p.score_fn == ScoreFn::kSoftmax && p.pre_softmax);
 }
 
-// Whether a token's k slots of each compact output can go out as whole 8- or 16-byte stores:
-// k of 2, 4 or 8 (so the kernel's kK is k and a token's slots are one aligned run of 4k bytes),
-// int32 indices, every output aligned to 16 bytes.
-inline bool SmallSlotsVec(const FastArgs& fa) {
-  auto ok = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
-  return (fa.k == 2 || fa.k == 4 || fa.k == 8) &&
-         (fa.indices == nullptr || fa.index_dt == It::kS32) && ok(fa.weights) &&
-         ok(fa.indices) && ok(fa.act);
-}
-
 // v[0 .. kN) to p[0 .. kN) (p aligned to 4 * kN bytes, kN 2, 4 or 8) in as few stores as can be:
 // one store instruction writes a warp's 32 tokens' slots as one coalesced run, where kN scalar
 // stores would each write every kN-th word of it. Mixtral (k = 2) measured 0.08-0.23 us faster
@@ -109,14 +99,14 @@ __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs
     const float denom = weight_denominator<F>(sum);
     const int64_t ko = t * k;
     if constexpr (kK >= 2) {
-      if (a.slots_vec) {  // k == kK (SmallSlotsVec): store_slot's values, kK at a time
+      if (a.slots_vec) {  // k == kK (FastArgs::slots_vec): store_slot's values, kK at a time
         uint32_t w[kK], ix[kK], res[kK];
 #pragma unroll
         for (int r = 0; r < kK; ++r) {
           const float p = weight<F>(false, k, u[r], denom);
-          w[r] = __float_as_uint(exact::canonical(a.scaling * p));
+          w[r] = __float_as_uint(compact_weight(a.scaling * p));
           ix[r] = static_cast<uint32_t>(sel[r]);
-          res[r] = __float_as_uint(exact::canonical(residual<F>(false, p, u[r])));
+          res[r] = __float_as_uint(compact_residual<F>(p, u[r]));
         }
         if (a.weights) store_words<kK>(a.weights + ko, w);
         if (a.indices) store_words<kK>(static_cast<int32_t*>(a.indices) + ko, ix);
@@ -139,13 +129,11 @@ inline cudaError_t LaunchSmallT(const FastArgs& fa, cudaStream_t s, int dev) {
   const int64_t blocks = (fa.rows + kSmallThreads - 1) / kSmallThreads;
   const int64_t most = static_cast<int64_t>(SmCount(dev)) * (2048 / kSmallThreads);
   const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
-  FastArgs args = fa;
-  args.slots_vec = SmallSlotsVec(fa);
   auto kernel = fa.k <= 1   ? fwd_small_kernel<F, 1>
                 : fa.k <= 2 ? fwd_small_kernel<F, 2>
                 : fa.k <= 4 ? fwd_small_kernel<F, 4>
                             : fwd_small_kernel<F, 8>;
-  return LaunchAfter(kernel, dim3(grid), dim3(kSmallThreads), 0, s, args);
+  return LaunchAfter(kernel, dim3(grid), dim3(kSmallThreads), 0, s, fa);
 }
 
 inline cudaError_t LaunchSmall(ScoreFn fn, const FastArgs& fa, cudaStream_t s, int dev) {

@@ -300,6 +300,9 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
     fa.probs_vec = f.probs && Aligned16(f.probs) && (f.experts * es) % 16 == 0;
     const int mv = lay.V < 16 ? lay.V : 16;
     fa.map_vec = f.map && !f.bitmap && Aligned16(f.map) && f.experts % mv == 0;
+    fa.slots_vec = (fa.k == 2 || fa.k == 4 || fa.k == 8) &&
+                   (!f.indices || f.index_dt == It::kS32) && Aligned16(f.weights) &&
+                   Aligned16(f.indices) && Aligned16(f.act);
     fa.cutoff = f.cutoff;
     if (taken) *taken = FwdPath::kFast;
     if (SmallForward(f.experts, f.p, f.probs != nullptr || f.map != nullptr)) {
