@@ -88,15 +88,8 @@ static void Bench() {
     if (fcfg && ("," + std::string(fcfg) + ",").find("," + c.name + ",") == std::string::npos) {
       continue;  // BENCH_CFG: a comma-separated list of config names
     }
-    std::vector<int> sizes = {16384, 65536};  // BENCH_T: a comma-separated list instead
-    if (fT) {
-      sizes.clear();
-      for (const char* q = fT; *q;) {
-        sizes.push_back(std::atoi(q));
-        while (*q && *q != ',') ++q;
-        if (*q == ',') ++q;
-      }
-    }
+    // BENCH_T: a comma-separated list instead
+    const std::vector<int> sizes = fT ? IntList(fT) : std::vector<int>{16384, 65536};
     for (int T : sizes) {
       for (Dt dt : {Dt::kBF16, Dt::kF32}) {
         if (fdt && std::string(fdt) != (dt == Dt::kF32 ? "f32" : "bf16")) continue;

@@ -178,15 +178,9 @@ int main() {
   const char* ops = std::getenv("BENCH_OPS");
   auto skip = [&](int T) { return only_t != nullptr && std::atoi(only_t) != T; };
   // BENCH_PLAN_T=4096,32768 (a list): the plan at those token counts instead
-  std::vector<int> plan_ts = {16384, 65536, 262144};
-  if (const char* ts = std::getenv("BENCH_PLAN_T")) {
-    plan_ts.clear();
-    for (const char* c = ts; *c != '\0';) {
-      plan_ts.push_back(std::atoi(c));
-      while (*c != '\0' && *c != ',') ++c;
-      if (*c == ',') ++c;
-    }
-  }
+  const char* plan_t = std::getenv("BENCH_PLAN_T");
+  const std::vector<int> plan_ts =
+      plan_t != nullptr ? IntList(plan_t) : std::vector<int>{16384, 65536, 262144};
   for (int T : plan_ts) {
     if (skip(T)) continue;
     const int64_t n = int64_t(T) * k;

@@ -19,6 +19,17 @@
     }                                                                                          \
   } while (0)
 
+// The integers of a comma-separated list ("1024,4096"), for the benchmarks' size variables.
+inline std::vector<int> IntList(const char* s) {
+  std::vector<int> v;
+  for (const char* q = s; *q != '\0';) {
+    v.push_back(std::atoi(q));
+    while (*q != '\0' && *q != ',') ++q;
+    if (*q == ',') ++q;
+  }
+  return v;
+}
+
 // Median over 7 repetitions of `iters` back-to-back calls f(i % sets) on `stream`, in us per
 // call, after 2 * sets warm-up calls.
 inline float TimeEvents(const std::function<void(int)>& f, int sets, int iters,
