@@ -4,13 +4,17 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
     compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
 
-Covers the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general
+    compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py grouped
+
+(the second form: the grouped forward's cases only). Covers the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general
 forward (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense
 indices, bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with
 small token counts (odd, so the last tile is partial) and a few non-finite logits.
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +68,25 @@ def run(E, topk, opts, T=37, dtype=jnp.bfloat16):
     outs += [g1, g2]
     jax.block_until_ready(outs)
     return outs
+
+
+def run_grouped():
+    """The grouped forward (router_fwd_grouped.cuh): DeepSeek-V3's shape in bf16 with at least
+    16384 rows (the last warp tile partial), a NaN row (its exact path), with and without a bias
+    and a non-finite one, the vector and the scalar stores."""
+    T, E = 16384 + 37, 256
+    x = 2.0 * jax.random.normal(jax.random.key(256), (T, E), jnp.float32)
+    x = x.at[0, 0].set(jnp.nan).at[1, :].set(0.0).at[2, 1].set(-jnp.inf).astype(jnp.bfloat16)
+    bias = 0.1 * jax.random.normal(jax.random.key(E), (E,), jnp.float32)
+    outs = []
+    for b in (bias, None, bias.at[3].set(jnp.inf)):
+        for topk, gk, idx in ((8, 4, jnp.int32), (6, 3, jnp.int16), (2, 1, jnp.int32)):
+            opts = dict(score_function="sigmoid", num_groups=8, group_topk=gk, scaling_factor=2.5)
+            outs += list(jr.route_topk(x, topk, expert_bias=b, index_dtype=idx, **opts))
+            r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+            outs.append(jax.grad(lambda x: jnp.sum(
+                jr.route_topk(x, topk, expert_bias=b, **opts)[0] * r))(x))
+    jax.block_until_ready(outs)
 
 
 # Aux-score kernels: (E, topk) for the register kernels' argmax (k <= 16) and radix (k > 16)
@@ -129,6 +152,10 @@ def run_dispatch(T, topk, E, H, capacity, dtype):
 
 def main():
     print(jax.devices())
+    run_grouped()
+    print("ok grouped forward", flush=True)
+    if sys.argv[1:] == ["grouped"]:
+        return
     for E, topk in QB_CASES:
         for dtype in (jnp.bfloat16, jnp.float32):
             run_qb(E, topk, dtype)

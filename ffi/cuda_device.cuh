@@ -35,6 +35,11 @@ inline int SmCount(int dev) {
   return CachedAttr(cudaDevAttrMultiProcessorCount, cache, dev, 132);
 }
 
+inline int CcMajor(int dev) {
+  static std::atomic<int> cache[kMaxDevices];
+  return CachedAttr(cudaDevAttrComputeCapabilityMajor, cache, dev, 0);
+}
+
 inline int SmemOptin(int dev) {
   static std::atomic<int> cache[kMaxDevices];
   return CachedAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, dev, 48 * 1024);

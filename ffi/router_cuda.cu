@@ -1,5 +1,6 @@
 // CUDA handlers for jax_router_fwd / jax_router_qb_fwd / jax_router_bwd (contract: ffi_contract.h). The kernels
-// live in router_fwd_fast.cuh, router_fwd_general.cuh and router_bwd.cuh, their planning and
+// live in router_fwd_fast.cuh, router_fwd_small.cuh, router_fwd_grouped.cuh,
+// router_fwd_general.cuh and router_bwd.cuh, their planning and
 // launching in router_launch.cuh.
 //
 // Handlers run on the stream XLA passes, allocate nothing, never synchronise, and query device

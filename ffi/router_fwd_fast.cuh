@@ -1,5 +1,6 @@
 // The fast CUDA forward (routing_math.h's selection and weights): E <= 1024, topk <= 32, no
-// pre-softmax. Chosen per call from (E, topk, options) only, never from the token count, so a
+// pre-softmax. Chosen per call from (E, topk, options); large DeepSeek-V3-shaped bf16 batches
+// take the grouped forward instead (router_fwd_grouped.cuh), which gives the same bits, so a
 // row's result does not depend on the batch it came in.
 //
 // fwd_fast_kernel<F, L, V, P>: L lanes (a power of two dividing 32) work on one token, lane j

@@ -1,6 +1,6 @@
 // Host-side planning and launching of the router kernels (router_fwd_fast.cuh,
-// router_fwd_small.cuh, router_fwd_general.cuh, router_bwd.cuh). No XLA headers: the FFI
-// handlers (router_cuda.cu) and the standalone benchmarks share this code.
+// router_fwd_small.cuh, router_fwd_grouped.cuh, router_fwd_general.cuh, router_bwd.cuh). No
+// XLA headers: the FFI handlers (router_cuda.cu) and the standalone benchmarks share this code.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,6 +14,7 @@
 #include "router_bwd.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_general.cuh"
+#include "router_fwd_grouped.cuh"
 #include "router_fwd_small.cuh"
 #include "routing_math.h"
 
@@ -88,7 +89,9 @@ inline int LanesWithAtLeast(int E, int L, int V, int n) {
   return c;
 }
 
-// Chooses the kernel from (E, topk, options) alone, never from the number of rows.
+// Chooses the kernel family from (E, topk, options) alone, never from the number of rows
+// (within the fast family LaunchRouting may take the small or the grouped forward, which give
+// the same bits).
 inline FwdPlan PlanForward(int64_t E64, const RouteParams& p) {
   FwdPlan plan;
   plan.path = FwdPath::kGeneral;
@@ -191,6 +194,18 @@ inline cudaError_t LaunchFastLayout(int li, const FastArgs& fa, cudaStream_t s, 
       return LaunchFastT<F, 32, 32, P, QB>(fa, s, dev);
   }
   return cudaErrorInvalidValue;  // not a row of kFastLayouts
+}
+
+// The grouped forward (router_fwd_grouped.cuh): one block of 12 warps an SM (its table and
+// tiles fill the shared memory), warp tiles of 32 tokens spread over every SM first.
+inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
+  static std::atomic<int> raised[kMaxDevices];
+  const cudaError_t e = AllowDynamicSmem(fwd_grouped_kernel, kGroupedSmem, dev, raised);
+  if (e != cudaSuccess) return e;
+  const int64_t warp_tiles = (fa.rows + 31) / 32;
+  const int64_t grid = warp_tiles < SmCount(dev) ? warp_tiles : SmCount(dev);
+  fwd_grouped_kernel<<<static_cast<unsigned>(grid), kGroupedThreads, kGroupedSmem, s>>>(fa);
+  return cudaGetLastError();
 }
 
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,
@@ -305,8 +320,16 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
                    Aligned16(f.indices) && Aligned16(f.act);
     fa.cutoff = f.cutoff;
     if (taken) *taken = FwdPath::kFast;
-    if (SmallForward(f.experts, f.p, f.probs != nullptr || f.map != nullptr)) {
-      return LaunchSmall(f.p.score_fn, fa, stream, dev);
+    const bool dense = f.probs != nullptr || f.map != nullptr;
+    if (SmallForward(f.experts, f.p, dense)) return LaunchSmall(f.p.score_fn, fa, stream, dev);
+    // The grouped forward gives the fast forward's bits (tests check both against the CPU), so
+    // choosing it by batch size cannot change a row's result. A token is one thread's work
+    // there: below JR_GROUPED_MIN_ROWS the fast forward's 8 lanes a token finish sooner.
+    if (f.rows >= kGroupedMinRows &&
+        GroupedForwardFits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,
+                           fa.x_vec) &&
+        CcMajor(dev) >= 9 && SmemOptin(dev) >= kGroupedSmem) {
+      return LaunchGrouped(fa, stream, dev);
     }
     return LaunchFastAny(plan, f.p.score_fn, is_qb(f.p), fa, stream, dev);
   }

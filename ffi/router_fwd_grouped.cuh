@@ -1,0 +1,553 @@
+// The grouped sigmoid forward for bfloat16 logits: DeepSeek-V3's shape (E = 256 in 8 groups of
+// 32, sigmoid + bias, group-limited routing with topk / group_topk <= 2, topk <= 8), compact
+// outputs only. Same bits as the fast forward and the CPU (routing_math.h); the launcher takes
+// it for batches of at least kGroupedMinRows on devices with the shared memory
+// (router_launch.cuh). On the H200 it takes DeepSeek-V3 bf16 compact at 65536 tokens from 59.0
+// to 38.7 us and at 262144 from 224 to 114 (benchmarks/NOTES.md, rows 65-70).
+//
+// One thread per token, the warp's 32 rows staged in shared memory with coalesced cp.async
+// copies. The fast forward spends most of its instructions on the exact sigmoid (~13 an
+// element); here it is a table lookup. A bfloat16 logit has 65536 values and routing_math.h's
+// sigmoid is constant outside a narrow band of magnitudes:
+//   |x| <= bf16 0x33C0 (8.9e-8, negative side up to 0x343F): 0.5;
+//   x >= 16.75: 1;  x <= -89 (and -inf): 0;
+// (tests/test_grouped_forward.py checks those three facts on the CPU). So the table holds
+// sigmoid(x) for magnitudes in [kSigLo, kSigHi] of each sign, computed with routing_math.h's
+// own function, and a magnitude outside is clamped to the band's edge, whose entry equals every
+// value beyond it: the lookup is exact by construction for every non-NaN logit. A row with a
+// NaN logit (or a launch with a non-finite bias) takes route_exact below.
+//
+// Per token, on selection scores z = s + bias (floats: no NaN, never -0, so float order is
+// routing_math.h's key order):
+//   1. pass 1 over the 8 groups: each group's top two z (its score z0 + z1, or z0 when m = 1);
+//      each z, truncated to a bfloat16 (toward zero: a non-decreasing function of z),
+//      overwrites its logit in the tile;
+//   2. group ranks (ties to the lower group), the kept groups, and tau = the smallest m-th value
+//      of a kept group: the k = m * group_topk values that define tau are all >= tau, so every
+//      expert of the selection has z >= tau;
+//   3. pass 2 over the kept groups' truncated scores, two a bf16x2 compare: a mask of every
+//      element whose truncated z is >= tau's, a superset of z >= tau (~10.7 a token on N(0, 1)
+//      logits); the logits of the 16-byte chunks holding one are copied back into the tile;
+//   4. the candidates, recomputed exactly in ascending expert order, inserted into a sorted list
+//      of 8 (strictly greater goes first, so equal scores keep the lower expert first): the
+//      top k of a superset of the candidates, i.e. the selection in slot order;
+//   5. weights by routing_math.h's formulas in slot order, the same stores as the fast forward.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "router_fwd_fast.cuh"
+#include "router_fwd_small.cuh"
+#include "routing_math.h"
+
+namespace jax_router {
+namespace cuda {
+
+#ifndef JR_GROUPED_MIN_ROWS  // a knob for the benchmarks' A/B runs only
+#define JR_GROUPED_MIN_ROWS 16384
+#endif
+constexpr int64_t kGroupedMinRows = JR_GROUPED_MIN_ROWS;
+
+constexpr int kGroupedE = 256;
+constexpr int kGroupedGroups = 8;
+#ifndef JR_GROUPED_WARPS  // a knob for the benchmarks' A/B runs only (8 to 12)
+#define JR_GROUPED_WARPS 12
+#endif
+constexpr int kGroupedWarps = JR_GROUPED_WARPS;
+constexpr int kGroupedThreads = 32 * kGroupedWarps;
+constexpr int kGroupedRowBytes = 2 * kGroupedE;            // bfloat16 logits
+constexpr int kGroupedTileBytes = 32 * kGroupedRowBytes;   // one warp's 32 rows
+
+// The table's band of bfloat16 magnitudes (bits & 0x7FFF); see the header comment.
+constexpr uint32_t kSigLo = 0x33C0u;
+constexpr uint32_t kSigHi = 0x42B2u;
+// Entries a sign: the band, rounded up to whole 16-byte copies (the last is never read).
+constexpr int kSigN = (static_cast<int>(kSigHi - kSigLo) + 1 + 3) & ~3;
+
+// Shared memory, in bytes from the dynamic base. A lookup's byte offset is built from the
+// logit's bits with one shift and one mask, which leaves the sign bit at 1 << 17: the
+// negative half of the table sits 131072 bytes above the positive half, and the warps' tiles
+// and the bias fill the space between and after.
+constexpr int kSigNegOff = 1 << 17;
+constexpr int kSigTableBytes = 4 * kSigN;
+constexpr int RoundUp16(int v) { return (v + 15) & ~15; }
+constexpr int kTilesLow = (kSigNegOff - RoundUp16(kSigTableBytes)) / kGroupedTileBytes;  // 7
+constexpr int kTilesHigh = kGroupedWarps - kTilesLow;
+constexpr int kTileLowOff = RoundUp16(kSigTableBytes);
+constexpr int kTileHighOff = RoundUp16(kSigNegOff + kSigTableBytes);
+// Bias row g at g * kBiasRowBytes: 16 bytes of padding a group, so that the 16-byte loads of
+// threads on different groups fall in different banks.
+constexpr int kBiasRowBytes = 4 * 32 + 16;
+constexpr int kBiasOff = kTileHighOff + kTilesHigh * kGroupedTileBytes;
+constexpr int kGroupedSmem = kBiasOff + kGroupedGroups * kBiasRowBytes;
+static_assert(kTileLowOff + kTilesLow * kGroupedTileBytes <= kSigNegOff, "low tiles overlap");
+static_assert(kTilesHigh > 0, "tiles");
+
+// Whether the grouped kernel can take a call (the launcher also asks for the shared memory
+// and a batch large enough to fill the device).
+inline bool GroupedForwardFits(int64_t E, const RouteParams& p, Dt dt, bool dense_outputs,
+                               bool single_bias_row, bool logits_aligned) {
+  return E == kGroupedE && dt == Dt::kBF16 && p.score_fn == ScoreFn::kSigmoid && !is_qb(p) &&
+         !dense_outputs && p.group_topk > 0 && p.num_groups == kGroupedGroups && p.topk <= 8 &&
+         p.topk / p.group_topk <= 2 && single_bias_row && logits_aligned;
+}
+
+// ---- small device helpers -----------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t max_u16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("max.u16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ uint32_t min_u16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("min.u16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+// Two bfloat16 logits (one 32-bit word) -> their magnitudes clamped into the table's band with
+// the signs kept. `nan` collects the raw magnitudes (a half above 0x7F80 is a NaN).
+__device__ __forceinline__ uint32_t clamp_pair(uint32_t w, uint32_t* nan) {
+  const uint32_t a = w & 0x7FFF7FFFu;
+  if (nan) *nan = max_u16x2(*nan, a);
+  const uint32_t c = min_u16x2(max_u16x2(a, kSigLo * 0x10001u), kSigHi * 0x10001u);
+  return c | (w & 0x80008000u);
+}
+
+// sigmoid of the low / high logit of a clamped pair: the table entry at 4 * magnitude + the
+// sign at 1 << 17, less the band's start.
+__device__ __forceinline__ float sig_lo(const char* sm, uint32_t c) {
+  return *reinterpret_cast<const float*>(sm + ((c << 2) & 0x3FFFCu) - 4 * kSigLo);
+}
+__device__ __forceinline__ float sig_hi(const char* sm, uint32_t c) {
+  return *reinterpret_cast<const float*>(sm + ((c >> 14) & 0x3FFFCu) - 4 * kSigLo);
+}
+
+// Byte offset of 16-byte chunk c (0..31) of a row in the tile: rows are 512 bytes and chunk c
+// of row r sits at chunk c ^ (r & 7), so the 8 rows a quarter-warp reads hit 8 distinct bank
+// groups.
+__device__ __forceinline__ int chunk_off(int c, int sw) { return (c ^ sw) << 4; }
+
+// Top two of a stream of floats (m1 >= m2); FMNMX only.
+__device__ __forceinline__ void top2_push(float z, float& m1, float& m2) {
+  m2 = fmaxf(m2, fminf(m1, z));
+  m1 = fmaxf(m1, z);
+}
+
+// (a1, a2) <- the top two of (a1, a2) and (b1, b2), each a descending pair.
+__device__ __forceinline__ void top2_merge(float& a1, float& a2, float b1, float b2) {
+  a2 = fmaxf(fminf(a1, b1), fmaxf(a2, b2));
+  a1 = fmaxf(a1, b1);
+}
+
+// The upper 16 bits of two floats, packed: bfloat16s rounded toward zero.
+__device__ __forceinline__ uint32_t upper_halves(float lo, float hi) {
+  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+}
+
+// Per half: 0xFFFF where the bfloat16 of a is >= that of b, else 0.
+__device__ __forceinline__ uint32_t ge_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// Bit j of even -> bit 2j, bit j of odd -> bit 2j + 1 (j < 16).
+__device__ __forceinline__ uint32_t interleave16(uint32_t even, uint32_t odd) {
+  auto spread = [](uint32_t x) {
+    x = (x | (x << 8)) & 0x00FF00FFu;
+    x = (x | (x << 4)) & 0x0F0F0F0Fu;
+    x = (x | (x << 2)) & 0x33333333u;
+    return (x | (x << 1)) & 0x55555555u;
+  };
+  return spread(even) | (spread(odd) << 1);
+}
+
+// Inserts (z, e) into the descending list (zl, el): strictly greater goes first, so among equal
+// scores the expert inserted earlier (the lower id) stays ahead.
+__device__ __forceinline__ void insert8(float z, int e, float (&zl)[8], int (&el)[8]) {
+  bool above[8];
+#pragma unroll
+  for (int p = 0; p < 8; ++p) above[p] = z > zl[p];
+#pragma unroll
+  for (int p = 7; p > 0; --p) {
+    zl[p] = above[p] ? (above[p - 1] ? zl[p - 1] : z) : zl[p];
+    el[p] = above[p] ? (above[p - 1] ? el[p - 1] : e) : el[p];
+  }
+  zl[0] = above[0] ? z : zl[0];
+  el[0] = above[0] ? e : el[0];
+}
+
+// ---- the exact path (a row with a NaN logit, or a non-finite bias) --------------------------
+
+// routing_math.h's selection with 32-bit order keys and 64-bit slot keys, the fast forward's
+// steps written plainly: NaN scores rank below every number and a NaN group score below every
+// group. Reads the token's row from global memory (the tile holds truncated scores by then);
+// writes the selected experts (slot order) and their activations.
+__device__ __noinline__ void route_exact(const uint16_t* row, const float* bias_sm, int gk, int m,
+                                         int k, int (&sel)[8], float (&u)[8]) {
+  auto score = [&](int e) {
+    const float s = activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[e]));
+    return order_key(selection_score(s, bias_sm[(e >> 5) * (kBiasRowBytes / 4) + (e & 31)]));
+  };
+  uint32_t gkey[kGroupedGroups], gmth[kGroupedGroups];
+  for (int g = 0; g < kGroupedGroups; ++g) {
+    uint32_t t1 = 0, t2 = 0;
+    for (int i = 0; i < 32; ++i) {
+      const uint32_t key = score(32 * g + i);
+      t2 = max(t2, min(t1, key));
+      t1 = max(t1, key);
+    }
+    float gs = order_key_value(t1);
+    if (m == 2) gs = group_score_add(gs, order_key_value(t2));
+    gkey[g] = order_key(gs);
+    gmth[g] = m == 2 ? t2 : t1;
+  }
+  uint32_t tau = 0xFFFFFFFFu;
+  unsigned kept = 0;
+  for (int g = 0; g < kGroupedGroups; ++g) {
+    int rank = 0;
+    for (int h = 0; h < kGroupedGroups; ++h) {
+      rank += (gkey[h] > gkey[g] || (gkey[h] == gkey[g] && h < g)) ? 1 : 0;
+    }
+    if (rank < gk) {
+      kept |= 1u << g;
+      tau = min(tau, gmth[g]);
+    }
+  }
+  unsigned long long list[8];
+  for (int r = 0; r < 8; ++r) list[r] = 0ull;
+  for (int e = 0; e < kGroupedE; ++e) {
+    if (!((kept >> (e >> 5)) & 1u)) continue;
+    const uint32_t key = score(e);
+    if (key < tau) continue;
+    unsigned long long sk = slot_key(key, static_cast<uint32_t>(e));
+    for (int r = 0; r < 8; ++r) {  // insertion into the descending list
+      const unsigned long long hi = sk > list[r] ? sk : list[r];
+      sk = sk > list[r] ? list[r] : sk;
+      list[r] = hi;
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    sel[r] = r < k ? static_cast<int>(slot_expert(list[r])) : 0;
+    u[r] = activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[sel[r]]));
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------
+
+// The table is the same for every launch, so the first block to find none builds one into
+// g_sig_table (g_sig_state 0 -> 1 -> 2, published with release / acquire); blocks that find it
+// ready copy it (30 KiB from L2) instead of computing 7656 sigmoids, and blocks that start while
+// it is being built compute their own. Either way a block's table holds routing_math.h's
+// values. No host state: the same under CUDA graphs and on every device (each context has its
+// own copy of these variables; `static`: one per translation unit that launches the kernel).
+static __device__ uint4 g_sig_table[2 * kSigTableBytes / 16];
+static __device__ int g_sig_state;
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Issues the copies of warp tile wt's rows (row r, chunk `lane`: one coalesced 512-byte row a
+// copy instruction), swizzled as chunk_off reads them.
+__device__ __forceinline__ void stage_tile(const FastArgs& a, int64_t wt, uint32_t tile_s, int lane) {
+  const int64_t t0 = wt * 32;
+  const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+  const char* src = static_cast<const char*>(a.logits) + t0 * kGroupedRowBytes + 16 * lane;
+#pragma unroll 8
+  for (int r = 0; r < 32; ++r) {
+    if (r < nrows) {
+      cp_async16(tile_s + r * kGroupedRowBytes + chunk_off(lane, r & 7),
+                 src + static_cast<int64_t>(r) * kGroupedRowBytes);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const FastArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // sm_90 instructions (u16x2 and bf16x2 compares); LaunchRouting asks for 9.0
+#else
+  extern __shared__ __align__(16) char sm[];
+  __shared__ int table_mode;  // 2: copy the global table; 1: build and publish it; 0: build
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int k = a.k, gk = a.group_topk, m = a.m;
+
+  char* tile = sm + (warp < kTilesLow ? kTileLowOff + warp * kGroupedTileBytes
+                                      : kTileHighOff + (warp - kTilesLow) * kGroupedTileBytes);
+  const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  const int64_t ntiles = (a.rows + 31) / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroupedWarps;
+  // Warp tiles interleaved across blocks, so that a partial last round spreads over every SM.
+  // The first tile's copies go out before the table is made, to overlap their latency.
+  const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
+  if (first < ntiles) stage_tile(a, first, tile_s, lane);
+
+  if (threadIdx.x == 0) {
+    int mode = load_acquire(&g_sig_state) == 2 ? 2 : 0;
+    if (mode == 0 && atomicCAS(&g_sig_state, 0, 1) == 0) mode = 1;
+    table_mode = mode;
+  }
+  __syncthreads();  // table_mode written before it is read
+  const int mode = table_mode;
+  constexpr int kChunksPerSign = kSigTableBytes / 16;
+  if (mode == 2) {
+    for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
+      const int neg = i >= kChunksPerSign ? 1 : 0;
+      *reinterpret_cast<uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign)) =
+          __ldcg(&g_sig_table[i]);
+    }
+  } else {
+    // routing_math.h's sigmoid of every magnitude in the band, both signs
+    for (int i = threadIdx.x; i < 2 * kSigN; i += kGroupedThreads) {
+      const uint32_t neg = i >= kSigN ? 1u : 0u;
+      const uint32_t mag = kSigLo + static_cast<uint32_t>(i - (neg ? kSigN : 0));
+      const float x = exact::bf16_bits_to_float(static_cast<uint16_t>((neg << 15) | mag));
+      bool odd = false;
+      float s = sigmoid_rn_fast(x, &odd);
+      if (odd) s = activation<ScoreFn::kSigmoid>(x);
+      *reinterpret_cast<float*>(sm + (neg ? kSigNegOff : 0) + 4 * (mag - kSigLo)) = s;
+    }
+  }
+  // The bias (0 without one: s + 0 = s).
+  bool bias_bad = false;
+  for (int i = threadIdx.x; i < kGroupedE; i += kGroupedThreads) {
+    const float b = a.bias != nullptr ? __ldg(a.bias + i) : 0.0f;
+    bias_bad |= !(fabsf(b) <= 3.402823466e38f);  // NaN or infinite
+    *reinterpret_cast<float*>(sm + kBiasOff + (i >> 5) * kBiasRowBytes + 4 * (i & 31)) = b;
+  }
+  // Every table and bias entry written before any thread reads one.
+  bias_bad = __syncthreads_or(bias_bad);
+  if (mode == 1) {
+    for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
+      const int neg = i >= kChunksPerSign ? 1 : 0;
+      g_sig_table[i] =
+          *reinterpret_cast<const uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign));
+    }
+    __syncthreads();  // every thread's part of the global table written
+    if (threadIdx.x == 0) {
+      __threadfence();  // the table visible device-wide before the state says so
+      atomicExch(&g_sig_state, 2);
+    }
+  }
+
+  const float* bias_sm = reinterpret_cast<const float*>(sm + kBiasOff);
+  char* row = tile + lane * kGroupedRowBytes;
+  const int sw = lane & 7;
+
+  for (int64_t wt = first; wt < ntiles; wt += stride) {
+    const int64_t t0 = wt * 32;
+    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    if (wt != first) stage_tile(a, wt, tile_s, lane);
+    cp_async_wait_all();
+    __syncwarp();  // every lane's copies landed and are visible to the warp
+
+    const int64_t t = t0 + lane;
+    if (lane < nrows) {
+      // 1. Each group's score and m-th value, two groups an iteration, each group's top two
+      // tracked per 8-element chunk and merged (four short chains instead of one of 32). The
+      // loop stays rolled (unrolled, the compiler runs every group's loads together and
+      // spills); results shift in, so that group g ends in slot 7 - g. Each score, truncated
+      // to its upper 16 bits (a bfloat16 rounded toward zero: a non-decreasing function of
+      // z), overwrites its logit in the tile for pass 2.
+      float gsc[kGroupedGroups], gmth[kGroupedGroups];
+      uint32_t nan = 0;
+#pragma unroll 1
+      for (int g2 = 0; g2 < kGroupedGroups; g2 += 2) {
+        float m1[2][4], m2[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int g = g2 + h;
+          const float* bg = bias_sm + g * (kBiasRowBytes / 4);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            uint4* chunk = reinterpret_cast<uint4*>(row + chunk_off(4 * g + q, sw));
+            const uint4 v = *chunk;
+            const float4 b0 = *reinterpret_cast<const float4*>(bg + 8 * q);
+            const float4 b1 = *reinterpret_cast<const float4*>(bg + 8 * q + 4);
+            const uint32_t c0 = clamp_pair(v.x, &nan), c1 = clamp_pair(v.y, &nan);
+            const uint32_t c2 = clamp_pair(v.z, &nan), c3 = clamp_pair(v.w, &nan);
+            const float z[8] = {selection_score(sig_lo(sm, c0), b0.x), selection_score(sig_hi(sm, c0), b0.y),
+                                selection_score(sig_lo(sm, c1), b0.z), selection_score(sig_hi(sm, c1), b0.w),
+                                selection_score(sig_lo(sm, c2), b1.x), selection_score(sig_hi(sm, c2), b1.y),
+                                selection_score(sig_lo(sm, c3), b1.z), selection_score(sig_hi(sm, c3), b1.w)};
+            float& t1 = m1[h][q];
+            float& t2 = m2[h][q];
+            t1 = fmaxf(z[0], z[1]);
+            t2 = fminf(z[0], z[1]);
+#pragma unroll
+            for (int i = 2; i < 8; ++i) top2_push(z[i], t1, t2);
+            *chunk = make_uint4(upper_halves(z[0], z[1]), upper_halves(z[2], z[3]),
+                                upper_halves(z[4], z[5]), upper_halves(z[6], z[7]));
+          }
+          top2_merge(m1[h][0], m2[h][0], m1[h][1], m2[h][1]);
+          top2_merge(m1[h][2], m2[h][2], m1[h][3], m2[h][3]);
+          top2_merge(m1[h][0], m2[h][0], m1[h][2], m2[h][2]);
+        }
+#pragma unroll
+        for (int j = kGroupedGroups - 1; j > 1; --j) {
+          gsc[j] = gsc[j - 2];
+          gmth[j] = gmth[j - 2];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gsc[1 - h] = m == 2 ? group_score_add(m1[h][0], m2[h][0]) : m1[h][0];
+          gmth[1 - h] = m == 2 ? m2[h][0] : m1[h][0];
+        }
+      }
+      const bool exact_row = bias_bad || (nan & 0xFFFFu) > 0x7F80u || (nan >> 16) > 0x7F80u;
+
+      int sel[8];
+      float u[8];
+      if (!exact_row) {
+        // 2. Group ranks: one comparison a pair (g < h: g is ahead iff its score is >= h's).
+        int rank[kGroupedGroups];
+#pragma unroll
+        for (int g = 0; g < kGroupedGroups; ++g) rank[g] = 0;
+#pragma unroll
+        for (int g = 0; g < kGroupedGroups; ++g) {
+#pragma unroll
+          for (int h = g + 1; h < kGroupedGroups; ++h) {
+            const bool g_ahead = gsc[7 - g] >= gsc[7 - h];
+            rank[h] += g_ahead ? 1 : 0;
+            rank[g] += g_ahead ? 0 : 1;
+          }
+        }
+        unsigned kept = 0;
+        float tau = INFINITY;
+#pragma unroll
+        for (int g = 0; g < kGroupedGroups; ++g) {
+          if (rank[g] < gk) {
+            kept |= 1u << g;
+            tau = fminf(tau, gmth[7 - g]);
+          }
+        }
+        // 3. Pass 2, on the truncated scores: a mask of every element of a kept group whose
+        // truncated score is >= tau's (a superset of z >= tau, as truncation never decreases
+        // an order). Then the logits of the chunks holding one are copied back into the tile.
+        const uint32_t tau2 = (__float_as_uint(tau) >> 16) * 0x10001u;
+        uint32_t cm[kGroupedGroups];
+        int kg[kGroupedGroups];
+        unsigned left = kept;
+        const char* grow = static_cast<const char*>(a.logits) + t * kGroupedRowBytes;
+#pragma unroll
+        for (int q = 0; q < kGroupedGroups; ++q) {
+          const int g = left ? __ffs(left) - 1 : 0;
+          left &= left - 1;
+          uint32_t even = 0, odd = 0;  // bit j: element 2j / 2j + 1 of the group
+          if (q < gk) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const uint4 v = *reinterpret_cast<const uint4*>(row + chunk_off(4 * g + c, sw));
+              const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const uint32_t ge = ge_bf16x2(w[j], tau2);
+                even |= (ge & 1u) << (4 * c + j);
+                odd |= ((ge >> 16) & 1u) << (4 * c + j);
+              }
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              if ((even | odd) & (0xFu << (4 * c))) {
+                cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(row + chunk_off(4 * g + c, sw))),
+                           grow + 16 * (4 * g + c));
+              }
+            }
+          }
+          cm[q] = interleave16(even, odd);
+          kg[q] = g;
+        }
+        cp_async_wait_all();  // this thread's own copies: only it reads its row
+
+        // 4. The candidates in ascending expert order into the sorted list.
+        float zl[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          zl[r] = -INFINITY;
+          sel[r] = 0;
+        }
+#pragma unroll
+        for (int q = 0; q < kGroupedGroups; ++q) {
+          uint32_t mask = cm[q];
+          const int g = kg[q];
+          while (mask) {
+            const int i = __ffs(mask) - 1;
+            mask &= mask - 1;
+            const int e = 32 * g + i;
+            const uint32_t w = *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
+            const float z = selection_score(sig_lo(sm, clamp_pair(w, nullptr)),
+                                            bias_sm[g * (kBiasRowBytes / 4) + i]);
+            insert8(z, e, zl, sel);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const int e = sel[r];
+          const uint32_t w = *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
+          u[r] = sig_lo(sm, clamp_pair(w, nullptr));
+        }
+      } else {
+        int sel_x[8];
+        float u_x[8];
+        route_exact(reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.logits) +
+                                                      t * kGroupedRowBytes),
+                    bias_sm, gk, m, k, sel_x, u_x);
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          sel[r] = sel_x[r];
+          u[r] = u_x[r];
+        }
+      }
+
+      // 5. Weights in slot order (routing_math.h), then the stores.
+      float sum = u[0];
+#pragma unroll
+      for (int r = 1; r < 8; ++r) {
+        if (r < k) sum = slot_sum_add(sum, u[r]);
+      }
+      const float denom = weight_denominator<ScoreFn::kSigmoid>(sum);
+      const int64_t ko = t * k;
+      uint32_t wv[8], iv[8], rv[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        const float p = weight<ScoreFn::kSigmoid>(false, k, u[r], denom);
+        wv[r] = __float_as_uint(compact_weight(a.scaling * p));
+        iv[r] = static_cast<uint32_t>(sel[r]);
+        rv[r] = __float_as_uint(compact_residual<ScoreFn::kSigmoid>(p, u[r]));
+      }
+      if (a.slots_vec && k == 8) {
+        if (a.weights) store_words<8>(a.weights + ko, wv);
+        if (a.indices) store_words<8>(static_cast<int32_t*>(a.indices) + ko, iv);
+        if (a.act) store_words<8>(a.act + ko, rv);
+      } else {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          if (r < k) {
+            if (a.weights) a.weights[ko + r] = __uint_as_float(wv[r]);
+            if (a.indices) store_index(a.indices, a.index_dt, ko + r, sel[r]);
+            if (a.act) a.act[ko + r] = __uint_as_float(rv[r]);
+          }
+        }
+      }
+    }
+    __syncwarp();  // every lane done with the tile before the next copies overwrite it
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace jax_router
