@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from . import impls
-from .test_cross_platform import (BIAS_KINDS, F32, assert_same_bits, make_bias, make_logits,
-                                  near_tie_rows, run_on_both)
+from .test_cross_platform import (BIAS_KINDS, F32, assert_same_bits, cpu_and_cuda,  # noqa: F401
+                                  make_bias, make_logits, near_tie_rows, run_on_both)
 
 # The kernel's band of bfloat16 magnitudes (kSigLo, kSigHi in router_fwd_grouped.cuh) and its
 # smallest batch (JR_GROUPED_MIN_ROWS).
@@ -34,7 +34,8 @@ def all_bf16_bits() -> np.ndarray:
 
 
 def bf16_from_bits(u: np.ndarray) -> np.ndarray:
-    return (u.astype(np.uint32) << 16).view(np.float32).astype(jnp.bfloat16)
+    with np.errstate(invalid="ignore"):  # NaN bit patterns stay NaN
+        return (u.astype(np.uint32) << 16).view(np.float32).astype(jnp.bfloat16)
 
 
 def test_sigmoid_is_constant_outside_the_table_band():
@@ -77,16 +78,6 @@ def compact_program(topk, kw, index_dtype):
         return program
 
     return make
-
-
-@pytest.fixture(scope="module")
-def cpu_and_cuda():
-    pair = impls.get("cpu"), impls.get("cuda")
-    missing = [f"{n}: {impls.missing_reason(n)}" for n, f in zip(("cpu", "cuda"), pair)
-               if f is None]
-    if missing:
-        pytest.fail("needs both kernel implementations; " + "; ".join(missing), pytrace=False)
-    return pair
 
 
 # (topk, group_topk): DeepSeek-V3's (8, 4), m = 1 with k = 8 and k = 4, m = 2 with fewer groups,
