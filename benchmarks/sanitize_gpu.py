@@ -6,10 +6,11 @@ dispatch kernel once through the public API.
 
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py grouped
 
-(the second form: the grouped forward's cases only). Covers the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general
-forward (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense
-indices, bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with
-small token counts (odd, so the last tile is partial) and a few non-finite logits.
+(the last form: the grouped forward's cases only). Covers the grouped forward (16384 + 37 rows),
+the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
+(large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
+bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token
+counts (odd, so the last tile is partial) and a few non-finite logits.
 """
 
 from __future__ import annotations

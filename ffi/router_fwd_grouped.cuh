@@ -138,6 +138,16 @@ __device__ __forceinline__ float sig_hi(const char* sm, uint32_t c) {
 // groups.
 __device__ __forceinline__ int chunk_off(int c, int sw) { return (c ^ sw) << 4; }
 
+// Expert e's bfloat16 logit in its row of the tile (zero-extended: the low half of a pair).
+__device__ __forceinline__ uint32_t tile_logit(const char* row, int sw, int e) {
+  return *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
+}
+
+// Group g's 32 biases in shared memory (rows of kBiasRowBytes).
+__device__ __forceinline__ const float* bias_row(const float* bias_sm, int g) {
+  return bias_sm + g * (kBiasRowBytes / 4);
+}
+
 // Top two of a stream of floats (m1 >= m2); FMNMX only.
 __device__ __forceinline__ void top2_push(float z, float& m1, float& m2) {
   m2 = fmaxf(m2, fminf(m1, z));
@@ -198,7 +208,7 @@ __device__ __noinline__ void route_exact(const uint16_t* row, const float* bias_
                                          int k, int (&sel)[8], float (&u)[8]) {
   auto score = [&](int e) {
     const float s = activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[e]));
-    return order_key(selection_score(s, bias_sm[(e >> 5) * (kBiasRowBytes / 4) + (e & 31)]));
+    return order_key(selection_score(s, bias_row(bias_sm, e >> 5)[e & 31]));
   };
   uint32_t gkey[kGroupedGroups], gmth[kGroupedGroups];
   for (int g = 0; g < kGroupedGroups; ++g) {
@@ -303,23 +313,25 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
   }
   __syncthreads();  // table_mode written before it is read
   const int mode = table_mode;
+  // 16-byte chunk i of the table (g_sig_table's order: the positive half, then the negative)
   constexpr int kChunksPerSign = kSigTableBytes / 16;
+  auto table_chunk = [&](int i) {
+    const int neg = i >= kChunksPerSign ? 1 : 0;
+    return reinterpret_cast<uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign));
+  };
   if (mode == 2) {
     for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
-      const int neg = i >= kChunksPerSign ? 1 : 0;
-      *reinterpret_cast<uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign)) =
-          __ldcg(&g_sig_table[i]);
+      *table_chunk(i) = __ldcg(&g_sig_table[i]);
     }
   } else {
-    // routing_math.h's sigmoid of every magnitude in the band, both signs
+    // routing_math.h's sigmoid of every magnitude in the band, both signs (its plain IEEE form:
+    // this runs in the first launch's blocks only)
     for (int i = threadIdx.x; i < 2 * kSigN; i += kGroupedThreads) {
       const uint32_t neg = i >= kSigN ? 1u : 0u;
       const uint32_t mag = kSigLo + static_cast<uint32_t>(i - (neg ? kSigN : 0));
       const float x = exact::bf16_bits_to_float(static_cast<uint16_t>((neg << 15) | mag));
-      bool odd = false;
-      float s = sigmoid_rn_fast(x, &odd);
-      if (odd) s = activation<ScoreFn::kSigmoid>(x);
-      *reinterpret_cast<float*>(sm + (neg ? kSigNegOff : 0) + 4 * (mag - kSigLo)) = s;
+      *reinterpret_cast<float*>(sm + (neg ? kSigNegOff : 0) + 4 * (mag - kSigLo)) =
+          activation<ScoreFn::kSigmoid>(x);
     }
   }
   // The bias (0 without one: s + 0 = s).
@@ -333,9 +345,7 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
   bias_bad = __syncthreads_or(bias_bad);
   if (mode == 1) {
     for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
-      const int neg = i >= kChunksPerSign ? 1 : 0;
-      g_sig_table[i] =
-          *reinterpret_cast<const uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign));
+      g_sig_table[i] = *table_chunk(i);
     }
     __syncthreads();  // every thread's part of the global table written
     if (threadIdx.x == 0) {
@@ -371,7 +381,7 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int g = g2 + h;
-          const float* bg = bias_sm + g * (kBiasRowBytes / 4);
+          const float* bg = bias_row(bias_sm, g);
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             uint4* chunk = reinterpret_cast<uint4*>(row + chunk_off(4 * g + q, sw));
@@ -488,17 +498,15 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
             const int i = __ffs(mask) - 1;
             mask &= mask - 1;
             const int e = 32 * g + i;
-            const uint32_t w = *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
-            const float z = selection_score(sig_lo(sm, clamp_pair(w, nullptr)),
-                                            bias_sm[g * (kBiasRowBytes / 4) + i]);
+            const float z = selection_score(sig_lo(sm, clamp_pair(tile_logit(row, sw, e), nullptr)),
+                                            bias_row(bias_sm, g)[i]);
             insert8(z, e, zl, sel);
           }
         }
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
           const int e = sel[r];
-          const uint32_t w = *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
-          u[r] = sig_lo(sm, clamp_pair(w, nullptr));
+          u[r] = sig_lo(sm, clamp_pair(tile_logit(row, sw, e), nullptr));
         }
       } else {
         int sel_x[8];
