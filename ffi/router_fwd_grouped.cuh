@@ -483,25 +483,36 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
         }
         cp_async_wait_all();  // this thread's own copies: only it reads its row
 
-        // 4. The candidates in ascending expert order into the sorted list.
+        // 4. The candidates in ascending expert order into the sorted list, one candidate an
+        // iteration across all kept groups (the next group's mask shifts in when one runs
+        // out), so that a warp runs as many iterations as its lane with the most candidates.
         float zl[8];
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
           zl[r] = -INFINITY;
           sel[r] = 0;
         }
+        uint32_t mask = cm[0];
+        int g = kg[0];
+        int rest = gk - 1;  // kept groups after the current one
+        while (true) {
+          while (mask == 0 && rest > 0) {
 #pragma unroll
-        for (int q = 0; q < kGroupedGroups; ++q) {
-          uint32_t mask = cm[q];
-          const int g = kg[q];
-          while (mask) {
-            const int i = __ffs(mask) - 1;
-            mask &= mask - 1;
-            const int e = 32 * g + i;
-            const float z = selection_score(sig_lo(sm, clamp_pair(tile_logit(row, sw, e), nullptr)),
-                                            bias_row(bias_sm, g)[i]);
-            insert8(z, e, zl, sel);
+            for (int q = 0; q < kGroupedGroups - 1; ++q) {
+              cm[q] = cm[q + 1];
+              kg[q] = kg[q + 1];
+            }
+            mask = cm[0];
+            g = kg[0];
+            --rest;
           }
+          if (mask == 0) break;
+          const int i = __ffs(mask) - 1;
+          mask &= mask - 1;
+          const int e = 32 * g + i;
+          const float z = selection_score(sig_lo(sm, clamp_pair(tile_logit(row, sw, e), nullptr)),
+                                          bias_row(bias_sm, g)[i]);
+          insert8(z, e, zl, sel);
         }
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
