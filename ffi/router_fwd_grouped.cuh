@@ -3,7 +3,7 @@
 // outputs only. Same bits as the fast forward and the CPU (routing_math.h); the launcher takes
 // it for batches of at least kGroupedMinRows on devices with the shared memory
 // (router_launch.cuh). On the H200 it takes DeepSeek-V3 bf16 compact at 65536 tokens from 59.0
-// to 38.7 us and at 262144 from 224 to 114 (benchmarks/NOTES.md, rows 65-70).
+// to 38.9 us and at 262144 from 224 to 110 (benchmarks/NOTES.md, rows 65-71).
 //
 // One thread per token, the warp's 32 rows staged in shared memory with coalesced cp.async
 // copies. The fast forward spends most of its instructions on the exact sigmoid (~13 an
