@@ -5,8 +5,11 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool racecheck --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py
 
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py grouped
+    compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py thread
 
-(the last form: the grouped forward's cases only). Covers the grouped forward (16384 + 37 rows),
+(the last forms: the grouped forward's cases only, or those of both one-thread-a-token forwards,
+grouped and bf16 softmax). Covers the grouped forward (16384 + 37 rows), the bf16 softmax forward
+(both list sizes, a NaN-only group, partial tiles),
 the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
 (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
 bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token
@@ -90,6 +93,22 @@ def run_grouped():
     jax.block_until_ready(outs)
 
 
+def run_softmax_bf16():
+    """The bf16 softmax forward (router_fwd_softmax_bf16.cuh) at batches that take it: both list
+    sizes, E from 64 to 512, a row with a group of NaNs only (its exact path), an all -inf row
+    (every logit a candidate), partial last warp tiles, the vector and the scalar stores."""
+    outs = []
+    for T, E, topk, idx in ((16384 + 5, 128, 8, jnp.int32), (65536 + 31, 512, 10, jnp.int16),
+                            (16384 + 1, 64, 16, jnp.int32), (49152 + 7, 384, 3, jnp.int32)):
+        x = 2.0 * jax.random.normal(jax.random.key(E + topk), (T, E), jnp.float32)
+        x = x.at[0, 6::16].set(jnp.nan).at[1, :].set(-jnp.inf).at[2, :].set(0.0)
+        x = x.astype(jnp.bfloat16)
+        outs += list(jr.route_topk(x, topk, index_dtype=idx, scaling_factor=1.5))
+        r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+        outs.append(jax.grad(lambda x: jnp.sum(jr.route_topk(x, topk)[0] * r))(x))
+    jax.block_until_ready(outs)
+
+
 # Aux-score kernels: (E, topk) for the register kernels' argmax (k <= 16) and radix (k > 16)
 # selections, the largest register layout, and the general kernel (E > 1024).
 AUX_CASES = [(7, 3), (130, 8), (256, 20), (1024, 16), (1100, 40)]
@@ -156,6 +175,10 @@ def main():
     run_grouped()
     print("ok grouped forward", flush=True)
     if sys.argv[1:] == ["grouped"]:
+        return
+    run_softmax_bf16()
+    print("ok bf16 softmax forward", flush=True)
+    if sys.argv[1:] == ["thread"]:
         return
     for E, topk in QB_CASES:
         for dtype in (jnp.bfloat16, jnp.float32):

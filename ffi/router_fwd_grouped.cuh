@@ -39,6 +39,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "cuda_rows.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_small.cuh"
 #include "routing_math.h"
@@ -108,13 +109,6 @@ __device__ __forceinline__ uint32_t min_u16x2(uint32_t a, uint32_t b) {
   return d;
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-}
-
 // Two bfloat16 logits (one 32-bit word) -> their magnitudes clamped into the table's band with
 // the signs kept. `nan` collects the raw magnitudes (a half above 0x7F80 is a NaN).
 __device__ __forceinline__ uint32_t clamp_pair(uint32_t w, uint32_t* nan) {
@@ -132,11 +126,6 @@ __device__ __forceinline__ float sig_lo(const char* sm, uint32_t c) {
 __device__ __forceinline__ float sig_hi(const char* sm, uint32_t c) {
   return *reinterpret_cast<const float*>(sm + ((c >> 14) & 0x3FFFCu) - 4 * kSigLo);
 }
-
-// Byte offset of 16-byte chunk c (0..31) of a row in the tile: rows are 512 bytes and chunk c
-// of row r sits at chunk c ^ (r & 7), so the 8 rows a quarter-warp reads hit 8 distinct bank
-// groups.
-__device__ __forceinline__ int chunk_off(int c, int sw) { return (c ^ sw) << 4; }
 
 // Expert e's bfloat16 logit in its row of the tile (zero-extended: the low half of a pair).
 __device__ __forceinline__ uint32_t tile_logit(const char* row, int sw, int e) {
@@ -163,13 +152,6 @@ __device__ __forceinline__ void top2_merge(float& a1, float& a2, float b1, float
 // The upper 16 bits of two floats, packed: bfloat16s rounded toward zero.
 __device__ __forceinline__ uint32_t upper_halves(float lo, float hi) {
   return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
-}
-
-// Per half: 0xFFFF where the bfloat16 of a is >= that of b, else 0.
-__device__ __forceinline__ uint32_t ge_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
 }
 
 // Bit j of even -> bit 2j, bit j of odd -> bit 2j + 1 (j < 16).

@@ -16,6 +16,7 @@
 #include "router_fwd_general.cuh"
 #include "router_fwd_grouped.cuh"
 #include "router_fwd_small.cuh"
+#include "router_fwd_softmax_bf16.cuh"
 #include "routing_math.h"
 
 namespace jax_router {
@@ -208,6 +209,28 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
   return cudaGetLastError();
 }
 
+// The bf16 softmax forward (router_fwd_softmax_bf16.cuh): blocks of 2 warps, as many an SM as
+// their tiles' shared memory allows, warp tiles of 32 tokens spread over every SM first.
+template <int kK>
+inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
+  auto kernel = fwd_softmax_bf16_kernel<kK>;
+  const size_t smem = kSoftmaxBf16Warps * SoftmaxBf16WarpSmem(fa.E);
+  static std::atomic<int> raised[kMaxDevices];
+  const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
+  if (e != cudaSuccess) return e;
+  // blocks an SM for each E (a multiple of 64 up to kSoftmaxBf16MaxE)
+  static std::atomic<int> occ[kSoftmaxBf16MaxE / 64 + 1];
+  const int per_sm = CachedBlocksPerSm(kernel, 32 * kSoftmaxBf16Warps, smem, occ[fa.E / 64]);
+  const int64_t blocks = ((fa.rows + 31) / 32 + kSoftmaxBf16Warps - 1) / kSoftmaxBf16Warps;
+  const int64_t most = static_cast<int64_t>(SmCount(dev)) * per_sm;
+  const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
+  kernel<<<grid, 32 * kSoftmaxBf16Warps, smem, s>>>(fa);
+  return cudaGetLastError();
+}
+inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
+  return fa.k <= 8 ? LaunchSoftmaxBf16T<8>(fa, s, dev) : LaunchSoftmaxBf16T<16>(fa, s, dev);
+}
+
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,
                                  cudaStream_t s, int dev) {
   if (qb) {  // sigmoid only (checked when the attributes were decoded)
@@ -322,9 +345,13 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
     if (taken) *taken = FwdPath::kFast;
     const bool dense = f.probs != nullptr || f.map != nullptr;
     if (SmallForward(f.experts, f.p, dense)) return LaunchSmall(f.p.score_fn, fa, stream, dev);
-    // The grouped forward gives the fast forward's bits (tests check both against the CPU), so
-    // choosing it by batch size cannot change a row's result. A token is one thread's work
-    // there: below JR_GROUPED_MIN_ROWS the fast forward's 8 lanes a token finish sooner.
+    // The one-thread-a-token forwards give the fast forward's bits (tests check each against
+    // the CPU), so choosing one by batch size cannot change a row's result. Below their
+    // thresholds the fast forward's lanes, several a token, finish sooner.
+    if (f.rows >= SoftmaxBf16MinRows(f.experts) &&
+        SoftmaxBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.x_vec) && CcMajor(dev) >= 9) {
+      return LaunchSoftmaxBf16(fa, stream, dev);
+    }
     if (f.rows >= kGroupedMinRows &&
         GroupedForwardFits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,
                            fa.x_vec) &&

@@ -1,0 +1,37 @@
+// Rows of bfloat16 logits staged in shared memory for one-thread-a-token kernels
+// (router_fwd_grouped.cuh, router_fwd_softmax_bf16.cuh): the cp.async copies, the XOR swizzle
+// of 16-byte chunks that keeps a quarter-warp's reads of 8 rows in 8 distinct bank groups, and
+// the packed bf16x2 operations the kernels screen rows with (sm_90 for the compares).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace jax_router {
+namespace cuda {
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+// Waits for this thread's copies only: a warp that reads other lanes' copies needs __syncwarp
+// after it.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+// Byte offset of 16-byte chunk c of a row whose length is a multiple of 128 bytes: chunk c of
+// row r sits at chunk c ^ (r & 7) (sw = r & 7), so the 8 rows a quarter-warp reads (every row
+// starts in bank 0) hit 8 distinct bank groups.
+__device__ __forceinline__ int chunk_off(int c, int sw) { return (c ^ sw) << 4; }
+
+// Per half: 0xFFFF where the bfloat16 of a is >= that of b, else 0 (IEEE: a NaN compares false,
+// -0 equals +0).
+__device__ __forceinline__ uint32_t ge_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+}  // namespace cuda
+}  // namespace jax_router
