@@ -7,21 +7,21 @@
 // The selection score of an expert is its logit itself, so the screen needs no arithmetic at
 // all, only bf16x2 maxima and compares, two logits an instruction:
 //   1. pass 1: word w of the row (logits 2w, 2w + 1) goes into accumulator w % kP by a bf16x2
-//      maximum, which gives the maxima of 2 kP disjoint groups (low halves, high halves). A
-//      group whose maximum is NaN is all NaN; such a row takes route_exact below. Otherwise
-//      the NaNs of the row (maxima skip them) rank last and are never selected: 2 kP > k
-//      groups have a number.
+//      maximum (from -inf), which gives the maxima of 2 kP disjoint groups (low halves, high
+//      halves). A maximum skips NaNs: a group of NaNs only keeps -inf.
 //   2. L = the k-th largest of the 2 kP group maxima: a bitonic sort of the kP words (both
 //      halves at once), the top kP of the two sorted halves by one bf16x2 maximum a pair, and
-//      where k < kP a bitonic merge of those. There are k distinct experts with logit >= L, so
-//      every expert of the selection has logit >= L (any expert below L has k experts above
-//      it, in float order and so in key order).
+//      where k < kP a bitonic merge of those. If L > -inf, k group maxima are experts with
+//      logit >= L, so every expert of the selection has logit >= L (any expert below L has k
+//      experts above it, in float order and so in key order). If L = -inf every number is a
+//      candidate.
 //   3. pass 2: a candidate mask of the logits >= L, two a bf16x2 compare (IEEE: NaN never,
 //      -0 == +0, so the mask is a superset of the experts whose order key is >= L's; about 10
 //      a token of 128 on N(0, 1) logits, 12 of 512 for k = 10).
 //   4. each candidate's 32-bit slot key (the 16-bit order key of its bf16 logit, then the
 //      expert id inverted: routing_math.h's order with ties to the lower id) into a descending
-//      list of kK by a max / min bubble: the top k of a superset of the selection, in order.
+//      list of kK: the top k of a superset of the selection, in order. Fewer than k candidates
+//      means fewer than k numbers in the row (NaNs are selected): route_exact below.
 //   5. weights by routing_math.h's formulas in slot order, the fast forward's stores.
 // Rows are staged in shared memory a warp tile of 32 at a time with coalesced cp.async copies
 // (cuda_rows.cuh).
@@ -61,7 +61,8 @@ inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_o
 }
 
 // Shared memory of one warp: its 32 rows, then the candidate masks (mask j of lane l at word
-// 32 j + l: a lane's masks in its own bank).
+// 32 j + l: a lane's masks in its own bank). 68 E bytes: a multiple of 128, as the staging
+// and the reads' swizzle need.
 __host__ __device__ inline size_t SoftmaxBf16WarpSmem(int E) { return static_cast<size_t>(32) * 2 * E + 4 * E; }
 
 // ---- packed bfloat16 helpers -----------------------------------------------------------------
@@ -80,6 +81,12 @@ __device__ __forceinline__ uint32_t min_bf16x2(uint32_t a, uint32_t b) {
 __device__ __forceinline__ uint32_t max_nan_bf16x2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+// 0xFFFFFFFF where bit 15 of a is set, else 0 (prmt's sign-replicating selector).
+__device__ __forceinline__ uint32_t sign_mask16(uint32_t a) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, 0, 0x9999;" : "=r"(d) : "r"(a));
   return d;
 }
 __device__ __forceinline__ uint32_t swap_halves(uint32_t a) { return __byte_perm(a, 0, 0x1032); }
@@ -123,18 +130,19 @@ __device__ __forceinline__ uint32_t slot_key16(uint32_t key, int e) {
   return (key << 16) | (0xFFFFu - static_cast<uint32_t>(e));
 }
 
-// Inserts c into the descending list: one max and one min a place.
+// Inserts c into the descending list (c = 0: no change). Every comparison is made against the
+// old list at once, so the chain is three instructions deep, not two a place.
 template <int kK>
 __device__ __forceinline__ void insert_desc(uint32_t c, uint32_t (&list)[kK]) {
+  bool above[kK];
 #pragma unroll
-  for (int p = 0; p < kK; ++p) {
-    const uint32_t hi = max(c, list[p]);
-    c = min(c, list[p]);
-    list[p] = hi;
-  }
+  for (int p = 0; p < kK; ++p) above[p] = c > list[p];
+#pragma unroll
+  for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
+  list[0] = above[0] ? c : list[0];
 }
 
-// ---- the exact path (a row with a group of NaNs only) ----------------------------------------
+// ---- the exact path (a row with fewer than topk numbers) --------------------------------------
 
 // Every expert's slot key (NaN logits last, in id order) into the list, from global memory.
 template <int kK>
@@ -151,143 +159,168 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
   __trap();  // sm_90 instructions (bf16x2 compares); the launcher asks for 9.0
 #else
   constexpr int kP = kK;
-  constexpr int kChunksStep = kP / 4;  // 16-byte chunks (4 words) a round of the accumulators
-  extern __shared__ __align__(16) char sm[];
+  constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
+  extern __shared__ __align__(128) char sm[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int E = a.E, k = a.k;
-  const int row_bytes = 2 * E, chunks = E / 8, blocks32 = E / 32;
+  const int row_bytes = 2 * E, chunks = E / 8, blocks64 = E / 64, nmask = E / 32;
   char* tile = sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E);
   const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
   uint32_t* masks = reinterpret_cast<uint32_t*>(tile + 32 * row_bytes) + lane;
-  char* row = tile + lane * row_bytes;
-  const int sw = lane & 7;
+  const char* row = tile + lane * row_bytes;
+  // A row's byte b sits at b ^ swz (cuda_rows.cuh's chunk swizzle: bits 4-6 XOR the row's low
+  // three bits). off[j]: chunk j of each 128-byte block of the row.
+  const int swz = (lane & 7) << 4;
+  int off[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
   const int64_t ntiles = (a.rows + 31) / 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxBf16Warps;
 
-  // Warp tiles interleaved across blocks, so that a partial last round spreads over every SM.
-  for (int64_t wt = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; wt < ntiles; wt += stride) {
+  // The tile's copies: copy j of this lane is the tile's 16-byte chunk i = lane + 32 j, i.e.
+  // source byte 16 i and row r = i / chunks (stepped by dr, dc without a division).
+  const int dr = 32 / chunks, dc = 32 % chunks;
+  auto stage = [&](int64_t wt) {
     const int64_t t0 = wt * 32;
     const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
-    {  // the tile's copies: chunk `lane + 32 j` of the tile is row r, chunk c
-      const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
-      int r = 0, c = lane;
-      while (c >= chunks) c -= chunks, ++r;
-      for (; r < nrows;) {
-        cp_async16(tile_s + r * row_bytes + chunk_off(c, r & 7), src + static_cast<int64_t>(r) * row_bytes + 16 * c);
-        c += 32;
-        while (c >= chunks) c -= chunks, ++r;
-      }
+    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes + 16 * lane;
+    uint32_t dst = tile_s + 16 * lane;
+    for (int r = lane / chunks, c = lane % chunks; r < nrows;) {
+      cp_async16(dst ^ ((r & 7) << 4), src);  // tile_s is 128-byte aligned (SoftmaxBf16WarpSmem)
+      src += 512;
+      dst += 512;
+      r += dr;
+      c += dc;
+      if (c >= chunks) c -= chunks, ++r;
     }
+  };
+
+  // Warp tiles interleaved across blocks, so that a partial last round spreads over every SM.
+  const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
+  if (first < ntiles) stage(first);
+  for (int64_t wt = first; wt < ntiles; wt += stride) {
+    const int64_t t0 = wt * 32;
+    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
     cp_async_wait_all();
     __syncwarp();  // every lane's copies landed and are visible to the warp
 
     const int64_t t = t0 + lane;
-    if (lane < nrows) {
-      // 1. Group maxima.
+    const bool live = lane < nrows;
+    uint32_t list[kK];
+    if (live) {
+      // 1. Group maxima, 64 logits (8 chunks) an iteration. NaNs are skipped (a group of NaNs
+      // only keeps -inf, which is no expert's logit unless one is -inf).
       uint32_t acc[kP];
 #pragma unroll
-      for (int q = 0; q < kChunksStep; ++q) {
-        const uint4 v = *reinterpret_cast<const uint4*>(row + chunk_off(q, sw));
-        acc[4 * q] = v.x, acc[4 * q + 1] = v.y, acc[4 * q + 2] = v.z, acc[4 * q + 3] = v.w;
-      }
+      for (int j = 0; j < kP; ++j) acc[j] = kNegInf2;
 #pragma unroll 1
-      for (int c0 = kChunksStep; c0 < chunks; c0 += kChunksStep) {
+      for (int b = 0; b < blocks64; ++b) {
+        const char* blk = row + 128 * b;
 #pragma unroll
-        for (int q = 0; q < kChunksStep; ++q) {
-          const uint4 v = *reinterpret_cast<const uint4*>(row + chunk_off(c0 + q, sw));
-          acc[4 * q] = max_bf16x2(acc[4 * q], v.x);
-          acc[4 * q + 1] = max_bf16x2(acc[4 * q + 1], v.y);
-          acc[4 * q + 2] = max_bf16x2(acc[4 * q + 2], v.z);
-          acc[4 * q + 3] = max_bf16x2(acc[4 * q + 3], v.w);
+        for (int j = 0; j < 8; ++j) {
+          const uint4 v = *reinterpret_cast<const uint4*>(blk + off[j]);
+          acc[(4 * j) % kP] = max_bf16x2(acc[(4 * j) % kP], v.x);
+          acc[(4 * j + 1) % kP] = max_bf16x2(acc[(4 * j + 1) % kP], v.y);
+          acc[(4 * j + 2) % kP] = max_bf16x2(acc[(4 * j + 2) % kP], v.z);
+          acc[(4 * j + 3) % kP] = max_bf16x2(acc[(4 * j + 3) % kP], v.w);
         }
       }
-      uint32_t any_nan = acc[0];
-#pragma unroll
-      for (int j = 1; j < kP; ++j) any_nan = max_nan_bf16x2(any_nan, acc[j]);
-      const bool exact_row = (any_nan & 0x7FFFu) > 0x7F80u || (any_nan & 0x7FFF0000u) > 0x7F800000u;
 
-      uint32_t list[kK];
-      if (!exact_row) {
-        // 2. L, the k-th largest group maximum.
-        sort_desc_bf16x2(acc);
-        uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: the (kP-1-i)-th
+      // 2. L, the k-th largest group maximum.
+      sort_desc_bf16x2(acc);
+      uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: the (kP-1-i)-th
 #pragma unroll
-        for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
-        uint32_t lw;  // L in both halves
-        if (k == kP) {
-          uint32_t m = top[0];
+      for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
+      uint32_t lw;  // L in both halves
+      if (k == kP) {
+        uint32_t m = top[0];
 #pragma unroll
-          for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
-          m = min_bf16x2(m, swap_halves(m));
-          lw = m;
-        } else {
-          float f[kP];
+        for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
+        lw = min_bf16x2(m, swap_halves(m));
+      } else {
+        float f[kP];
 #pragma unroll
-          for (int i = 0; i < kP / 2; ++i) {
-            f[i] = bf16_lo(top[i]);
-            f[kP - 1 - i] = bf16_hi(top[i]);
-          }
+        for (int i = 0; i < kP / 2; ++i) {
+          f[i] = bf16_lo(top[i]);
+          f[kP - 1 - i] = bf16_hi(top[i]);
+        }
 #pragma unroll
-          for (int d = kP / 2; d > 0; d >>= 1) {
+        for (int d = kP / 2; d > 0; d >>= 1) {
 #pragma unroll
-            for (int i = 0; i < kP; ++i) {
-              if ((i & d) == 0) {
-                const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
-                f[i] = hi;
-                f[i + d] = lo;
-              }
+          for (int i = 0; i < kP; ++i) {
+            if ((i & d) == 0) {
+              const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
+              f[i] = hi;
+              f[i + d] = lo;
             }
           }
-          float l = f[0];
-#pragma unroll
-          for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
-          lw = (__float_as_uint(l) >> 16) * 0x10001u;
         }
+        float l = f[0];
+#pragma unroll
+        for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
+        lw = (__float_as_uint(l) >> 16) * 0x10001u;
+      }
 
-        // 3. The candidate masks, 32 logits (4 chunks) a mask: bit 8 b + j of mask q is logit
-        // 32 q + 4 j + b.
+      // 3. The candidate masks, 32 logits (4 chunks) a mask: bit 8 y + j of mask q is logit
+      // 32 q + 4 j + y.
 #pragma unroll 1
-        for (int q = 0; q < blocks32; ++q) {
+      for (int b = 0; b < blocks64; ++b) {
+        const char* blk = row + 128 * b;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
           uint32_t mask = 0;
 #pragma unroll
-          for (int h = 0; h < 4; h += 2) {
-            const uint4 v0 = *reinterpret_cast<const uint4*>(row + chunk_off(4 * q + h, sw));
-            const uint4 v1 = *reinterpret_cast<const uint4*>(row + chunk_off(4 * q + h + 1, sw));
+          for (int j = 0; j < 4; j += 2) {
+            const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * h + j]);
+            const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * h + j + 1]);
             const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              // logits 4 (4 h/2 + j) .. +3 of the block: bytes 0, 2 of each compare word
-              const uint32_t f = __byte_perm(ge_bf16x2(w[2 * j], lw), ge_bf16x2(w[2 * j + 1], lw), 0x6420);
-              mask |= f & (0x01010101u << (2 * h + j));
+            for (int u = 0; u < 4; ++u) {
+              // logits 4 (2 j + u) .. +3 of the mask's 32: bytes 0, 2 of each compare word
+              const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * u], lw), ge_bf16x2(w[2 * u + 1], lw), 0x6420);
+              mask |= fl & (0x01010101u << (2 * j + u));
             }
           }
-          masks[32 * q] = mask;
+          masks[32 * (2 * b + h)] = mask;
         }
+      }
 
-        // 4. The candidates' slot keys into the list, one candidate an iteration across all
-        // masks (a warp runs as many iterations as its lane with the most candidates).
+      // 4. The candidates' slot keys into the list, one an iteration across all masks (a warp
+      // runs as many iterations as its lane with the most candidates). Logit 32 q + 4 j + y
+      // is at row byte (64 q + 8 j + 2 y) ^ swz; a candidate is a number, so its order key is
+      // its bits with the sign bit set, or all bits flipped for a negative one.
 #pragma unroll
-        for (int p = 0; p < kK; ++p) list[p] = 0u;
-        int q = 0;
-        uint32_t mask = masks[0];
-        while (true) {
-          while (mask == 0 && q + 1 < blocks32) mask = masks[32 * ++q];
-          if (mask == 0) break;
-          const int b = 31 - __clz(mask);
-          mask ^= 1u << b;
-          const int e = 32 * q + 4 * (b & 7) + (b >> 3);
-          const uint32_t h = *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
-          insert_desc(slot_key16(bf16_order_key(h), e), list);
-        }
-      } else {
+      for (int p = 0; p < kK; ++p) list[p] = 0u;
+      int q = 0;
+      uint32_t mask = masks[0];
+      while (true) {
+        while (mask == 0 && q + 1 < nmask) mask = masks[32 * ++q];
+        if (mask == 0) break;
+        const int bit = 31 - __clz(mask);
+        mask ^= 1u << bit;
+        const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
+        const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
+        const uint32_t key = h ^ (sign_mask16(h) | 0x8000u);  // in the low 16 bits
+        insert_desc((key << 16) | (0xFFFFu - static_cast<uint32_t>(e)), list);
+      }
+      uint32_t kth = list[0];
+#pragma unroll
+      for (int p = 1; p < kK; ++p) kth = p == k - 1 ? list[p] : kth;
+      if (kth == 0u) {
+        // fewer than k numbers were candidates: L was -inf from a group of NaNs only, and the
+        // selection takes NaNs
         uint32_t list_x[kK];  // its own array: `list` stays in registers on the screened path
         route_exact_softmax_bf16<kK>(
             reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.logits) + t * row_bytes), E, list_x);
 #pragma unroll
         for (int p = 0; p < kK; ++p) list[p] = list_x[p];
       }
+    }
+    __syncwarp();  // every lane done with the tile: the next tile's copies go out under the weights
+    if (wt + stride < ntiles) stage(wt + stride);
 
+    if (live) {
       // 5. Weights in slot order (routing_math.h), then the stores.
       constexpr ScoreFn F = ScoreFn::kSoftmax;
       float x[kK];
@@ -330,7 +363,6 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         }
       }
     }
-    __syncwarp();  // every lane done with the tile before the next copies overwrite it
   }
 #endif
 }
