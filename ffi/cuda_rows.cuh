@@ -1,7 +1,7 @@
 // Rows of bfloat16 logits staged in shared memory for one-thread-a-token kernels
 // (router_fwd_grouped.cuh, router_fwd_softmax_bf16.cuh): the cp.async copies, the XOR swizzle
 // of 16-byte chunks that keeps a quarter-warp's reads of 8 rows in 8 distinct bank groups, and
-// the packed bf16x2 operations the kernels screen rows with (sm_90 for the compares).
+// the packed 16-bit operations the kernels screen rows with (sm_90 for most of them).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,13 +25,23 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // starts in bank 0) hit 8 distinct bank groups.
 __device__ __forceinline__ int chunk_off(int c, int sw) { return (c ^ sw) << 4; }
 
-// Per half: 0xFFFF where the bfloat16 of a is >= that of b, else 0 (IEEE: a NaN compares false,
-// -0 equals +0).
-__device__ __forceinline__ uint32_t ge_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
+// Packed 16-bit operations, one PTX instruction each: two lanes of u16 or bf16 a word.
+//   max_u16x2 / min_u16x2    unsigned maximum / minimum per half
+//   max_bf16x2 / min_bf16x2  IEEE maximum / minimum per half (a NaN operand gives the other)
+//   ge_bf16x2                0xFFFF where a's half is >= b's, else 0 (a NaN compares false,
+//                            -0 equals +0)
+#define JR_PACKED_OP(name, instr)                                          \
+  __device__ __forceinline__ uint32_t name(uint32_t a, uint32_t b) {       \
+    uint32_t d;                                                            \
+    asm(instr " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));                  \
+    return d;                                                              \
+  }
+JR_PACKED_OP(max_u16x2, "max.u16x2")
+JR_PACKED_OP(min_u16x2, "min.u16x2")
+JR_PACKED_OP(max_bf16x2, "max.bf16x2")
+JR_PACKED_OP(min_bf16x2, "min.bf16x2")
+JR_PACKED_OP(ge_bf16x2, "set.ge.u32.bf16x2")
+#undef JR_PACKED_OP
 
 }  // namespace cuda
 }  // namespace jax_router

@@ -151,6 +151,23 @@ __device__ __forceinline__ float compact_residual(float p, float u) {
   return exact::canonical(residual<F>(false, p, u));
 }
 
+// The numerators u of a token's k slots (routing_math.h's weight_numerator, from the selected
+// experts' activations v in slot order: for raw softmax their logits, x0 = v[0]) and the
+// denominator of their weights, the numerators summed in slot order. Slots from k on are not
+// set. The one-thread-a-token forwards share it.
+template <ScoreFn F, int kK>
+__device__ __forceinline__ float slot_numerators(const float (&v)[kK], int k, float (&u)[kK]) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kK; ++r) {
+    if (r < k) {
+      u[r] = weight_numerator<F>(false, v[r], v[0], v[r]);
+      sum = r == 0 ? u[r] : slot_sum_add(sum, u[r]);
+    }
+  }
+  return weight_denominator<F>(sum);
+}
+
 // Slot r's compact outputs for the token whose [T, k] rows start at ko: the weight, the expert
 // e and the residual. Both CUDA forwards (this one and router_fwd_small.cuh) write them here,
 // except the small forward's vector path.

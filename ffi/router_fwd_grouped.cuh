@@ -98,17 +98,6 @@ inline bool GroupedForwardFits(int64_t E, const RouteParams& p, Dt dt, bool dens
 
 // ---- small device helpers -----------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t max_u16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("max.u16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ uint32_t min_u16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("min.u16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-
 // Two bfloat16 logits (one 32-bit word) -> their magnitudes clamped into the table's band with
 // the signs kept. `nan` collects the raw magnitudes (a half above 0x7F80 is a NaN).
 __device__ __forceinline__ uint32_t clamp_pair(uint32_t w, uint32_t* nan) {

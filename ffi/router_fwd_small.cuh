@@ -88,15 +88,7 @@ __global__ void __launch_bounds__(kSmallThreads) fwd_small_kernel(const FastArgs
       v[r] = activation<F>(bx);
     }
     float u[kK];
-    float sum = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kK; ++r) {
-      if (r < k) {
-        u[r] = weight_numerator<F>(false, v[r], v[0], v[r]);
-        sum = r == 0 ? u[r] : slot_sum_add(sum, u[r]);
-      }
-    }
-    const float denom = weight_denominator<F>(sum);
+    const float denom = slot_numerators<F>(v, k, u);
     const int64_t ko = t * k;
     if constexpr (kK >= 2) {
       if (a.slots_vec) {  // k == kK (FastArgs::slots_vec): store_slot's values, kK at a time

@@ -67,22 +67,6 @@ __host__ __device__ inline size_t SoftmaxBf16WarpSmem(int E) { return static_cas
 
 // ---- packed bfloat16 helpers -----------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t max_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ uint32_t min_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("min.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-// NaN in either half of either operand gives NaN in that half.
-__device__ __forceinline__ uint32_t max_nan_bf16x2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
 // 0xFFFFFFFF where bit 15 of a is set, else 0 (prmt's sign-replicating selector).
 __device__ __forceinline__ uint32_t sign_mask16(uint32_t a) {
   uint32_t d;
@@ -331,15 +315,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         sel[r] = static_cast<int>(0xFFFFu - (list[r] & 0xFFFFu));
       }
       float u[kK];
-      float sum = 0.0f;
-#pragma unroll
-      for (int r = 0; r < kK; ++r) {
-        if (r < k) {
-          u[r] = weight_numerator<F>(false, x[r], x[0], x[r]);
-          sum = r == 0 ? u[r] : slot_sum_add(sum, u[r]);
-        }
-      }
-      const float denom = weight_denominator<F>(sum);
+      const float denom = slot_numerators<F>(x, k, u);
       const int64_t ko = t * k;
       if (kK == 8 && a.slots_vec && k == 8) {  // slots_vec: 16-byte aligned int32 outputs
         uint32_t wv[8], iv[8], rv[8];

@@ -213,6 +213,24 @@ def run_on_both(pair, make_program, *args):
     return [jax.tree.map(np.asarray, impl.jit(make_program(impl))(*args)) for impl in pair]
 
 
+def compact_program(topk, kw, index_dtype):
+    """make_program for route_topk's compact weights and indices and the gradient (which reads
+    the residual the forward saved); inputs (x, bias, cot)."""
+
+    def make(impl):
+        def program(x, bias, cot):
+            route = lambda x: impl.route_topk(x, topk, index_dtype=index_dtype, expert_bias=bias,
+                                              **kw)
+            out = {}
+            out["weights"], out["indices"] = route(x)
+            out["grad"] = jax.vjp(lambda x: route(x)[0], x)[1](cot)[0]
+            return out
+
+        return program
+
+    return make
+
+
 # ---- routing -----------------------------------------------------------------------------
 
 # (id, E, topk, groups): odd and large E, topk near E, DeepSeek-V3's groups and an odd grouped one

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from . import impls
-from .test_cross_platform import (BIAS_KINDS, F32, assert_same_bits, cpu_and_cuda,  # noqa: F401
-                                  make_bias, make_logits, near_tie_rows, run_on_both)
+from .test_cross_platform import (BIAS_KINDS, F32, assert_same_bits, compact_program,  # noqa: F401
+                                  cpu_and_cuda, make_bias, make_logits, near_tie_rows,
+                                  run_on_both)
 
 # The kernel's band of bfloat16 magnitudes (kSigLo, kSigHi in router_fwd_grouped.cuh) and its
 # smallest batch (JR_GROUPED_MIN_ROWS).
@@ -62,23 +63,6 @@ def test_sigmoid_is_constant_outside_the_table_band():
 
 
 # ---- the kernel against the CPU (GPU) --------------------------------------------------------
-
-def compact_program(topk, kw, index_dtype):
-    """Compact weights, indices and the gradient (which reads the residual the forward saved)."""
-
-    def make(impl):
-        def program(x, bias, cot):
-            route = lambda x: impl.route_topk(x, topk, index_dtype=index_dtype, expert_bias=bias,
-                                              **kw)
-            out = {}
-            out["weights"], out["indices"] = route(x)
-            out["grad"] = jax.vjp(lambda x: route(x)[0], x)[1](cot)[0]
-            return out
-
-        return program
-
-    return make
-
 
 # (topk, group_topk): DeepSeek-V3's (8, 4), m = 1 with k = 8 and k = 4, m = 2 with fewer groups,
 # k = 6 (no vector stores)

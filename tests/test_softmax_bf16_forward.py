@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from .test_cross_platform import (F32, assert_same_bits, cpu_and_cuda,  # noqa: F401
-                                  make_logits, run_on_both)
+from .test_cross_platform import (F32, assert_same_bits, compact_program,  # noqa: F401
+                                  cpu_and_cuda, make_logits, run_on_both)
 
 NAN, INF = F32(np.nan), F32(np.inf)
 
@@ -75,21 +75,9 @@ def screen_rows(E: int, topk: int, rng: np.random.Generator) -> tuple[np.ndarray
     return np.stack(rows), labels
 
 
-def compact_program(topk, index_dtype, scaling):
-    """Compact weights, indices and the gradient (which reads the residual the forward saved)."""
-
-    def make(impl):
-        def program(x, cot):
-            route = lambda x: impl.route_topk(x, topk, index_dtype=index_dtype,
-                                              scaling_factor=scaling)
-            out = {}
-            out["weights"], out["indices"] = route(x)
-            out["grad"] = jax.vjp(lambda x: route(x)[0], x)[1](cot)[0]
-            return out
-
-        return program
-
-    return make
+def softmax_program(topk, index_dtype, scaling):
+    return compact_program(topk, dict(score_function="softmax", scaling_factor=scaling),
+                           index_dtype)
 
 
 # (E, topk): Qwen3 (128, 8) and Qwen3-Next (512, 10); the smallest and largest E, topk at both
@@ -112,8 +100,8 @@ def test_softmax_bf16_bits_equal(cpu_and_cuda, shape):
     cot = rng.standard_normal((x.shape[0], topk)).astype(F32)
     index_dtype = jnp.int16 if shape % 2 else jnp.int32
     scaling = (None, 2.5)[shape % 2]
-    cpu_out, cuda_out = run_on_both(cpu_and_cuda, compact_program(topk, index_dtype, scaling),
-                                    x, cot)
+    cpu_out, cuda_out = run_on_both(cpu_and_cuda, softmax_program(topk, index_dtype, scaling),
+                                    x, None, cot)
     assert np.count_nonzero(cpu_out["weights"]) > 0
     assert np.count_nonzero(np.asarray(cpu_out["grad"], F32)) > 0
     assert_same_bits(cpu_out, cuda_out, x, labels)
@@ -127,7 +115,8 @@ def test_softmax_bf16_leading_dims(cpu_and_cuda, lead):
     rng = np.random.default_rng(sum(lead))
     x = (2.0 * rng.standard_normal(lead + (E,))).astype(jnp.bfloat16)
     cot = rng.standard_normal(lead + (topk,)).astype(F32)
-    cpu_out, cuda_out = run_on_both(cpu_and_cuda, compact_program(topk, jnp.int32, 1.5), x, cot)
+    cpu_out, cuda_out = run_on_both(cpu_and_cuda, softmax_program(topk, jnp.int32, 1.5), x, None,
+                                    cot)
     assert cpu_out["indices"].shape == lead + (topk,)
     flat = {k: v.reshape((-1,) + v.shape[len(lead):]) for k, v in cpu_out.items()}
     flat_cuda = {k: v.reshape((-1,) + v.shape[len(lead):]) for k, v in cuda_out.items()}
@@ -149,5 +138,6 @@ def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
     with np.errstate(invalid="ignore"):  # NaN bit patterns stay NaN
         x = x.astype(jnp.bfloat16)
     cot = rng.standard_normal((u.size, topk)).astype(F32)
-    cpu_out, cuda_out = run_on_both(cpu_and_cuda, compact_program(topk, jnp.int32, None), x, cot)
+    cpu_out, cuda_out = run_on_both(cpu_and_cuda, softmax_program(topk, jnp.int32, None), x,
+                                    None, cot)
     assert_same_bits(cpu_out, cuda_out, x, [f"bits 0x{int(v):04x} at 17, 18" for v in u])
