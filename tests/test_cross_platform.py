@@ -231,6 +231,16 @@ def compact_program(topk, kw, index_dtype):
     return make
 
 
+def compact_bits_equal(pair, topk, kw, index_dtype, x, bias, cot, labels):
+    """compact_program on both platforms, compared bit for bit; the outputs must not be all zero
+    (a comparison of nothing proves nothing). Returns the CPU's outputs."""
+    cpu_out, cuda_out = run_on_both(pair, compact_program(topk, kw, index_dtype), x, bias, cot)
+    assert np.count_nonzero(cpu_out["weights"]) > 0
+    assert np.count_nonzero(np.asarray(cpu_out["grad"], F32)) > 0
+    assert_same_bits(cpu_out, cuda_out, x, labels)
+    return cpu_out
+
+
 # ---- routing -----------------------------------------------------------------------------
 
 # (id, E, topk, groups): odd and large E, topk near E, DeepSeek-V3's groups and an odd grouped one

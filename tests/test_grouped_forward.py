@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from . import impls
-from .test_cross_platform import (BIAS_KINDS, F32, assert_same_bits, compact_program,  # noqa: F401
-                                  cpu_and_cuda, make_bias, make_logits, near_tie_rows,
-                                  run_on_both)
+from .test_cross_platform import (  # noqa: F401 (cpu_and_cuda: a fixture)
+    BIAS_KINDS, F32, assert_same_bits, compact_bits_equal, compact_program, cpu_and_cuda,
+    make_bias, make_logits, near_tie_rows, run_on_both)
 
 # The kernel's band of bfloat16 magnitudes (kSigLo, kSigHi in router_fwd_grouped.cuh) and its
 # smallest batch (JR_GROUPED_MIN_ROWS).
@@ -87,11 +87,7 @@ def test_grouped_bits_equal(cpu_and_cuda, case):
     cot = rng.standard_normal((x.shape[0], topk)).astype(F32)
     index_dtype = jnp.int16 if case % 3 == 2 else jnp.int32
     kw = dict(score_function="sigmoid", num_groups=8, group_topk=group_topk, scaling_factor=2.5)
-    cpu_out, cuda_out = run_on_both(cpu_and_cuda, compact_program(topk, kw, index_dtype),
-                                    x, bias, cot)
-    assert np.count_nonzero(cpu_out["weights"]) > 0
-    assert np.count_nonzero(np.asarray(cpu_out["grad"], F32)) > 0
-    assert_same_bits(cpu_out, cuda_out, x, labels)
+    compact_bits_equal(cpu_and_cuda, topk, kw, index_dtype, x, bias, cot, labels)
 
 
 @pytest.mark.gpu

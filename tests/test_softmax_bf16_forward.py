@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from .test_cross_platform import (F32, assert_same_bits, compact_program,  # noqa: F401
-                                  cpu_and_cuda, make_logits, run_on_both)
+from .test_cross_platform import (F32, assert_same_bits, compact_bits_equal,  # noqa: F401
+                                  compact_program, cpu_and_cuda, make_logits, run_on_both)
 
 NAN, INF = F32(np.nan), F32(np.inf)
 
@@ -100,11 +100,8 @@ def test_softmax_bf16_bits_equal(cpu_and_cuda, shape):
     cot = rng.standard_normal((x.shape[0], topk)).astype(F32)
     index_dtype = jnp.int16 if shape % 2 else jnp.int32
     scaling = (None, 2.5)[shape % 2]
-    cpu_out, cuda_out = run_on_both(cpu_and_cuda, softmax_program(topk, index_dtype, scaling),
-                                    x, None, cot)
-    assert np.count_nonzero(cpu_out["weights"]) > 0
-    assert np.count_nonzero(np.asarray(cpu_out["grad"], F32)) > 0
-    assert_same_bits(cpu_out, cuda_out, x, labels)
+    compact_bits_equal(cpu_and_cuda, topk, dict(score_function="softmax", scaling_factor=scaling),
+                       index_dtype, x, None, cot, labels)
 
 
 @pytest.mark.gpu
