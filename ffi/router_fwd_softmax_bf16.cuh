@@ -144,12 +144,13 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #else
   constexpr int kP = kK;
   constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
-  extern __shared__ __align__(128) char sm[];
+  // its own name: an extern array declared again with another alignment keeps the first one
+  extern __shared__ __align__(128) char rows_sm[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int E = a.E, k = a.k;
   const int row_bytes = 2 * E, chunks = E / 8, blocks64 = E / 64, nmask = E / 32;
-  char* tile = sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E);
+  char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E);
   const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
   uint32_t* masks = reinterpret_cast<uint32_t*>(tile + 32 * row_bytes) + lane;
   const char* row = tile + lane * row_bytes;
