@@ -164,20 +164,18 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxBf16Warps;
 
   // The tile's copies: copy j of this lane is the tile's 16-byte chunk i = lane + 32 j, i.e.
-  // source byte 16 i and row r = i / chunks (stepped by dr, dc without a division).
-  const int dr = 32 / chunks, dc = 32 % chunks;
+  // source byte 16 i of the tile and row r = i / chunks, by a multiply-high (exact for
+  // i < 2^16: the magic's excess over 2^32 / chunks is below 1 / chunks).
+  const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
   auto stage = [&](int64_t wt) {
     const int64_t t0 = wt * 32;
     const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
-    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes + 16 * lane;
-    uint32_t dst = tile_s + 16 * lane;
-    for (int r = lane / chunks, c = lane % chunks; r < nrows;) {
-      cp_async16(dst ^ ((r & 7) << 4), src);  // tile_s is 128-byte aligned (SoftmaxBf16WarpSmem)
-      src += 512;
-      dst += 512;
-      r += dr;
-      c += dc;
-      if (c >= chunks) c -= chunks, ++r;
+    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
+    const uint32_t n = static_cast<uint32_t>(nrows * chunks);
+    for (uint32_t i = lane; i < n; i += 32) {
+      const uint32_t r = __umulhi(i, magic);
+      // tile_s is 128-byte aligned (SoftmaxBf16WarpSmem)
+      cp_async16((tile_s + 16 * i) ^ ((r & 7) << 4), src + 16 * i);
     }
   };
 
@@ -248,7 +246,8 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
       }
 
       // 3. The candidate masks, 32 logits (4 chunks) a mask: bit 8 y + j of mask q is logit
-      // 32 q + 4 j + y.
+      // 32 q + 4 j + y. Bit q of `nonempty`: mask q has a candidate (E <= 1024: 32 masks).
+      uint32_t nonempty = 0;
 #pragma unroll 1
       for (int b = 0; b < blocks64; ++b) {
         const char* blk = row + 128 * b;
@@ -268,6 +267,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
             }
           }
           masks[32 * (2 * b + h)] = mask;
+          nonempty |= (mask != 0 ? 1u : 0u) << (2 * b + h);
         }
       }
 
@@ -278,10 +278,14 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #pragma unroll
       for (int p = 0; p < kK; ++p) list[p] = 0u;
       int q = 0;
-      uint32_t mask = masks[0];
-      while (true) {
-        while (mask == 0 && q + 1 < nmask) mask = masks[32 * ++q];
-        if (mask == 0) break;
+      uint32_t mask = 0;
+      while (true) {  // the masks with a candidate, lowest first
+        if (mask == 0) {
+          if (nonempty == 0) break;
+          q = __ffs(nonempty) - 1;
+          nonempty &= nonempty - 1;
+          mask = masks[32 * q];
+        }
         const int bit = 31 - __clz(mask);
         mask ^= 1u << bit;
         const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
