@@ -60,10 +60,22 @@ inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_o
          E <= kSoftmaxBf16MaxE && p.topk <= 16 && logits_aligned;
 }
 
-// Shared memory of one warp: its 32 rows, then the candidate masks (mask j of lane l at word
-// 32 j + l: a lane's masks in its own bank). 68 E bytes: a multiple of 128, as the staging
-// and the reads' swizzle need.
-__host__ __device__ inline size_t SoftmaxBf16WarpSmem(int E) { return static_cast<size_t>(32) * 2 * E + 4 * E; }
+// Shared memory of one warp with `lanes` lanes a token (1 or 2): its 32 / lanes rows, then the
+// candidate masks (a lane's E / 32 / lanes masks, mask j of lane l at word 32 j + l: in the
+// lane's own bank). 68 E / lanes bytes: a multiple of 128, as the staging and the reads'
+// swizzle need (E % 64 == 0, and E % 128 == 0 for two lanes).
+__host__ __device__ inline size_t SoftmaxBf16WarpSmem(int E, int lanes) {
+  return (static_cast<size_t>(32) * 2 * E + 4 * E) / lanes;
+}
+// Two lanes a token from this E up (the knob for the benchmarks' A/B runs only): a token's
+// chain is halved, and where shared memory bounds the tokens in flight (E = 512: 6 warps an
+// SM) that doubles the throughput.
+#ifndef JR_SOFTMAX_BF16_PAIR_MIN_E
+#define JR_SOFTMAX_BF16_PAIR_MIN_E 256
+#endif
+inline int SoftmaxBf16Lanes(int64_t E) {
+  return E >= JR_SOFTMAX_BF16_PAIR_MIN_E && E % 128 == 0 ? 2 : 1;
+}
 
 // ---- packed bfloat16 helpers -----------------------------------------------------------------
 
@@ -137,45 +149,56 @@ __device__ __noinline__ void route_exact_softmax_bf16(const uint16_t* row, int E
 
 // ---- the kernel -------------------------------------------------------------------------------
 
-template <int kK>  // 8 (k <= 8) or 16 (k <= 16): the list, and kP = kK accumulators
+// kK: 8 (k <= 8) or 16 (k <= 16), the list, and kP = kK accumulators. kLanes: lanes a token.
+// With two, lane 2 r + h of a warp takes half h of row r of its 16-row tile: its own group
+// maxima (combined with the partner's by one shuffle a word), the same L in both lanes, its own
+// masks and list (the two lists merged by a bitonic merge), half the stores.
+template <int kK, int kLanes>
 __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kernel(const FastArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // sm_90 instructions (bf16x2 compares); the launcher asks for 9.0
 #else
   constexpr int kP = kK;
+  constexpr int kRows = 32 / kLanes;          // a warp tile's rows
   constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
   // its own name: an extern array declared again with another alignment keeps the first one
   extern __shared__ __align__(128) char rows_sm[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int tr = lane / kLanes, h = lane % kLanes;  // the token's row in the tile, the lane's part
+  const unsigned pair = kLanes == 2 ? 3u << (lane & ~1) : 1u << lane;  // the token's lanes
   const int E = a.E, k = a.k;
-  const int row_bytes = 2 * E, chunks = E / 8, blocks64 = E / 64, nmask = E / 32;
-  char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E);
+  const int row_bytes = 2 * E, chunks = E / 8;
+  const int part_bytes = row_bytes / kLanes, blocks64 = E / 64 / kLanes, nmask = E / 32 / kLanes;
+  char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E, kLanes);
   const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
-  uint32_t* masks = reinterpret_cast<uint32_t*>(tile + 32 * row_bytes) + lane;
-  const char* row = tile + lane * row_bytes;
-  // A row's byte b sits at b ^ swz (cuda_rows.cuh's chunk swizzle: bits 4-6 XOR the row's low
-  // three bits). off[j]: chunk j of each 128-byte block of the row.
-  const int swz = (lane & 7) << 4;
+  uint32_t* masks = reinterpret_cast<uint32_t*>(tile + kRows * row_bytes) + lane;
+  const char* part = tile + tr * row_bytes + h * part_bytes;
+  // A part's byte b sits at b ^ swz: bits 4-6 of a chunk's offset XOR the key of its row and
+  // part, (r & 7) for one lane a token, (r & 3) | (part << 2) for two: the 8 lanes of a
+  // quarter-warp read 8 distinct bank groups. off[j]: chunk j of each 128-byte block.
+  const int swz = (kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4;
   int off[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
-  const int64_t ntiles = (a.rows + 31) / 32;
+  const int64_t ntiles = (a.rows + kRows - 1) / kRows;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxBf16Warps;
 
   // The tile's copies: copy j of this lane is the tile's 16-byte chunk i = lane + 32 j, i.e.
-  // source byte 16 i of the tile and row r = i / chunks, by a multiply-high (exact for
-  // i < 2^16: the magic's excess over 2^32 / chunks is below 1 / chunks).
+  // source byte 16 i of the tile, row r = i / chunks by a multiply-high (exact for i < 2^16:
+  // the magic's excess over 2^32 / chunks is below 1 / chunks) and chunk c = i - r chunks.
   const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
   auto stage = [&](int64_t wt) {
-    const int64_t t0 = wt * 32;
-    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    const int64_t t0 = wt * kRows;
+    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
     const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
     const uint32_t n = static_cast<uint32_t>(nrows * chunks);
     for (uint32_t i = lane; i < n; i += 32) {
       const uint32_t r = __umulhi(i, magic);
+      uint32_t key = r & 7;
+      if (kLanes == 2) key = (r & 3) | ((i - r * chunks) >= static_cast<uint32_t>(chunks / 2) ? 4u : 0u);
       // tile_s is 128-byte aligned (SoftmaxBf16WarpSmem)
-      cp_async16((tile_s + 16 * i) ^ ((r & 7) << 4), src + 16 * i);
+      cp_async16((tile_s + 16 * i) ^ (key << 4), src + 16 * i);
     }
   };
 
@@ -183,23 +206,24 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
   const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
   if (first < ntiles) stage(first);
   for (int64_t wt = first; wt < ntiles; wt += stride) {
-    const int64_t t0 = wt * 32;
-    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    const int64_t t0 = wt * kRows;
+    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
     cp_async_wait_all();
     __syncwarp();  // every lane's copies landed and are visible to the warp
 
-    const int64_t t = t0 + lane;
-    const bool live = lane < nrows;
+    const int64_t t = t0 + tr;
+    const bool live = tr < nrows;  // the same in both lanes of a token
     uint32_t list[kK];
     if (live) {
       // 1. Group maxima, 64 logits (8 chunks) an iteration. NaNs are skipped (a group of NaNs
-      // only keeps -inf, which is no expert's logit unless one is -inf).
+      // only keeps -inf, which is no expert's logit unless one is -inf). A part starts at a
+      // multiple of kP words, so its words fall in the row's accumulators.
       uint32_t acc[kP];
 #pragma unroll
       for (int j = 0; j < kP; ++j) acc[j] = kNegInf2;
 #pragma unroll 1
       for (int b = 0; b < blocks64; ++b) {
-        const char* blk = row + 128 * b;
+        const char* blk = part + 128 * b;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const uint4 v = *reinterpret_cast<const uint4*>(blk + off[j]);
@@ -209,8 +233,12 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
           acc[(4 * j + 3) % kP] = max_bf16x2(acc[(4 * j + 3) % kP], v.w);
         }
       }
+      if (kLanes == 2) {
+#pragma unroll
+        for (int j = 0; j < kP; ++j) acc[j] = max_bf16x2(acc[j], __shfl_xor_sync(pair, acc[j], 1));
+      }
 
-      // 2. L, the k-th largest group maximum.
+      // 2. L, the k-th largest group maximum (both lanes of a token alike).
       sort_desc_bf16x2(acc);
       uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: the (kP-1-i)-th
 #pragma unroll
@@ -245,19 +273,19 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         lw = (__float_as_uint(l) >> 16) * 0x10001u;
       }
 
-      // 3. The candidate masks, 32 logits (4 chunks) a mask: bit 8 y + j of mask q is logit
-      // 32 q + 4 j + y. Bit q of `nonempty`: mask q has a candidate (E <= 1024: 32 masks).
+      // 3. The part's candidate masks, 32 logits (4 chunks) a mask: bit 8 y + j of mask q is
+      // the part's logit 32 q + 4 j + y. Bit q of `nonempty`: mask q has a candidate.
       uint32_t nonempty = 0;
 #pragma unroll 1
       for (int b = 0; b < blocks64; ++b) {
-        const char* blk = row + 128 * b;
+        const char* blk = part + 128 * b;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int g = 0; g < 2; ++g) {
           uint32_t mask = 0;
 #pragma unroll
           for (int j = 0; j < 4; j += 2) {
-            const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * h + j]);
-            const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * h + j + 1]);
+            const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j]);
+            const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j + 1]);
             const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
@@ -266,17 +294,19 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
               mask |= fl & (0x01010101u << (2 * j + u));
             }
           }
-          masks[32 * (2 * b + h)] = mask;
-          nonempty |= (mask != 0 ? 1u : 0u) << (2 * b + h);
+          masks[32 * (2 * b + g)] = mask;
+          nonempty |= (mask != 0 ? 1u : 0u) << (2 * b + g);
         }
       }
 
       // 4. The candidates' slot keys into the list, one an iteration across all masks (a warp
-      // runs as many iterations as its lane with the most candidates). Logit 32 q + 4 j + y
-      // is at row byte (64 q + 8 j + 2 y) ^ swz; a candidate is a number, so its order key is
-      // its bits with the sign bit set, or all bits flipped for a negative one.
+      // runs as many iterations as its lane with the most candidates). The part's logit
+      // 32 q + 4 j + y is at part byte (64 q + 8 j + 2 y) ^ swz, expert h E / 2 + that; a
+      // candidate is a number, so its order key is its bits with the sign bit set, or all bits
+      // flipped for a negative one.
 #pragma unroll
       for (int p = 0; p < kK; ++p) list[p] = 0u;
+      const int e0 = h * (E / kLanes);
       int q = 0;
       uint32_t mask = 0;
       while (true) {  // the masks with a candidate, lowest first
@@ -288,17 +318,43 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         }
         const int bit = 31 - __clz(mask);
         mask ^= 1u << bit;
-        const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
-        const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
-        const uint32_t key = h ^ (sign_mask16(h) | 0x8000u);  // in the low 16 bits
-        insert_desc((key << 16) | (0xFFFFu - static_cast<uint32_t>(e)), list);
+        const int pe = 32 * q + 4 * (bit & 7) + (bit >> 3);
+        const uint32_t hb = *reinterpret_cast<const uint16_t*>(part + ((2 * pe) ^ swz));
+        const uint32_t key = hb ^ (sign_mask16(hb) | 0x8000u);  // in the low 16 bits
+        insert_desc((key << 16) | (0xFFFFu - static_cast<uint32_t>(e0 + pe)), list);
+      }
+      if (kLanes == 2) {
+        // The two lists merged: with A the first part's and B the second's (both descending),
+        // max(A[i], B[kK - 1 - i]) holds the top kK of both, bitonic; a bitonic merge sorts
+        // it. Both lanes compute the same list.
+        uint32_t other[kK];
+#pragma unroll
+        for (int p = 0; p < kK; ++p) other[p] = __shfl_xor_sync(pair, list[p], 1);
+        uint32_t c[kK];
+#pragma unroll
+        for (int p = 0; p < kK; ++p) {
+          c[p] = h == 0 ? max(list[p], other[kK - 1 - p]) : max(other[p], list[kK - 1 - p]);
+        }
+#pragma unroll
+        for (int d = kK / 2; d > 0; d >>= 1) {
+#pragma unroll
+          for (int p = 0; p < kK; ++p) {
+            if ((p & d) == 0) {
+              const uint32_t hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
+              c[p] = hi;
+              c[p + d] = lo;
+            }
+          }
+        }
+#pragma unroll
+        for (int p = 0; p < kK; ++p) list[p] = c[p];
       }
       uint32_t kth = list[0];
 #pragma unroll
       for (int p = 1; p < kK; ++p) kth = p == k - 1 ? list[p] : kth;
       if (kth == 0u) {
         // fewer than k numbers were candidates: L was -inf from a group of NaNs only, and the
-        // selection takes NaNs
+        // selection takes NaNs (both lanes of a token alike)
         uint32_t list_x[kK];  // its own array: `list` stays in registers on the screened path
         route_exact_softmax_bf16<kK>(
             reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.logits) + t * row_bytes), E, list_x);
@@ -322,22 +378,33 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
       float u[kK];
       const float denom = slot_numerators<F>(x, k, u);
       const int64_t ko = t * k;
+      // the lane's slots: all of them, or half each for two lanes
+      constexpr int kV = 8 / kLanes;  // the vector path's slots a lane
       if (kK == 8 && a.slots_vec && k == 8) {  // slots_vec: 16-byte aligned int32 outputs
-        uint32_t wv[8], iv[8], rv[8];
+        uint32_t wv[kV], iv[kV], rv[kV];
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const float p = weight<F>(false, k, u[r], denom);
+        for (int r = 0; r < kV; ++r) {
+          float us = u[r];  // slot r, or r + kV in the second lane (selects: static indices)
+          int es = sel[r];
+          if constexpr (kLanes == 2) {
+            us = h == 0 ? u[r] : u[r + kV];
+            es = h == 0 ? sel[r] : sel[r + kV];
+          }
+          const float p = weight<F>(false, k, us, denom);
           wv[r] = __float_as_uint(compact_weight(a.scaling * p));
-          iv[r] = static_cast<uint32_t>(sel[r]);
-          rv[r] = __float_as_uint(compact_residual<F>(p, u[r]));
+          iv[r] = static_cast<uint32_t>(es);
+          rv[r] = __float_as_uint(compact_residual<F>(p, us));
         }
-        if (a.weights) store_words<8>(a.weights + ko, wv);
-        if (a.indices) store_words<8>(static_cast<int32_t*>(a.indices) + ko, iv);
-        if (a.act) store_words<8>(a.act + ko, rv);
+        const int64_t ks = ko + h * kV;
+        if (a.weights) store_words<kV>(a.weights + ks, wv);
+        if (a.indices) store_words<kV>(static_cast<int32_t*>(a.indices) + ks, iv);
+        if (a.act) store_words<kV>(a.act + ks, rv);
       } else {
+        const int half = (k + 1) / 2;
+        const int lo = kLanes == 1 ? 0 : h * half, hi = kLanes == 1 ? k : (h == 0 ? half : k);
 #pragma unroll
         for (int r = 0; r < kK; ++r) {
-          if (r < k) {
+          if (r >= lo && r < hi) {
             const float p = weight<F>(false, k, u[r], denom);
             store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
           }

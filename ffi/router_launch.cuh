@@ -210,25 +210,29 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
 }
 
 // The bf16 softmax forward (router_fwd_softmax_bf16.cuh): blocks of 2 warps, as many an SM as
-// their tiles' shared memory allows, warp tiles of 32 tokens spread over every SM first.
-template <int kK>
+// their tiles' shared memory allows, warp tiles spread over every SM first.
+template <int kK, int kLanes>
 inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
-  auto kernel = fwd_softmax_bf16_kernel<kK>;
-  const size_t smem = kSoftmaxBf16Warps * SoftmaxBf16WarpSmem(fa.E);
+  auto kernel = fwd_softmax_bf16_kernel<kK, kLanes>;
+  const size_t smem = kSoftmaxBf16Warps * SoftmaxBf16WarpSmem(fa.E, kLanes);
   static std::atomic<int> raised[kMaxDevices];
   const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
   if (e != cudaSuccess) return e;
   // blocks an SM for each E (a multiple of 64 up to kSoftmaxBf16MaxE)
   static std::atomic<int> occ[kSoftmaxBf16MaxE / 64 + 1];
   const int per_sm = CachedBlocksPerSm(kernel, 32 * kSoftmaxBf16Warps, smem, occ[fa.E / 64]);
-  const int64_t blocks = ((fa.rows + 31) / 32 + kSoftmaxBf16Warps - 1) / kSoftmaxBf16Warps;
+  constexpr int kRows = 32 / kLanes;
+  const int64_t blocks = ((fa.rows + kRows - 1) / kRows + kSoftmaxBf16Warps - 1) / kSoftmaxBf16Warps;
   const int64_t most = static_cast<int64_t>(SmCount(dev)) * per_sm;
   const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
   kernel<<<grid, 32 * kSoftmaxBf16Warps, smem, s>>>(fa);
   return cudaGetLastError();
 }
 inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
-  return fa.k <= 8 ? LaunchSoftmaxBf16T<8>(fa, s, dev) : LaunchSoftmaxBf16T<16>(fa, s, dev);
+  if (SoftmaxBf16Lanes(fa.E) == 2) {
+    return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 2>(fa, s, dev) : LaunchSoftmaxBf16T<16, 2>(fa, s, dev);
+  }
+  return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 1>(fa, s, dev) : LaunchSoftmaxBf16T<16, 1>(fa, s, dev);
 }
 
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,

@@ -7,7 +7,9 @@ It screens each row with the maxima of 2P groups of its raw logits (P = 8 for to
 threshold and ranks only the logits at or above it. These tests compare it with the CPU bit for
 bit on random and hard rows and on rows built against the screen: ties at the threshold, +0 and
 -0 there, groups of NaNs only (the exact path), infinities, every logit a candidate; every list
-size and accumulator count, both index dtypes, N-d leading dims and partial warp tiles.
+size and accumulator count, both index dtypes, N-d leading dims and partial warp tiles. From
+E = 256 (E % 128 == 0) two lanes share a token (JR_SOFTMAX_BF16_PAIR_MIN_E): E = 256, 384 and
+512 take that form, the others one lane a token.
 """
 
 from __future__ import annotations
