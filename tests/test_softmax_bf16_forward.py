@@ -1,5 +1,5 @@
 """The bf16 softmax CUDA forward (ffi/router_fwd_softmax_bf16.cuh): softmax without pre-softmax
-on bfloat16 logits, E a multiple of 64 up to 512, topk <= 16, compact outputs, taken for
+on bfloat16 logits, E a multiple of 64 up to 512, topk <= 16, every output format, taken for
 batches of at least 16384 rows times max(1, E // 128) (JR_SOFTMAX_BF16_MIN_ROWS).
 
 It screens each row with the maxima of 2P groups of its raw logits (P = 8 for topk <= 8, else
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from .test_cross_platform import (F32, assert_same_bits, compact_bits_equal,  # noqa: F401
-                                  compact_program, cpu_and_cuda, make_logits, run_on_both)
+                                  compact_program, cpu_and_cuda, make_logits, routing_program,
+                                  run_on_both)
 
 NAN, INF = F32(np.nan), F32(np.inf)
 
@@ -140,3 +141,26 @@ def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
     cpu_out, cuda_out = run_on_both(cpu_and_cuda, softmax_program(topk, jnp.int32, None), x,
                                     None, cot)
     assert_same_bits(cpu_out, cuda_out, x, [f"bits 0x{int(v):04x} at 17, 18" for v in u])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(128, 8), (512, 10), (64, 16)],
+                         ids=lambda s: f"E{s[0]}-k{s[1]}")
+def test_softmax_bf16_every_output(cpu_and_cuda, shape):
+    """The dense outputs (probs with a bytemap, a bitmap or dense indices) and the gradients
+    through each, beside the compact ones, on batches that take the kernel."""
+    E, topk = shape
+    seed = 42000 + E + topk
+    rng = np.random.default_rng(seed)
+    x, labels = make_logits(E, seed, jnp.float32, random_rows=min_rows(E) + 5)
+    extra, extra_labels = screen_rows(E, topk, rng)
+    x = np.concatenate([x, extra]).astype(jnp.bfloat16)
+    labels = labels + extra_labels
+    cot_k = rng.standard_normal((x.shape[0], topk)).astype(F32)
+    cot_e = rng.standard_normal(x.shape).astype(jnp.bfloat16)
+    kw = dict(score_function="softmax", use_pre_softmax=False, scaling_factor=1.5)
+    cpu_out, cuda_out = run_on_both(cpu_and_cuda, routing_program(topk, kw, jnp.int32),
+                                    x, None, cot_k, cot_e)
+    assert np.count_nonzero(np.asarray(cpu_out["dense probs"], F32)) > 0
+    assert np.count_nonzero(cpu_out["bitmap_u8 map"]) > 0
+    assert_same_bits(cpu_out, cuda_out, x, labels)
