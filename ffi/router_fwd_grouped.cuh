@@ -104,11 +104,6 @@ __device__ __forceinline__ void top2_merge(float& a1, float& a2, float b1, float
   a1 = fmaxf(a1, b1);
 }
 
-// The upper 16 bits of two floats, packed: bfloat16s rounded toward zero.
-__device__ __forceinline__ uint32_t upper_halves(float lo, float hi) {
-  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
-}
-
 // Bit j of even -> bit 2j, bit j of odd -> bit 2j + 1 (j < 16).
 __device__ __forceinline__ uint32_t interleave16(uint32_t even, uint32_t odd) {
   auto spread = [](uint32_t x) {
