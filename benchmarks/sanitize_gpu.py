@@ -7,9 +7,9 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py grouped
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py thread
 
-(the last forms: the grouped forward's cases only, or those of both one-thread-a-token forwards,
-grouped and bf16 softmax). Covers the grouped forward (16384 + 37 rows), the bf16 softmax forward
-(both list sizes, a NaN-only group, partial tiles),
+(the last forms: the grouped forward's cases only, or those of every one-thread-a-token
+forward: grouped, bf16 softmax, bf16 sigmoid). Covers those three (batches that take them, their
+exact paths, partial tiles),
 the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
 (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
 bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token
@@ -112,6 +112,23 @@ def run_softmax_bf16():
     jax.block_until_ready(outs)
 
 
+def run_sigmoid_bf16():
+    """The bf16 sigmoid forward (router_fwd_sigmoid_bf16.cuh) at batches that take it: both list
+    sizes, with and without a bias, a NaN row and a non-finite bias (the exact paths), partial
+    last warp tiles, the vector and the scalar stores."""
+    outs = []
+    for T, E, topk in ((49152 + 5, 384, 8), (16384 + 3, 64, 16), (65536 + 1, 512, 5)):
+        x = 2.0 * jax.random.normal(jax.random.key(E + topk), (T, E), jnp.float32)
+        x = x.at[0, 3].set(jnp.nan).at[1, :].set(-jnp.inf).astype(jnp.bfloat16)
+        bias = 0.1 * jax.random.normal(jax.random.key(E), (E,), jnp.float32)
+        for b in (bias, None, bias.at[2].set(jnp.nan)):
+            opts = dict(score_function="sigmoid", expert_bias=b, scaling_factor=2.5)
+            outs += list(jr.route_topk(x, topk, **opts))
+            r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+            outs.append(jax.grad(lambda x: jnp.sum(jr.route_topk(x, topk, **opts)[0] * r))(x))
+    jax.block_until_ready(outs)
+
+
 # Aux-score kernels: (E, topk) for the register kernels' argmax (k <= 16) and radix (k > 16)
 # selections, the largest register layout, and the general kernel (E > 1024).
 AUX_CASES = [(7, 3), (130, 8), (256, 20), (1024, 16), (1100, 40)]
@@ -181,6 +198,8 @@ def main():
         return
     run_softmax_bf16()
     print("ok bf16 softmax forward", flush=True)
+    run_sigmoid_bf16()
+    print("ok bf16 sigmoid forward", flush=True)
     if sys.argv[1:] == ["thread"]:
         return
     for E, topk in QB_CASES:

@@ -43,5 +43,10 @@ JR_PACKED_OP(min_bf16x2, "min.bf16x2")
 JR_PACKED_OP(ge_bf16x2, "set.ge.u32.bf16x2")
 #undef JR_PACKED_OP
 
+// The upper 16 bits of two floats, packed: bfloat16s rounded toward zero.
+__device__ __forceinline__ uint32_t upper_halves(float lo, float hi) {
+  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+}
+
 }  // namespace cuda
 }  // namespace jax_router

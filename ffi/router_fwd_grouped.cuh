@@ -7,15 +7,8 @@
 //
 // One thread per token, the warp's 32 rows staged in shared memory with coalesced cp.async
 // copies. The fast forward spends most of its instructions on the exact sigmoid (~13 an
-// element); here it is a table lookup. A bfloat16 logit has 65536 values and routing_math.h's
-// sigmoid is constant outside a narrow band of magnitudes:
-//   |x| <= bf16 0x33C0 (8.9e-8, negative side up to 0x343F): 0.5;
-//   x >= 16.75: 1;  x <= -89 (and -inf): 0;
-// (tests/test_grouped_forward.py checks those three facts on the CPU). So the table holds
-// sigmoid(x) for magnitudes in [kSigLo, kSigHi] of each sign, computed with routing_math.h's
-// own function, and a magnitude outside is clamped to the band's edge, whose entry equals every
-// value beyond it: the lookup is exact by construction for every non-NaN logit. A row with a
-// NaN logit (or a launch with a non-finite bias) takes route_exact below.
+// element); here it is a lookup in sigmoid_table.cuh's exact table. A row with a NaN logit (or
+// a launch with a non-finite bias) takes route_exact below.
 //
 // Per token, on selection scores z = s + bias (floats: no NaN, never -0, so float order is
 // routing_math.h's key order):
@@ -43,6 +36,7 @@
 #include "router_fwd_fast.cuh"
 #include "router_fwd_small.cuh"
 #include "routing_math.h"
+#include "sigmoid_table.cuh"
 
 namespace jax_router {
 namespace cuda {
@@ -62,18 +56,8 @@ constexpr int kGroupedThreads = 32 * kGroupedWarps;
 constexpr int kGroupedRowBytes = 2 * kGroupedE;            // bfloat16 logits
 constexpr int kGroupedTileBytes = 32 * kGroupedRowBytes;   // one warp's 32 rows
 
-// The table's band of bfloat16 magnitudes (bits & 0x7FFF); see the header comment.
-constexpr uint32_t kSigLo = 0x33C0u;
-constexpr uint32_t kSigHi = 0x42B2u;
-// Entries a sign: the band, rounded up to whole 16-byte copies (the last is never read).
-constexpr int kSigN = (static_cast<int>(kSigHi - kSigLo) + 1 + 3) & ~3;
-
-// Shared memory, in bytes from the dynamic base. A lookup's byte offset is built from the
-// logit's bits with one shift and one mask, which leaves the sign bit at 1 << 17: the
-// negative half of the table sits 131072 bytes above the positive half, and the warps' tiles
-// and the bias fill the space between and after.
-constexpr int kSigNegOff = 1 << 17;
-constexpr int kSigTableBytes = 4 * kSigN;
+// Shared memory, in bytes from the dynamic base: the table (sigmoid_table.cuh) with its
+// negative half at kSigNegOff; the warps' tiles and the bias fill the space between and after.
 constexpr int RoundUp16(int v) { return (v + 15) & ~15; }
 constexpr int kTilesLow = (kSigNegOff - RoundUp16(kSigTableBytes)) / kGroupedTileBytes;  // 7
 constexpr int kTilesHigh = kGroupedWarps - kTilesLow;
@@ -98,24 +82,6 @@ inline bool GroupedForwardFits(int64_t E, const RouteParams& p, Dt dt, bool dens
 
 // ---- small device helpers -----------------------------------------------------------------
 
-// Two bfloat16 logits (one 32-bit word) -> their magnitudes clamped into the table's band with
-// the signs kept. `nan` collects the raw magnitudes (a half above 0x7F80 is a NaN).
-__device__ __forceinline__ uint32_t clamp_pair(uint32_t w, uint32_t* nan) {
-  const uint32_t a = w & 0x7FFF7FFFu;
-  if (nan) *nan = max_u16x2(*nan, a);
-  const uint32_t c = min_u16x2(max_u16x2(a, kSigLo * 0x10001u), kSigHi * 0x10001u);
-  return c | (w & 0x80008000u);
-}
-
-// sigmoid of the low / high logit of a clamped pair: the table entry at 4 * magnitude + the
-// sign at 1 << 17, less the band's start.
-__device__ __forceinline__ float sig_lo(const char* sm, uint32_t c) {
-  return *reinterpret_cast<const float*>(sm + ((c << 2) & 0x3FFFCu) - 4 * kSigLo);
-}
-__device__ __forceinline__ float sig_hi(const char* sm, uint32_t c) {
-  return *reinterpret_cast<const float*>(sm + ((c >> 14) & 0x3FFFCu) - 4 * kSigLo);
-}
-
 // Expert e's bfloat16 logit in its row of the tile (zero-extended: the low half of a pair).
 __device__ __forceinline__ uint32_t tile_logit(const char* row, int sw, int e) {
   return *reinterpret_cast<const uint16_t*>(row + chunk_off(e >> 3, sw) + 2 * (e & 7));
@@ -136,11 +102,6 @@ __device__ __forceinline__ void top2_push(float z, float& m1, float& m2) {
 __device__ __forceinline__ void top2_merge(float& a1, float& a2, float b1, float b2) {
   a2 = fmaxf(fminf(a1, b1), fmaxf(a2, b2));
   a1 = fmaxf(a1, b1);
-}
-
-// The upper 16 bits of two floats, packed: bfloat16s rounded toward zero.
-__device__ __forceinline__ uint32_t upper_halves(float lo, float hi) {
-  return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
 }
 
 // Bit j of even -> bit 2j, bit j of odd -> bit 2j + 1 (j < 16).
@@ -227,21 +188,6 @@ __device__ __noinline__ void route_exact(const uint16_t* row, const float* bias_
 
 // ---- the kernel -----------------------------------------------------------------------------
 
-// The table is the same for every launch, so the first block to find none builds one into
-// g_sig_table (g_sig_state 0 -> 1 -> 2, published with release / acquire); blocks that find it
-// ready copy it (30 KiB from L2) instead of computing 7656 sigmoids, and blocks that start while
-// it is being built compute their own. Either way a block's table holds routing_math.h's
-// values. No host state: the same under CUDA graphs and on every device (each context has its
-// own copy of these variables; `static`: one per translation unit that launches the kernel).
-static __device__ uint4 g_sig_table[2 * kSigTableBytes / 16];
-static __device__ int g_sig_state;
-
-__device__ __forceinline__ int load_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Issues the copies of warp tile wt's rows (row r, chunk `lane`: one coalesced 512-byte row a
 // copy instruction), swizzled as chunk_off reads them.
 __device__ __forceinline__ void stage_tile(const FastArgs& a, int64_t wt, uint32_t tile_s, int lane) {
@@ -262,7 +208,6 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
   __trap();  // sm_90 instructions (u16x2 and bf16x2 compares); LaunchRouting asks for 9.0
 #else
   extern __shared__ __align__(16) char sm[];
-  __shared__ int table_mode;  // 2: copy the global table; 1: build and publish it; 0: build
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int k = a.k, gk = a.group_topk, m = a.m;
@@ -277,34 +222,7 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
   const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
   if (first < ntiles) stage_tile(a, first, tile_s, lane);
 
-  if (threadIdx.x == 0) {
-    int mode = load_acquire(&g_sig_state) == 2 ? 2 : 0;
-    if (mode == 0 && atomicCAS(&g_sig_state, 0, 1) == 0) mode = 1;
-    table_mode = mode;
-  }
-  __syncthreads();  // table_mode written before it is read
-  const int mode = table_mode;
-  // 16-byte chunk i of the table (g_sig_table's order: the positive half, then the negative)
-  constexpr int kChunksPerSign = kSigTableBytes / 16;
-  auto table_chunk = [&](int i) {
-    const int neg = i >= kChunksPerSign ? 1 : 0;
-    return reinterpret_cast<uint4*>(sm + (neg ? kSigNegOff : 0) + 16 * (i - neg * kChunksPerSign));
-  };
-  if (mode == 2) {
-    for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
-      *table_chunk(i) = __ldcg(&g_sig_table[i]);
-    }
-  } else {
-    // routing_math.h's sigmoid of every magnitude in the band, both signs (its plain IEEE form:
-    // this runs in the first launch's blocks only)
-    for (int i = threadIdx.x; i < 2 * kSigN; i += kGroupedThreads) {
-      const uint32_t neg = i >= kSigN ? 1u : 0u;
-      const uint32_t mag = kSigLo + static_cast<uint32_t>(i - (neg ? kSigN : 0));
-      const float x = exact::bf16_bits_to_float(static_cast<uint16_t>((neg << 15) | mag));
-      *reinterpret_cast<float*>(sm + (neg ? kSigNegOff : 0) + 4 * (mag - kSigLo)) =
-          activation<ScoreFn::kSigmoid>(x);
-    }
-  }
+  const int mode = sig_table_fill(sm, kGroupedThreads);
   // The bias (0 without one: s + 0 = s).
   bool bias_bad = false;
   for (int i = threadIdx.x; i < kGroupedE; i += kGroupedThreads) {
@@ -314,16 +232,7 @@ __global__ void __launch_bounds__(kGroupedThreads, 1) fwd_grouped_kernel(const F
   }
   // Every table and bias entry written before any thread reads one.
   bias_bad = __syncthreads_or(bias_bad);
-  if (mode == 1) {
-    for (int i = threadIdx.x; i < 2 * kChunksPerSign; i += kGroupedThreads) {
-      g_sig_table[i] = *table_chunk(i);
-    }
-    __syncthreads();  // every thread's part of the global table written
-    if (threadIdx.x == 0) {
-      __threadfence();  // the table visible device-wide before the state says so
-      atomicExch(&g_sig_state, 2);
-    }
-  }
+  sig_table_publish(sm, mode, kGroupedThreads);
 
   const float* bias_sm = reinterpret_cast<const float*>(sm + kBiasOff);
   char* row = tile + lane * kGroupedRowBytes;

@@ -15,6 +15,7 @@
 #include "router_fwd_fast.cuh"
 #include "router_fwd_general.cuh"
 #include "router_fwd_grouped.cuh"
+#include "router_fwd_sigmoid_bf16.cuh"
 #include "router_fwd_small.cuh"
 #include "router_fwd_softmax_bf16.cuh"
 #include "routing_math.h"
@@ -239,6 +240,27 @@ inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev
   return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 1, false>(fa, s, dev) : LaunchSoftmaxBf16T<16, 1, false>(fa, s, dev);
 }
 
+// The bf16 sigmoid forward (router_fwd_sigmoid_bf16.cuh): one block an SM, as many warps as
+// the shared memory beside the table holds (at most kSigmoidBf16MaxWarps).
+template <int kK>
+inline cudaError_t LaunchSigmoidBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
+  auto kernel = fwd_sigmoid_bf16_kernel<kK>;
+  // 1 KiB kept for the kernel's static shared memory and the dynamic base's alignment
+  const int warps = SigmoidBf16Warps(fa.E, SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps);
+  const size_t smem = SigmoidBf16Smem(fa.E, warps);
+  static std::atomic<int> raised[kMaxDevices];
+  const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
+  if (e != cudaSuccess) return e;
+  const int64_t tiles = (fa.rows + 31) / 32;
+  const int64_t blocks = (tiles + warps - 1) / warps;
+  const int64_t grid = blocks < SmCount(dev) ? blocks : SmCount(dev);
+  kernel<<<static_cast<unsigned>(grid), 32 * warps, smem, s>>>(fa);
+  return cudaGetLastError();
+}
+inline cudaError_t LaunchSigmoidBf16(const FastArgs& fa, cudaStream_t s, int dev) {
+  return fa.k <= 8 ? LaunchSigmoidBf16T<8>(fa, s, dev) : LaunchSigmoidBf16T<16>(fa, s, dev);
+}
+
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,
                                  cudaStream_t s, int dev) {
   if (qb) {  // sigmoid only (checked when the attributes were decoded)
@@ -361,6 +383,13 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
                         Aligned16(f.probs) && Aligned16(f.map)) &&
         CcMajor(dev) >= 9) {
       return LaunchSoftmaxBf16(fa, stream, dev);
+    }
+    if (f.rows >= SigmoidBf16MinRows(f.experts) &&
+        SigmoidBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,
+                        fa.x_vec) &&
+        CcMajor(dev) >= 9 &&
+        SigmoidBf16Warps(fa.E, SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps) >= 2) {
+      return LaunchSigmoidBf16(fa, stream, dev);
     }
     if (f.rows >= kGroupedMinRows &&
         GroupedForwardFits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,

@@ -1,0 +1,354 @@
+// The sigmoid forward for bfloat16 logits, one thread a token, without group-limited routing:
+// sigmoid with or without a bias (one row), E a multiple of 64 up to kSigmoidBf16MaxE,
+// topk <= 16, compact outputs (Kimi-K2: E = 384, k = 8). Same bits as the fast forward and the
+// CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or newer
+// with the shared memory (router_launch.cuh).
+//
+// The bf16 softmax forward's screen (router_fwd_softmax_bf16.cuh) on the truncated selection
+// scores: pass 0 turns each logit of the tile into zt = z truncated to a bfloat16 (its upper 16
+// bits, toward zero: a non-decreasing function of z), with z = s + bias and s the exact sigmoid
+// from sigmoid_table.cuh, and takes the group maxima of zt as it goes. L = the k-th largest
+// group maximum of zt: k experts have zt >= L, and an expert with zt < L has k experts with a
+// larger zt, hence a larger z (a non-decreasing function cannot invert a strict order), so it
+// is not selected. The candidates (zt >= L) get their logits copied back from global memory
+// (the 16-byte chunks holding one), their exact z and 64-bit slot keys (routing_math.h's order
+// key, then the lower expert), inserted into a descending list. z is a number with no -0 (s in
+// [0, 1], a finite bias), so the bf16 and float orders agree with the keys'. A row with a NaN
+// logit, or a launch with a non-finite bias, takes route_exact_sigmoid below.
+//
+// Shared memory: the table's halves at 0 and kSigNegOff, the bias after the positive half, the
+// warps' tiles (32 rows and their masks, 68 E bytes) in the space between and after: one block
+// an SM, as many warps as fit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "cuda_rows.cuh"
+#include "router_fwd_fast.cuh"
+#include "router_fwd_small.cuh"
+#include "router_fwd_softmax_bf16.cuh"
+#include "routing_math.h"
+#include "sigmoid_table.cuh"
+
+namespace jax_router {
+namespace cuda {
+
+constexpr int kSigmoidBf16MaxE = 512;
+// The smallest batch the launcher gives it, for E <= 128 (E / 128 times that above); a knob for
+// the benchmarks' A/B runs only.
+#ifndef JR_SIGMOID_BF16_MIN_ROWS
+#define JR_SIGMOID_BF16_MIN_ROWS 16384
+#endif
+inline int64_t SigmoidBf16MinRows(int64_t E) {
+  return static_cast<int64_t>(JR_SIGMOID_BF16_MIN_ROWS) * (E > 128 ? E / 128 : 1);
+}
+
+// Whether the kernel can take a call (the launcher also asks for compute capability 9.0 and
+// sizes the block from the shared memory).
+inline bool SigmoidBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_outputs,
+                            bool single_bias_row, bool logits_aligned) {
+  return dt == Dt::kBF16 && p.score_fn == ScoreFn::kSigmoid && p.group_topk <= 0 && !is_qb(p) &&
+         !dense_outputs && E % 64 == 0 && E >= 64 && E <= kSigmoidBf16MaxE && p.topk <= 16 &&
+         single_bias_row && logits_aligned;
+}
+
+// The shared-memory layout for E (bytes from the dynamic base, 128-byte aligned tiles).
+__host__ __device__ constexpr int RoundUp128(int v) { return (v + 127) & ~127; }
+__host__ __device__ inline int SigmoidBf16WarpBytes(int E) { return 68 * E; }
+constexpr int kSigmoidBf16BiasOff = (kSigTableBytes + 15) & ~15;
+__host__ __device__ inline int SigmoidBf16LowOff(int E) { return RoundUp128(kSigmoidBf16BiasOff + 4 * E); }
+__host__ __device__ inline int SigmoidBf16LowWarps(int E) {
+  return (kSigNegOff - SigmoidBf16LowOff(E)) / SigmoidBf16WarpBytes(E);
+}
+constexpr int kSigmoidBf16HighOff = RoundUp128(kSigNegOff + kSigTableBytes);
+__host__ __device__ inline int SigmoidBf16TileOff(int E, int warp) {
+  const int low = SigmoidBf16LowWarps(E);
+  return warp < low ? SigmoidBf16LowOff(E) + warp * SigmoidBf16WarpBytes(E)
+                    : kSigmoidBf16HighOff + (warp - low) * SigmoidBf16WarpBytes(E);
+}
+// Warps a block within `smem` bytes (at most `most`), and the bytes they use.
+inline int SigmoidBf16Warps(int E, int smem, int most) {
+  int w = SigmoidBf16LowWarps(E);
+  if (smem > kSigmoidBf16HighOff) w += (smem - kSigmoidBf16HighOff) / SigmoidBf16WarpBytes(E);
+  return w < most ? w : most;
+}
+inline int SigmoidBf16Smem(int E, int warps) { return SigmoidBf16TileOff(E, warps - 1) + SigmoidBf16WarpBytes(E); }
+
+// Inserts c into the descending list of 64-bit keys (c = 0: no change); all comparisons
+// against the old list.
+template <int kK>
+__device__ __forceinline__ void insert_desc64(uint64_t c, uint64_t (&list)[kK]) {
+  bool above[kK];
+#pragma unroll
+  for (int p = 0; p < kK; ++p) above[p] = c > list[p];
+#pragma unroll
+  for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
+  list[0] = above[0] ? c : list[0];
+}
+
+// ---- the exact path (a row with a NaN logit, or a non-finite bias) ---------------------------
+
+// routing_math.h's selection over the whole row from global memory, plainly: every expert's
+// slot key (NaN scores last); the selected experts' activations in s.
+template <int kK>
+__device__ __noinline__ void route_exact_sigmoid(const uint16_t* row, const float* bias_sm, int E,
+                                                 uint64_t (&list)[kK], float (&s)[kK]) {
+  for (int p = 0; p < kK; ++p) list[p] = 0ull;
+  for (int e = 0; e < E; ++e) {
+    const float z = selection_score(activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[e])), bias_sm[e]);
+    insert_desc64(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
+  }
+  for (int p = 0; p < kK; ++p) {
+    s[p] = activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[slot_expert(list[p]) % E]));
+  }
+}
+
+// ---- the kernel -------------------------------------------------------------------------------
+
+constexpr int kSigmoidBf16MaxWarps = 16;  // 128 registers a thread at most
+
+template <int kK>  // 8 (k <= 8) or 16 (k <= 16): the list, and kP = kK accumulators
+__global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16_kernel(const FastArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // sm_90 instructions (bf16x2 and u16x2); the launcher asks for 9.0
+#else
+  constexpr int kP = kK;
+  constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
+  constexpr ScoreFn F = ScoreFn::kSigmoid;
+  extern __shared__ __align__(128) char sig_rows_sm[];  // its own name: see the softmax kernel
+  char* sm = sig_rows_sm;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int E = a.E, k = a.k;
+  const int row_bytes = 2 * E, chunks = E / 8, blocks64 = E / 64;
+  char* tile = sm + SigmoidBf16TileOff(E, warp);
+  const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  uint32_t* masks = reinterpret_cast<uint32_t*>(tile + 32 * row_bytes) + lane;
+  char* row = tile + lane * row_bytes;
+  float* bias_sm = reinterpret_cast<float*>(sm + kSigmoidBf16BiasOff);
+  const int swz = (lane & 7) << 4;  // a row's byte b sits at b ^ swz (cuda_rows.cuh)
+  int off[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
+  const int64_t ntiles = (a.rows + 31) / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * nwarps;
+
+  // The tile's copies, as in the softmax kernel: copy j of a lane is the tile's 16-byte chunk
+  // i = lane + 32 j, row r = i / chunks by a multiply-high.
+  const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
+  auto stage = [&](int64_t wt) {
+    const int64_t t0 = wt * 32;
+    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
+    const uint32_t n = static_cast<uint32_t>(nrows * chunks);
+    for (uint32_t i = lane; i < n; i += 32) {
+      const uint32_t r = __umulhi(i, magic);
+      cp_async16((tile_s + 16 * i) ^ ((r & 7) << 4), src + 16 * i);
+    }
+  };
+
+  // Warp tiles interleaved across blocks; the first tile's copies go out before the table.
+  const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
+  if (first < ntiles) stage(first);
+  const int mode = sig_table_fill(sm, blockDim.x);
+  bool bias_bad = false;  // the bias (0 without one: s + 0 = s)
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const float b = a.bias != nullptr ? __ldg(a.bias + i) : 0.0f;
+    bias_bad |= !(fabsf(b) <= 3.402823466e38f);  // NaN or infinite
+    bias_sm[i] = b;
+  }
+  // Every table and bias entry written before any thread reads one.
+  bias_bad = __syncthreads_or(bias_bad);
+  sig_table_publish(sm, mode, blockDim.x);
+
+  for (int64_t wt = first; wt < ntiles; wt += stride) {
+    const int64_t t0 = wt * 32;
+    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    cp_async_wait_all();
+    __syncwarp();  // every lane's copies landed and are visible to the warp
+
+    const int64_t t = t0 + lane;
+    const bool live = lane < nrows;
+    const char* grow = static_cast<const char*>(a.logits) + t * row_bytes;
+    int sel[kK];
+    float sv[kK];  // the selected experts' activations, slot order
+    if (live) {
+      // 0-1. z of every logit, truncated, back into the tile; the group maxima of the
+      // truncated scores (words w % kP, low and high halves).
+      uint32_t acc[kP];
+#pragma unroll
+      for (int j = 0; j < kP; ++j) acc[j] = kNegInf2;
+      uint32_t nan = 0;
+#pragma unroll 1
+      for (int b = 0; b < blocks64; ++b) {
+        char* blk = row + 128 * b;
+        const float* bb = bias_sm + 64 * b;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          uint4* chunk = reinterpret_cast<uint4*>(blk + off[j]);
+          const uint4 v = *chunk;
+          const float4 b0 = *reinterpret_cast<const float4*>(bb + 8 * j);
+          const float4 b1 = *reinterpret_cast<const float4*>(bb + 8 * j + 4);
+          const uint32_t c0 = clamp_pair(v.x, &nan), c1 = clamp_pair(v.y, &nan);
+          const uint32_t c2 = clamp_pair(v.z, &nan), c3 = clamp_pair(v.w, &nan);
+          const uint32_t zt[4] = {
+              upper_halves(selection_score(sig_lo(sm, c0), b0.x), selection_score(sig_hi(sm, c0), b0.y)),
+              upper_halves(selection_score(sig_lo(sm, c1), b0.z), selection_score(sig_hi(sm, c1), b0.w)),
+              upper_halves(selection_score(sig_lo(sm, c2), b1.x), selection_score(sig_hi(sm, c2), b1.y)),
+              upper_halves(selection_score(sig_lo(sm, c3), b1.z), selection_score(sig_hi(sm, c3), b1.w))};
+          *chunk = make_uint4(zt[0], zt[1], zt[2], zt[3]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[(4 * j + i) % kP] = max_bf16x2(acc[(4 * j + i) % kP], zt[i]);
+        }
+      }
+      const bool exact_row = bias_bad || (nan & 0xFFFFu) > 0x7F80u || (nan >> 16) > 0x7F80u;
+
+      if (!exact_row) {
+        // 2. L, the k-th largest group maximum of zt (no NaN: z is a number).
+        sort_desc_bf16x2(acc);
+        uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: (kP-1-i)-th
+#pragma unroll
+        for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
+        uint32_t lw;  // L in both halves
+        if (k == kP) {
+          uint32_t m = top[0];
+#pragma unroll
+          for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
+          lw = min_bf16x2(m, swap_halves(m));
+        } else {
+          float f[kP];
+#pragma unroll
+          for (int i = 0; i < kP / 2; ++i) {
+            f[i] = bf16_lo(top[i]);
+            f[kP - 1 - i] = bf16_hi(top[i]);
+          }
+#pragma unroll
+          for (int d = kP / 2; d > 0; d >>= 1) {
+#pragma unroll
+            for (int i = 0; i < kP; ++i) {
+              if ((i & d) == 0) {
+                const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
+                f[i] = hi;
+                f[i + d] = lo;
+              }
+            }
+          }
+          float l = f[0];
+#pragma unroll
+          for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
+          lw = (__float_as_uint(l) >> 16) * 0x10001u;
+        }
+
+        // 3. The candidate masks of zt >= L (bit 8 y + j of mask q: logit 32 q + 4 j + y), and
+        // the logits of every 16-byte chunk holding a candidate copied back into the tile
+        // (chunk c of a mask's four holds its bits 2 c, 2 c + 1 of each byte).
+        uint32_t nonempty = 0;
+#pragma unroll 1
+        for (int b = 0; b < blocks64; ++b) {
+          const char* blk = row + 128 * b;
+#pragma unroll
+          for (int g = 0; g < 2; ++g) {
+            uint32_t mask = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j += 2) {
+              const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j]);
+              const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j + 1]);
+              const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * u], lw), ge_bf16x2(w[2 * u + 1], lw), 0x6420);
+                mask |= fl & (0x01010101u << (2 * j + u));
+              }
+            }
+            const int q = 2 * b + g;
+            masks[32 * q] = mask;
+            nonempty |= (mask != 0 ? 1u : 0u) << q;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              if (mask & (0x03030303u << (2 * c))) {
+                cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(blk + off[4 * g + c])),
+                           grow + 128 * b + 16 * (4 * g + c));
+              }
+            }
+          }
+        }
+        cp_async_wait_all();  // this thread's own copies: only it reads its row
+
+        // 4. The candidates' exact z and slot keys into the list.
+        uint64_t list[kK];
+#pragma unroll
+        for (int p = 0; p < kK; ++p) list[p] = 0ull;
+        int q = 0;
+        uint32_t mask = 0;
+        while (true) {  // the masks with a candidate, lowest first
+          if (mask == 0) {
+            if (nonempty == 0) break;
+            q = __ffs(nonempty) - 1;
+            nonempty &= nonempty - 1;
+            mask = masks[32 * q];
+          }
+          const int bit = 31 - __clz(mask);
+          mask ^= 1u << bit;
+          const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
+          const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
+          const float z = selection_score(sig_lo(sm, clamp_pair(h, nullptr)), bias_sm[e]);
+          insert_desc64(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
+        }
+#pragma unroll
+        for (int r = 0; r < kK; ++r) {
+          // slots from k on may be empty (key 0): expert 0xFFFFFFFF % E, read but not stored
+          sel[r] = static_cast<int>(slot_expert(list[r]) % static_cast<uint32_t>(E));
+          const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * sel[r]) ^ swz));
+          sv[r] = sig_lo(sm, clamp_pair(h, nullptr));
+        }
+      } else {
+        uint64_t list_x[kK];
+        float s_x[kK];
+        route_exact_sigmoid<kK>(reinterpret_cast<const uint16_t*>(grow), bias_sm, E, list_x, s_x);
+#pragma unroll
+        for (int r = 0; r < kK; ++r) {
+          sel[r] = static_cast<int>(slot_expert(list_x[r]) % static_cast<uint32_t>(E));
+          sv[r] = s_x[r];
+        }
+      }
+    }
+    __syncwarp();  // every lane done with the tile: the next tile's copies go out under the weights
+    if (wt + stride < ntiles) stage(wt + stride);
+
+    if (live) {
+      // 5. Weights in slot order (routing_math.h), then the stores.
+      float u[kK];
+      const float denom = slot_numerators<F>(sv, k, u);
+      const int64_t ko = t * k;
+      if (kK == 8 && a.slots_vec && k == 8) {  // slots_vec: 16-byte aligned int32 outputs
+        uint32_t wv[8], iv[8], rv[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          const float p = weight<F>(false, k, u[r], denom);
+          wv[r] = __float_as_uint(compact_weight(a.scaling * p));
+          iv[r] = static_cast<uint32_t>(sel[r]);
+          rv[r] = __float_as_uint(compact_residual<F>(p, u[r]));
+        }
+        if (a.weights) store_words<8>(a.weights + ko, wv);
+        if (a.indices) store_words<8>(static_cast<int32_t*>(a.indices) + ko, iv);
+        if (a.act) store_words<8>(a.act + ko, rv);
+      } else {
+#pragma unroll
+        for (int r = 0; r < kK; ++r) {
+          if (r < k) {
+            const float p = weight<F>(false, k, u[r], denom);
+            store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace jax_router
