@@ -22,7 +22,7 @@ from .test_cross_platform import (  # noqa: F401 (cpu_and_cuda: a fixture)
     BIAS_KINDS, F32, assert_same_bits, compact_bits_equal, compact_program, cpu_and_cuda,
     make_bias, make_logits, near_tie_rows, run_on_both)
 
-# The kernel's band of bfloat16 magnitudes (kSigLo, kSigHi in router_fwd_grouped.cuh) and its
+# The kernel's band of bfloat16 magnitudes (kSigLo, kSigHi in sigmoid_table.cuh) and its
 # smallest batch (JR_GROUPED_MIN_ROWS).
 SIG_LO, SIG_HI = 0x33C0, 0x42B2
 MIN_ROWS = 16384
