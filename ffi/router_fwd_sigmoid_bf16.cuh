@@ -77,18 +77,6 @@ inline int SigmoidBf16Warps(int E, int smem, int most) {
 }
 inline int SigmoidBf16Smem(int E, int warps) { return SigmoidBf16TileOff(E, warps - 1) + SigmoidBf16WarpBytes(E); }
 
-// Inserts c into the descending list of 64-bit keys (c = 0: no change); all comparisons
-// against the old list.
-template <int kK>
-__device__ __forceinline__ void insert_desc64(uint64_t c, uint64_t (&list)[kK]) {
-  bool above[kK];
-#pragma unroll
-  for (int p = 0; p < kK; ++p) above[p] = c > list[p];
-#pragma unroll
-  for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
-  list[0] = above[0] ? c : list[0];
-}
-
 // ---- the exact path (a row with a NaN logit, or a non-finite bias) ---------------------------
 
 // routing_math.h's selection over the whole row from global memory, plainly: every expert's
@@ -237,9 +225,9 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
               }
             }
           }
-          float l = f[0];
+          float l = f[0];  // f[k - 1], the smallest of the first k (no run-time index)
 #pragma unroll
-          for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
+          for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
           lw = (__float_as_uint(l) >> 16) * 0x10001u;
         }
 

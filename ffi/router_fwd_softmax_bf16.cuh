@@ -1,8 +1,11 @@
-// The softmax forward for bfloat16 logits, one thread a token: softmax without pre-softmax (the
-// selection is on the raw logits), no group-limited routing, E a multiple of 64 up to
-// kSoftmaxBf16MaxE, topk <= 16, every output format (Qwen3: E = 128, k = 8; Qwen3-Next:
-// E = 512, k = 10). Same bits as the fast forward and the CPU (routing_math.h); the launcher
-// takes it on devices of compute capability 9.0 or newer (router_launch.cuh).
+// The softmax forward for bfloat16 logits (and float32 ones up to E = kSoftmaxF32MaxE), one
+// thread a token: softmax without pre-softmax (the selection is on the raw logits), no
+// group-limited routing, E a multiple of 64 up to kSoftmaxBf16MaxE, topk <= 16, every output
+// format (Qwen3: E = 128, k = 8; Qwen3-Next: E = 512, k = 10). Same bits as the fast forward
+// and the CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or
+// newer (router_launch.cuh). float32 logits are screened on their values rounded toward zero to
+// bfloat16 (a non-decreasing function, so the screen still keeps a superset of the selection)
+// and ranked by their own 64-bit slot keys. (The file keeps its first name until it is merged.)
 //
 // The selection score of an expert is its logit itself, so the screen needs no arithmetic at
 // all, only bf16x2 maxima and compares, two logits an instruction:
@@ -54,19 +57,23 @@ inline int64_t SoftmaxBf16MinRows(int64_t E) {
 
 // Whether the kernel can take a call (the launcher also asks for compute capability 9.0).
 // Dense outputs (probs, bytemap or bitmap) are taken when 16-byte aligned.
+// float32 logits up to E = kSoftmaxF32MaxE (a row is twice the bytes: 512 would leave 2 warps
+// an SM).
+constexpr int kSoftmaxF32MaxE = 256;
 inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool logits_aligned,
                             bool dense_aligned) {
-  return dt == Dt::kBF16 && p.score_fn == ScoreFn::kSoftmax && !p.pre_softmax &&
+  return (dt == Dt::kBF16 || (dt == Dt::kF32 && E <= kSoftmaxF32MaxE)) &&
+         p.score_fn == ScoreFn::kSoftmax && !p.pre_softmax &&
          p.group_topk <= 0 && !is_qb(p) && E % 64 == 0 && E >= 64 && E <= kSoftmaxBf16MaxE &&
          p.topk <= 16 && logits_aligned && dense_aligned;
 }
 
-// Shared memory of one warp with `lanes` lanes a token (1 or 2): its 32 / lanes rows, then the
-// candidate masks (a lane's E / 32 / lanes masks, mask j of lane l at word 32 j + l: in the
-// lane's own bank). 68 E / lanes bytes: a multiple of 128, as the staging and the reads'
-// swizzle need (E % 64 == 0, and E % 128 == 0 for two lanes).
-__host__ __device__ inline size_t SoftmaxBf16WarpSmem(int E, int lanes) {
-  return (static_cast<size_t>(32) * 2 * E + 4 * E) / lanes;
+// Shared memory of one warp with `lanes` lanes a token (1 or 2) for logits of `bytes` bytes:
+// its 32 / lanes rows, then the candidate masks (a lane's E / 32 / lanes masks, mask j of lane l
+// at word 32 j + l: in the lane's own bank). A multiple of 128 bytes, as the staging and the
+// reads' swizzle need (E % 64 == 0, and E % 128 == 0 for two lanes).
+__host__ __device__ inline size_t SoftmaxWarpSmem(int E, int lanes, int bytes) {
+  return (static_cast<size_t>(32) * bytes * E + 4 * E) / lanes;
 }
 // Two lanes a token from this E up (the knob for the benchmarks' A/B runs only): a token's
 // chain is halved, and where shared memory bounds the tokens in flight (E = 512: 6 warps an
@@ -139,30 +146,98 @@ __device__ __forceinline__ void insert_desc(uint32_t c, uint32_t (&list)[kK]) {
   list[0] = above[0] ? c : list[0];
 }
 
-// ---- the exact path (a row with fewer than topk numbers) --------------------------------------
+// ---- the logits' type ---------------------------------------------------------------------------
+
+// Inserts c into a descending list of 64-bit keys (c = 0: no change), as insert_desc.
+template <int kK>
+__device__ __forceinline__ void insert_desc64(uint64_t c, uint64_t (&list)[kK]) {
+  bool above[kK];
+#pragma unroll
+  for (int p = 0; p < kK; ++p) above[p] = c > list[p];
+#pragma unroll
+  for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
+  list[0] = above[0] ? c : list[0];
+}
+template <int kK>
+__device__ __forceinline__ void insert_desc(uint64_t c, uint64_t (&list)[kK]) { insert_desc64(c, list); }
+
+// Two floats -> one bfloat16x2 word, each rounded toward zero (a non-decreasing function: the
+// screen on the words stays a superset; NaN stays NaN).
+__device__ __forceinline__ uint32_t pack_rz_bf16x2(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rz.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// What the kernel needs of the logits' type: bytes an element, a 16-byte chunk's screen words
+// (bfloat16x2, two logits each), a candidate's slot key (its order key, then the expert id
+// inverted: distinct in a row, larger is better; 0 never) and the logit and expert of a key.
+struct Bf16Logits {
+  using Key = uint32_t;
+  static constexpr int kBytes = 2, kWords = 4;  // screen words a chunk
+  static __device__ __forceinline__ void words(const uint4& v, uint32_t* w) {
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  }
+  // a candidate (a number): its bits with the sign bit set, or all bits flipped if negative
+  static __device__ __forceinline__ Key slot(const char* at, int e) {
+    const uint32_t h = *reinterpret_cast<const uint16_t*>(at);
+    const uint32_t key = h ^ (sign_mask16(h) | 0x8000u);  // in the low 16 bits
+    return (key << 16) | (0xFFFFu - static_cast<uint32_t>(e));
+  }
+  static __device__ __forceinline__ Key exact_slot(const void* row, int e) {
+    return slot_key16(bf16_order_key(static_cast<const uint16_t*>(row)[e]), e);
+  }
+  static __device__ __forceinline__ float value(Key k) {
+    return exact::bf16_bits_to_float(static_cast<uint16_t>(bf16_from_order_key(k >> 16)));
+  }
+  static __device__ __forceinline__ int expert(Key k) { return static_cast<int>(0xFFFFu - (k & 0xFFFFu)); }
+  static constexpr Dt kDt = Dt::kBF16;
+};
+struct F32Logits {
+  using Key = uint64_t;
+  static constexpr int kBytes = 4, kWords = 2;
+  static __device__ __forceinline__ void words(const uint4& v, uint32_t* w) {
+    w[0] = pack_rz_bf16x2(__uint_as_float(v.x), __uint_as_float(v.y));
+    w[1] = pack_rz_bf16x2(__uint_as_float(v.z), __uint_as_float(v.w));
+  }
+  static __device__ __forceinline__ Key slot(const char* at, int e) {
+    return slot_key(order_key(*reinterpret_cast<const float*>(at)), static_cast<uint32_t>(e));
+  }
+  static __device__ __forceinline__ Key exact_slot(const void* row, int e) {
+    return slot_key(order_key(static_cast<const float*>(row)[e]), static_cast<uint32_t>(e));
+  }
+  static __device__ __forceinline__ float value(Key k) {
+    return order_key_value(static_cast<uint32_t>(k >> 32));
+  }
+  static __device__ __forceinline__ int expert(Key k) { return static_cast<int>(slot_expert(k)); }
+  static constexpr Dt kDt = Dt::kF32;
+};
 
 // Every expert's slot key (NaN logits last, in id order) into the list, from global memory.
-template <int kK>
-__device__ __noinline__ void route_exact_softmax_bf16(const uint16_t* row, int E, uint32_t (&list)[kK]) {
-  for (int p = 0; p < kK; ++p) list[p] = 0u;
-  for (int e = 0; e < E; ++e) insert_desc(slot_key16(bf16_order_key(row[e]), e), list);
+template <typename T, int kK>
+__device__ __noinline__ void route_exact_softmax(const void* row, int E, typename T::Key (&list)[kK]) {
+  for (int p = 0; p < kK; ++p) list[p] = 0;
+  for (int e = 0; e < E; ++e) insert_desc(T::exact_slot(row, e), list);
 }
 
 // ---- the kernel -------------------------------------------------------------------------------
 
-// kK: 8 (k <= 8) or 16 (k <= 16), the list, and kP = kK accumulators. kLanes: lanes a token.
-// With two, lane 2 r + h of a warp takes half h of row r of its 16-row tile: its own group
-// maxima (combined with the partner's by one shuffle a word), the same L in both lanes, its own
-// masks and list (the two lists merged by a bitonic merge), half the stores. kDense: probs or a
-// map (one lane a token; a separate instance, so that the compact ones keep their registers).
-template <int kK, int kLanes, bool kDense>
+// T: the logits' type (Bf16Logits, F32Logits). kK: 8 (k <= 8) or 16 (k <= 16), the list, and
+// kP = kK accumulators. kLanes: lanes a token. With two, lane 2 r + h of a warp takes half h of
+// row r of its 16-row tile: its own group maxima (combined with the partner's by one shuffle a
+// word), the same L in both lanes, its own masks and list (the two lists merged by a bitonic
+// merge), half the stores. kDense: probs or a map (one lane a token; a separate instance, so
+// that the compact ones keep their registers).
+template <typename T, int kK, int kLanes, bool kDense>
 __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kernel(const FastArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // sm_90 instructions (bf16x2 compares); the launcher asks for 9.0
 #else
+  using Key = typename T::Key;
   constexpr int kP = kK;
   constexpr int kRows = 32 / kLanes;          // a warp tile's rows
   constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
+  constexpr int kW = T::kWords;               // screen words a 16-byte chunk
   // its own name: an extern array declared again with another alignment keeps the first one
   extern __shared__ __align__(128) char rows_sm[];
   const int lane = threadIdx.x & 31;
@@ -170,15 +245,15 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
   const int tr = lane / kLanes, h = lane % kLanes;  // the token's row in the tile, the lane's part
   const unsigned pair = kLanes == 2 ? 3u << (lane & ~1) : 1u << lane;  // the token's lanes
   const int E = a.E, k = a.k;
-  const int row_bytes = 2 * E, chunks = E / 8;
-  const int part_bytes = row_bytes / kLanes, blocks64 = E / 64 / kLanes, nmask = E / 32 / kLanes;
-  char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxBf16WarpSmem(E, kLanes);
+  const int row_bytes = T::kBytes * E, chunks = row_bytes / 16;
+  const int part_bytes = row_bytes / kLanes, units = part_bytes / 128, nmask = E / 32 / kLanes;
+  char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxWarpSmem(E, kLanes, T::kBytes);
   const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
   uint32_t* masks = reinterpret_cast<uint32_t*>(tile + kRows * row_bytes) + lane;
   const char* part = tile + tr * row_bytes + h * part_bytes;
   // A part's byte b sits at b ^ swz: bits 4-6 of a chunk's offset XOR the key of its row and
   // part, (r & 7) for one lane a token, (r & 3) | (part << 2) for two: the 8 lanes of a
-  // quarter-warp read 8 distinct bank groups. off[j]: chunk j of each 128-byte block.
+  // quarter-warp read 8 distinct bank groups. off[j]: chunk j of each 128-byte unit.
   const int swz = (kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4;
   int off[8];
 #pragma unroll
@@ -199,7 +274,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
       const uint32_t r = __umulhi(i, magic);
       uint32_t key = r & 7;
       if (kLanes == 2) key = (r & 3) | ((i - r * chunks) >= static_cast<uint32_t>(chunks / 2) ? 4u : 0u);
-      // tile_s is 128-byte aligned (SoftmaxBf16WarpSmem)
+      // tile_s is 128-byte aligned (SoftmaxWarpSmem)
       cp_async16((tile_s + 16 * i) ^ (key << 4), src + 16 * i);
     }
   };
@@ -215,24 +290,24 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 
     const int64_t t = t0 + tr;
     const bool live = tr < nrows;  // the same in both lanes of a token
-    uint32_t list[kK];
+    Key list[kK];
     if (live) {
-      // 1. Group maxima, 64 logits (8 chunks) an iteration. NaNs are skipped (a group of NaNs
-      // only keeps -inf, which is no expert's logit unless one is -inf). A part starts at a
-      // multiple of kP words, so its words fall in the row's accumulators.
+      // 1. Group maxima over the screen words, a 128-byte unit (8 chunks) an iteration: word w
+      // of the row (logits 2 w, 2 w + 1) into accumulator w % kP. NaNs are skipped (a group of
+      // NaNs only keeps -inf, which is no expert's logit unless one is -inf). A unit and a
+      // part start at a multiple of kP words.
       uint32_t acc[kP];
 #pragma unroll
       for (int j = 0; j < kP; ++j) acc[j] = kNegInf2;
 #pragma unroll 1
-      for (int b = 0; b < blocks64; ++b) {
-        const char* blk = part + 128 * b;
+      for (int u = 0; u < units; ++u) {
+        const char* unit = part + 128 * u;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const uint4 v = *reinterpret_cast<const uint4*>(blk + off[j]);
-          acc[(4 * j) % kP] = max_bf16x2(acc[(4 * j) % kP], v.x);
-          acc[(4 * j + 1) % kP] = max_bf16x2(acc[(4 * j + 1) % kP], v.y);
-          acc[(4 * j + 2) % kP] = max_bf16x2(acc[(4 * j + 2) % kP], v.z);
-          acc[(4 * j + 3) % kP] = max_bf16x2(acc[(4 * j + 3) % kP], v.w);
+          uint32_t w[kW];
+          T::words(*reinterpret_cast<const uint4*>(unit + off[j]), w);
+#pragma unroll
+          for (int i = 0; i < kW; ++i) acc[(kW * j + i) % kP] = max_bf16x2(acc[(kW * j + i) % kP], w[i]);
         }
       }
       if (kLanes == 2) {
@@ -269,45 +344,47 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
             }
           }
         }
+        // f is descending: f[k - 1] is the smallest of its first k (a min chain, where a
+        // select chain on i == k - 1 became a local-memory load)
         float l = f[0];
 #pragma unroll
-        for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
+        for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
         lw = (__float_as_uint(l) >> 16) * 0x10001u;
       }
 
-      // 3. The part's candidate masks, 32 logits (4 chunks) a mask: bit 8 y + j of mask q is
-      // the part's logit 32 q + 4 j + y. Bit q of `nonempty`: mask q has a candidate.
+      // 3. The part's candidate masks, one for each 32 logits (16 screen words W): bit 8 y + J
+      // of mask q is the part's logit 32 q + 4 J + y (bytes 0 and 2 of the compares of W[2 J]
+      // and W[2 J + 1]). Bit q of `nonempty`: mask q has a candidate.
       uint32_t nonempty = 0;
+      constexpr int kChunksAMask = 16 / kW;  // 4 (bf16) or 8 (f32)
 #pragma unroll 1
-      for (int b = 0; b < blocks64; ++b) {
-        const char* blk = part + 128 * b;
+      for (int q = 0; q < nmask; ++q) {
+        const int byte0 = q * 32 * T::kBytes;  // the mask's first byte in the part
+        const char* unit = part + (byte0 & ~127);
+        const int c0 = (byte0 & 127) >> 4;     // its first chunk in the unit
+        uint32_t w[16];
 #pragma unroll
-        for (int g = 0; g < 2; ++g) {
-          uint32_t mask = 0;
+        for (int c = 0; c < kChunksAMask; ++c) {  // (not off[c0 + c]: a run-time index)
+          uint32_t wc[kW];
+          T::words(*reinterpret_cast<const uint4*>(unit + ((16 * (c0 + c)) ^ swz)), wc);
 #pragma unroll
-          for (int j = 0; j < 4; j += 2) {
-            const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j]);
-            const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j + 1]);
-            const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              // logits 4 (2 j + u) .. +3 of the mask's 32: bytes 0, 2 of each compare word
-              const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * u], lw), ge_bf16x2(w[2 * u + 1], lw), 0x6420);
-              mask |= fl & (0x01010101u << (2 * j + u));
-            }
-          }
-          masks[32 * (2 * b + g)] = mask;
-          nonempty |= (mask != 0 ? 1u : 0u) << (2 * b + g);
+          for (int i = 0; i < kW; ++i) w[kW * c + i] = wc[i];
         }
+        uint32_t mask = 0;
+#pragma unroll
+        for (int J = 0; J < 8; ++J) {
+          const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * J], lw), ge_bf16x2(w[2 * J + 1], lw), 0x6420);
+          mask |= fl & (0x01010101u << J);
+        }
+        masks[32 * q] = mask;
+        nonempty |= (mask != 0 ? 1u : 0u) << q;
       }
 
       // 4. The candidates' slot keys into the list, one an iteration across all masks (a warp
-      // runs as many iterations as its lane with the most candidates). The part's logit
-      // 32 q + 4 j + y is at part byte (64 q + 8 j + 2 y) ^ swz, expert h E / 2 + that; a
-      // candidate is a number, so its order key is its bits with the sign bit set, or all bits
-      // flipped for a negative one.
+      // runs as many iterations as its lane with the most candidates). The part's logit pe is
+      // at part byte (kBytes pe) ^ swz, expert h E / 2 + pe.
 #pragma unroll
-      for (int p = 0; p < kK; ++p) list[p] = 0u;
+      for (int p = 0; p < kK; ++p) list[p] = 0;
       const int e0 = h * (E / kLanes);
       int q = 0;
       uint32_t mask = 0;
@@ -321,18 +398,16 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         const int bit = 31 - __clz(mask);
         mask ^= 1u << bit;
         const int pe = 32 * q + 4 * (bit & 7) + (bit >> 3);
-        const uint32_t hb = *reinterpret_cast<const uint16_t*>(part + ((2 * pe) ^ swz));
-        const uint32_t key = hb ^ (sign_mask16(hb) | 0x8000u);  // in the low 16 bits
-        insert_desc((key << 16) | (0xFFFFu - static_cast<uint32_t>(e0 + pe)), list);
+        insert_desc(T::slot(part + ((T::kBytes * pe) ^ swz), e0 + pe), list);
       }
       if (kLanes == 2) {
         // The two lists merged: with A the first part's and B the second's (both descending),
         // max(A[i], B[kK - 1 - i]) holds the top kK of both, bitonic; a bitonic merge sorts
         // it. Both lanes compute the same list.
-        uint32_t other[kK];
+        Key other[kK];
 #pragma unroll
         for (int p = 0; p < kK; ++p) other[p] = __shfl_xor_sync(pair, list[p], 1);
-        uint32_t c[kK];
+        Key c[kK];
 #pragma unroll
         for (int p = 0; p < kK; ++p) {
           c[p] = h == 0 ? max(list[p], other[kK - 1 - p]) : max(other[p], list[kK - 1 - p]);
@@ -342,7 +417,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #pragma unroll
           for (int p = 0; p < kK; ++p) {
             if ((p & d) == 0) {
-              const uint32_t hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
+              const Key hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
               c[p] = hi;
               c[p + d] = lo;
             }
@@ -351,15 +426,14 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #pragma unroll
         for (int p = 0; p < kK; ++p) list[p] = c[p];
       }
-      uint32_t kth = list[0];
+      Key kth = list[0];  // list[k - 1], the smallest of the first k (see L above)
 #pragma unroll
-      for (int p = 1; p < kK; ++p) kth = p == k - 1 ? list[p] : kth;
-      if (kth == 0u) {
+      for (int p = 1; p < kK; ++p) kth = p < k ? min(kth, list[p]) : kth;
+      if (kth == 0) {
         // fewer than k numbers were candidates: L was -inf from a group of NaNs only, and the
         // selection takes NaNs (both lanes of a token alike)
-        uint32_t list_x[kK];  // its own array: `list` stays in registers on the screened path
-        route_exact_softmax_bf16<kK>(
-            reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.logits) + t * row_bytes), E, list_x);
+        Key list_x[kK];  // its own array: `list` stays in registers on the screened path
+        route_exact_softmax<T, kK>(static_cast<const char*>(a.logits) + t * row_bytes, E, list_x);
 #pragma unroll
         for (int p = 0; p < kK; ++p) list[p] = list_x[p];
       }
@@ -374,8 +448,8 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
       int sel[kK];
 #pragma unroll
       for (int r = 0; r < kK; ++r) {
-        x[r] = exact::bf16_bits_to_float(static_cast<uint16_t>(bf16_from_order_key(list[r] >> 16)));
-        sel[r] = static_cast<int>(0xFFFFu - (list[r] & 0xFFFFu));
+        x[r] = T::value(list[r]);
+        sel[r] = T::expert(list[r]) % E;  // slots from k on may be empty (key 0): never stored
       }
       float u[kK];
       const float denom = slot_numerators<F>(x, k, u);
@@ -421,8 +495,8 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         if (a.probs != nullptr || (a.map != nullptr && !a.bitmap)) {
           const int64_t roff = t * E;
           if (a.probs != nullptr) {
-            uint4* pr = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.probs) + roff);
-            for (int c = 0; c < E / 8; ++c) pr[c] = make_uint4(0u, 0u, 0u, 0u);
+            uint4* pr = reinterpret_cast<uint4*>(static_cast<char*>(a.probs) + T::kBytes * roff);
+            for (int c = 0; c < row_bytes / 16; ++c) pr[c] = make_uint4(0u, 0u, 0u, 0u);
           }
           if (a.map != nullptr && !a.bitmap) {
             uint4* mr = reinterpret_cast<uint4*>(a.map + roff);
@@ -432,7 +506,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
           for (int r = 0; r < kK; ++r) {
             if (r < k) {
               const float p = weight<F>(false, k, u[r], denom);
-              if (a.probs != nullptr) store_from_float(a.probs, Dt::kBF16, roff + sel[r], a.scaling * p);
+              if (a.probs != nullptr) store_from_float(a.probs, T::kDt, roff + sel[r], a.scaling * p);
               if (a.map != nullptr && !a.bitmap) a.map[roff + sel[r]] = 1;
             }
           }

@@ -212,11 +212,11 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
 
 // The bf16 softmax forward (router_fwd_softmax_bf16.cuh): blocks of 2 warps, as many an SM as
 // their tiles' shared memory allows, warp tiles spread over every SM first.
-template <int kK, int kLanes, bool kDense>
+template <typename T, int kK, int kLanes, bool kDense>
 inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
   static_assert(!kDense || kLanes == 1, "dense outputs: one lane a token");
-  auto kernel = fwd_softmax_bf16_kernel<kK, kLanes, kDense>;
-  const size_t smem = kSoftmaxBf16Warps * SoftmaxBf16WarpSmem(fa.E, kLanes);
+  auto kernel = fwd_softmax_bf16_kernel<T, kK, kLanes, kDense>;
+  const size_t smem = kSoftmaxBf16Warps * SoftmaxWarpSmem(fa.E, kLanes, T::kBytes);
   static std::atomic<int> raised[kMaxDevices];
   const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
   if (e != cudaSuccess) return e;
@@ -230,14 +230,22 @@ inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int de
   kernel<<<grid, 32 * kSoftmaxBf16Warps, smem, s>>>(fa);
   return cudaGetLastError();
 }
-inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
+template <typename T>
+inline cudaError_t LaunchSoftmaxScreen(const FastArgs& fa, cudaStream_t s, int dev) {
   if (fa.probs != nullptr || fa.map != nullptr) {
-    return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 1, true>(fa, s, dev) : LaunchSoftmaxBf16T<16, 1, true>(fa, s, dev);
+    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1, true>(fa, s, dev)
+                     : LaunchSoftmaxBf16T<T, 16, 1, true>(fa, s, dev);
   }
   if (SoftmaxBf16Lanes(fa.E) == 2) {
-    return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 2, false>(fa, s, dev) : LaunchSoftmaxBf16T<16, 2, false>(fa, s, dev);
+    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 2, false>(fa, s, dev)
+                     : LaunchSoftmaxBf16T<T, 16, 2, false>(fa, s, dev);
   }
-  return fa.k <= 8 ? LaunchSoftmaxBf16T<8, 1, false>(fa, s, dev) : LaunchSoftmaxBf16T<16, 1, false>(fa, s, dev);
+  return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1, false>(fa, s, dev)
+                   : LaunchSoftmaxBf16T<T, 16, 1, false>(fa, s, dev);
+}
+inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
+  return fa.logits_dt == Dt::kF32 ? LaunchSoftmaxScreen<F32Logits>(fa, s, dev)
+                                  : LaunchSoftmaxScreen<Bf16Logits>(fa, s, dev);
 }
 
 // The bf16 sigmoid forward (router_fwd_sigmoid_bf16.cuh): one block an SM, as many warps as

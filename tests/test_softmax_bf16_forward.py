@@ -1,6 +1,7 @@
 """The bf16 softmax CUDA forward (ffi/router_fwd_softmax_bf16.cuh): softmax without pre-softmax
-on bfloat16 logits, E a multiple of 64 up to 512, topk <= 16, every output format, taken for
-batches of at least 16384 rows times max(1, E // 128) (JR_SOFTMAX_BF16_MIN_ROWS).
+on bfloat16 logits (float32 ones up to E = 256), E a multiple of 64 up to 512, topk <= 16,
+every output format, taken for batches of at least 16384 rows times max(1, E // 128)
+(JR_SOFTMAX_BF16_MIN_ROWS).
 
 It screens each row with the maxima of 2P groups of its raw logits (P = 8 for topk <= 8, else
 16; group (a, h) holds the logits 2w + h with w % P == a), takes the topk-th largest maximum as a
@@ -89,15 +90,23 @@ SHAPES = [(128, 8), (512, 10), (64, 1), (64, 16), (128, 2), (192, 5), (256, 9), 
           (512, 16), (320, 12)]
 
 
+# float32 logits take the kernel up to E = 256 (kSoftmaxF32MaxE): the screen runs on their
+# values rounded toward zero to bfloat16, the ranking on the float32 values
+F32_SHAPES = [(E, k) for E, k in SHAPES if E <= 256]
+CASES = [(s, "bf16") for s in range(len(SHAPES))] + \
+        [(SHAPES.index(sh), "f32") for sh in F32_SHAPES]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", range(len(SHAPES)), ids=[f"E{E}-k{k}" for E, k in SHAPES])
-def test_softmax_bf16_bits_equal(cpu_and_cuda, shape):
+@pytest.mark.parametrize("shape,dt", CASES, ids=[f"E{SHAPES[s][0]}-k{SHAPES[s][1]}-{d}"
+                                                 for s, d in CASES])
+def test_softmax_bf16_bits_equal(cpu_and_cuda, shape, dt):
     E, topk = SHAPES[shape]
-    seed = 41000 + shape
+    seed = 41000 + shape + (500 if dt == "f32" else 0)
     rng = np.random.default_rng(seed)
     x, labels = make_logits(E, seed, jnp.float32, random_rows=min_rows(E) + 37 * (shape % 3))
     extra, extra_labels = screen_rows(E, topk, rng)
-    x = np.concatenate([x, extra]).astype(jnp.bfloat16)
+    x = np.concatenate([x, extra]).astype(jnp.bfloat16 if dt == "bf16" else jnp.float32)
     labels = labels + extra_labels
     assert x.shape[0] >= min_rows(E)
     cot = rng.standard_normal((x.shape[0], topk)).astype(F32)
@@ -144,20 +153,22 @@ def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(128, 8), (512, 10), (64, 16)],
-                         ids=lambda s: f"E{s[0]}-k{s[1]}")
+@pytest.mark.parametrize("shape", [(128, 8, "bf16"), (512, 10, "bf16"), (64, 16, "bf16"),
+                                   (128, 8, "f32"), (256, 10, "f32")],
+                         ids=lambda s: f"E{s[0]}-k{s[1]}-{s[2]}")
 def test_softmax_bf16_every_output(cpu_and_cuda, shape):
     """The dense outputs (probs with a bytemap, a bitmap or dense indices) and the gradients
     through each, beside the compact ones, on batches that take the kernel."""
-    E, topk = shape
+    E, topk, dt = shape
+    dtype = jnp.bfloat16 if dt == "bf16" else jnp.float32
     seed = 42000 + E + topk
     rng = np.random.default_rng(seed)
     x, labels = make_logits(E, seed, jnp.float32, random_rows=min_rows(E) + 5)
     extra, extra_labels = screen_rows(E, topk, rng)
-    x = np.concatenate([x, extra]).astype(jnp.bfloat16)
+    x = np.concatenate([x, extra]).astype(dtype)
     labels = labels + extra_labels
     cot_k = rng.standard_normal((x.shape[0], topk)).astype(F32)
-    cot_e = rng.standard_normal(x.shape).astype(jnp.bfloat16)
+    cot_e = rng.standard_normal(x.shape).astype(dtype)
     kw = dict(score_function="softmax", use_pre_softmax=False, scaling_factor=1.5)
     cpu_out, cuda_out = run_on_both(cpu_and_cuda, routing_program(topk, kw, jnp.int32),
                                     x, None, cot_k, cot_e)
