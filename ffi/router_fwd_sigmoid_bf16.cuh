@@ -87,7 +87,7 @@ __device__ __noinline__ void route_exact_sigmoid(const uint16_t* row, const floa
   for (int p = 0; p < kK; ++p) list[p] = 0ull;
   for (int e = 0; e < E; ++e) {
     const float z = selection_score(activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[e])), bias_sm[e]);
-    insert_desc64(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
+    insert_desc(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
   }
   for (int p = 0; p < kK; ++p) {
     s[p] = activation<ScoreFn::kSigmoid>(exact::bf16_bits_to_float(row[slot_expert(list[p]) % E]));
@@ -197,39 +197,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
 
       if (!exact_row) {
         // 2. L, the k-th largest group maximum of zt (no NaN: z is a number).
-        sort_desc_bf16x2(acc);
-        uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: (kP-1-i)-th
-#pragma unroll
-        for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
-        uint32_t lw;  // L in both halves
-        if (k == kP) {
-          uint32_t m = top[0];
-#pragma unroll
-          for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
-          lw = min_bf16x2(m, swap_halves(m));
-        } else {
-          float f[kP];
-#pragma unroll
-          for (int i = 0; i < kP / 2; ++i) {
-            f[i] = bf16_lo(top[i]);
-            f[kP - 1 - i] = bf16_hi(top[i]);
-          }
-#pragma unroll
-          for (int d = kP / 2; d > 0; d >>= 1) {
-#pragma unroll
-            for (int i = 0; i < kP; ++i) {
-              if ((i & d) == 0) {
-                const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
-                f[i] = hi;
-                f[i + d] = lo;
-              }
-            }
-          }
-          float l = f[0];  // f[k - 1], the smallest of the first k (no run-time index)
-#pragma unroll
-          for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
-          lw = (__float_as_uint(l) >> 16) * 0x10001u;
-        }
+        const uint32_t lw = screen_threshold(acc, k);
 
         // 3. The candidate masks of zt >= L (bit 8 y + j of mask q: logit 32 q + 4 j + y), and
         // the logits of every 16-byte chunk holding a candidate copied back into the tile
@@ -240,18 +208,13 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
           const char* blk = row + 128 * b;
 #pragma unroll
           for (int g = 0; g < 2; ++g) {
-            uint32_t mask = 0;
+            uint32_t w[16];
 #pragma unroll
-            for (int j = 0; j < 4; j += 2) {
-              const uint4 v0 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j]);
-              const uint4 v1 = *reinterpret_cast<const uint4*>(blk + off[4 * g + j + 1]);
-              const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-              for (int u = 0; u < 4; ++u) {
-                const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * u], lw), ge_bf16x2(w[2 * u + 1], lw), 0x6420);
-                mask |= fl & (0x01010101u << (2 * j + u));
-              }
+            for (int c = 0; c < 4; ++c) {
+              const uint4 v = *reinterpret_cast<const uint4*>(blk + off[4 * g + c]);
+              w[4 * c] = v.x, w[4 * c + 1] = v.y, w[4 * c + 2] = v.z, w[4 * c + 3] = v.w;
             }
+            const uint32_t mask = screen_mask(w, lw);
             const int q = 2 * b + g;
             masks[32 * q] = mask;
             nonempty |= (mask != 0 ? 1u : 0u) << q;
@@ -270,22 +233,11 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
         uint64_t list[kK];
 #pragma unroll
         for (int p = 0; p < kK; ++p) list[p] = 0ull;
-        int q = 0;
-        uint32_t mask = 0;
-        while (true) {  // the masks with a candidate, lowest first
-          if (mask == 0) {
-            if (nonempty == 0) break;
-            q = __ffs(nonempty) - 1;
-            nonempty &= nonempty - 1;
-            mask = masks[32 * q];
-          }
-          const int bit = 31 - __clz(mask);
-          mask ^= 1u << bit;
-          const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
+        for_each_candidate(masks, nonempty, [&](int e) {
           const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
           const float z = selection_score(sig_lo(sm, clamp_pair(h, nullptr)), bias_sm[e]);
-          insert_desc64(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
-        }
+          insert_desc(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
+        });
 #pragma unroll
         for (int r = 0; r < kK; ++r) {
           // slots from k on may be empty (key 0): expert 0xFFFFFFFF % E, read but not stored

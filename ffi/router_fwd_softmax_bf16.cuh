@@ -134,32 +134,94 @@ __device__ __forceinline__ uint32_t slot_key16(uint32_t key, int e) {
   return (key << 16) | (0xFFFFu - static_cast<uint32_t>(e));
 }
 
-// Inserts c into the descending list (c = 0: no change). Every comparison is made against the
-// old list at once, so the chain is three instructions deep, not two a place.
-template <int kK>
-__device__ __forceinline__ void insert_desc(uint32_t c, uint32_t (&list)[kK]) {
+// Inserts c into the descending list of keys (32 or 64 bits; c = 0: no change). Every
+// comparison is made against the old list at once, so the chain is three instructions deep,
+// not two a place.
+template <typename K, int kK>
+__device__ __forceinline__ void insert_desc(K c, K (&list)[kK]) {
   bool above[kK];
 #pragma unroll
   for (int p = 0; p < kK; ++p) above[p] = c > list[p];
 #pragma unroll
   for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
   list[0] = above[0] ? c : list[0];
+}
+
+// L in both halves of a word: the k-th largest of the 2 kP group maxima in acc (packed
+// bfloat16 pairs, no NaN; acc is sorted on the way). A bitonic sort of the kP words (both
+// halves at once), the top kP of the two sorted halves by one maximum a pair, and where k < kP
+// a bitonic merge of those.
+template <int kP>
+__device__ __forceinline__ uint32_t screen_threshold(uint32_t (&acc)[kP], int k) {
+  sort_desc_bf16x2(acc);
+  uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: the (kP-1-i)-th
+#pragma unroll
+  for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
+  if (k == kP) {
+    uint32_t m = top[0];
+#pragma unroll
+    for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
+    return min_bf16x2(m, swap_halves(m));
+  }
+  float f[kP];
+#pragma unroll
+  for (int i = 0; i < kP / 2; ++i) {
+    f[i] = bf16_lo(top[i]);
+    f[kP - 1 - i] = bf16_hi(top[i]);
+  }
+#pragma unroll
+  for (int d = kP / 2; d > 0; d >>= 1) {
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      if ((i & d) == 0) {
+        const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
+        f[i] = hi;
+        f[i + d] = lo;
+      }
+    }
+  }
+  // f is descending: f[k - 1] is the smallest of its first k (a min chain, where a select
+  // chain on i == k - 1 became a local-memory load)
+  float l = f[0];
+#pragma unroll
+  for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
+  return (__float_as_uint(l) >> 16) * 0x10001u;
+}
+
+// The candidate mask of 32 logits from their 16 screen words w (word m: logits 2 m, 2 m + 1):
+// bit 8 y + J is logit 4 J + y, set where it is >= L (bytes 0 and 2 of the compares of w[2 J]
+// and w[2 J + 1]). NaN never, -0 == +0: a superset of the keys >= L's.
+__device__ __forceinline__ uint32_t screen_mask(const uint32_t (&w)[16], uint32_t lw) {
+  uint32_t mask = 0;
+#pragma unroll
+  for (int J = 0; J < 8; ++J) {
+    const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * J], lw), ge_bf16x2(w[2 * J + 1], lw), 0x6420);
+    mask |= fl & (0x01010101u << J);
+  }
+  return mask;
+}
+
+// Calls fn(i) for each candidate i (a logit's index in the masked part) of the lane's masks
+// (mask q at masks[32 q]; bit q of nonempty: mask q has a candidate), one an iteration across
+// all masks: a warp runs as many iterations as its lane with the most candidates.
+template <typename Fn>
+__device__ __forceinline__ void for_each_candidate(const uint32_t* masks, uint32_t nonempty, Fn&& fn) {
+  int q = 0;
+  uint32_t mask = 0;
+  while (true) {  // the masks with a candidate, lowest first
+    if (mask == 0) {
+      if (nonempty == 0) break;
+      q = __ffs(nonempty) - 1;
+      nonempty &= nonempty - 1;
+      mask = masks[32 * q];
+    }
+    const int bit = 31 - __clz(mask);
+    mask ^= 1u << bit;
+    fn(32 * q + 4 * (bit & 7) + (bit >> 3));  // screen_mask's bit layout
+  }
 }
 
 // ---- the logits' type ---------------------------------------------------------------------------
-
-// Inserts c into a descending list of 64-bit keys (c = 0: no change), as insert_desc.
-template <int kK>
-__device__ __forceinline__ void insert_desc64(uint64_t c, uint64_t (&list)[kK]) {
-  bool above[kK];
-#pragma unroll
-  for (int p = 0; p < kK; ++p) above[p] = c > list[p];
-#pragma unroll
-  for (int p = kK - 1; p > 0; --p) list[p] = above[p] ? (above[p - 1] ? list[p - 1] : c) : list[p];
-  list[0] = above[0] ? c : list[0];
-}
-template <int kK>
-__device__ __forceinline__ void insert_desc(uint64_t c, uint64_t (&list)[kK]) { insert_desc64(c, list); }
 
 // Two floats -> one bfloat16x2 word, each rounded toward zero (a non-decreasing function: the
 // screen on the words stays a superset; NaN stays NaN).
@@ -316,41 +378,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
       }
 
       // 2. L, the k-th largest group maximum (both lanes of a token alike).
-      sort_desc_bf16x2(acc);
-      uint32_t top[kP / 2];  // low half: the i-th of the top kP (bitonic), high: the (kP-1-i)-th
-#pragma unroll
-      for (int i = 0; i < kP / 2; ++i) top[i] = max_bf16x2(acc[i], swap_halves(acc[kP - 1 - i]));
-      uint32_t lw;  // L in both halves
-      if (k == kP) {
-        uint32_t m = top[0];
-#pragma unroll
-        for (int i = 1; i < kP / 2; ++i) m = min_bf16x2(m, top[i]);
-        lw = min_bf16x2(m, swap_halves(m));
-      } else {
-        float f[kP];
-#pragma unroll
-        for (int i = 0; i < kP / 2; ++i) {
-          f[i] = bf16_lo(top[i]);
-          f[kP - 1 - i] = bf16_hi(top[i]);
-        }
-#pragma unroll
-        for (int d = kP / 2; d > 0; d >>= 1) {
-#pragma unroll
-          for (int i = 0; i < kP; ++i) {
-            if ((i & d) == 0) {
-              const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
-              f[i] = hi;
-              f[i + d] = lo;
-            }
-          }
-        }
-        // f is descending: f[k - 1] is the smallest of its first k (a min chain, where a
-        // select chain on i == k - 1 became a local-memory load)
-        float l = f[0];
-#pragma unroll
-        for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
-        lw = (__float_as_uint(l) >> 16) * 0x10001u;
-      }
+      const uint32_t lw = screen_threshold(acc, k);
 
       // 3. The part's candidate masks, one for each 32 logits (16 screen words W): bit 8 y + J
       // of mask q is the part's logit 32 q + 4 J + y (bytes 0 and 2 of the compares of W[2 J]
@@ -370,36 +398,19 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #pragma unroll
           for (int i = 0; i < kW; ++i) w[kW * c + i] = wc[i];
         }
-        uint32_t mask = 0;
-#pragma unroll
-        for (int J = 0; J < 8; ++J) {
-          const uint32_t fl = __byte_perm(ge_bf16x2(w[2 * J], lw), ge_bf16x2(w[2 * J + 1], lw), 0x6420);
-          mask |= fl & (0x01010101u << J);
-        }
+        const uint32_t mask = screen_mask(w, lw);
         masks[32 * q] = mask;
         nonempty |= (mask != 0 ? 1u : 0u) << q;
       }
 
-      // 4. The candidates' slot keys into the list, one an iteration across all masks (a warp
-      // runs as many iterations as its lane with the most candidates). The part's logit pe is
-      // at part byte (kBytes pe) ^ swz, expert h E / 2 + pe.
+      // 4. The candidates' slot keys into the list. The part's logit pe is at part byte
+      // (kBytes pe) ^ swz, expert h E / 2 + pe.
 #pragma unroll
       for (int p = 0; p < kK; ++p) list[p] = 0;
       const int e0 = h * (E / kLanes);
-      int q = 0;
-      uint32_t mask = 0;
-      while (true) {  // the masks with a candidate, lowest first
-        if (mask == 0) {
-          if (nonempty == 0) break;
-          q = __ffs(nonempty) - 1;
-          nonempty &= nonempty - 1;
-          mask = masks[32 * q];
-        }
-        const int bit = 31 - __clz(mask);
-        mask ^= 1u << bit;
-        const int pe = 32 * q + 4 * (bit & 7) + (bit >> 3);
+      for_each_candidate(masks, nonempty, [&](int pe) {
         insert_desc(T::slot(part + ((T::kBytes * pe) ^ swz), e0 + pe), list);
-      }
+      });
       if (kLanes == 2) {
         // The two lists merged: with A the first part's and B the second's (both descending),
         // max(A[i], B[kK - 1 - i]) holds the top kK of both, bitonic; a bitonic merge sorts
