@@ -8,8 +8,8 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py thread
 
 (the last forms: the grouped forward's cases only, or those of every one-thread-a-token
-forward: grouped, bf16 softmax, bf16 sigmoid). Covers those three (batches that take them, their
-exact paths, partial tiles),
+forward: grouped, bf16 softmax, bf16 sigmoid; and the backward one thread a row). Covers those
+(batches that take them, their exact paths, partial tiles),
 the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
 (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
 bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token
@@ -129,6 +129,20 @@ def run_sigmoid_bf16():
     jax.block_until_ready(outs)
 
 
+def run_bwd_rows():
+    """The backward one thread a row (router_bwd_rows.cuh) at batches that take it: swizzled
+    and plain rows, compact and dense cotangents, a partial last warp tile."""
+    outs = []
+    for E, topk, fn in ((128, 8, "softmax"), (72, 3, "softmax"), (8, 2, "softmax"),
+                        (256, 8, "sigmoid")):
+        x = jax.random.normal(jax.random.key(E), (16384 + 5, E), jnp.float32).astype(jnp.bfloat16)
+        r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
+        outs.append(jax.grad(lambda x: jnp.sum(jr.route_topk(x, topk, score_function=fn)[0] * r))(x))
+        outs.append(jax.grad(lambda x: jnp.sum(jr.fused_topk_with_score_function(
+            x, topk, score_function=fn)[0].astype(jnp.float32) ** 2))(x))
+    jax.block_until_ready(outs)
+
+
 # Aux-score kernels: (E, topk) for the register kernels' argmax (k <= 16) and radix (k > 16)
 # selections, the largest register layout, and the general kernel (E > 1024).
 AUX_CASES = [(7, 3), (130, 8), (256, 20), (1024, 16), (1100, 40)]
@@ -196,6 +210,8 @@ def main():
     print("ok grouped forward", flush=True)
     if sys.argv[1:] == ["grouped"]:
         return
+    run_bwd_rows()
+    print("ok backward one thread a row", flush=True)
     run_softmax_bf16()
     print("ok bf16 softmax forward", flush=True)
     run_sigmoid_bf16()

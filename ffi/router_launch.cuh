@@ -12,6 +12,7 @@
 #include "cuda_device.cuh"
 #include "qb_histogram.cuh"
 #include "router_bwd.cuh"
+#include "router_bwd_rows.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_general.cuh"
 #include "router_fwd_grouped.cuh"
@@ -475,6 +476,30 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
   ka.out = b.grad_logits;
   ka.out_dt = b.out_dt;
   const bool pre = b.p.score_fn == ScoreFn::kSoftmax && b.p.pre_softmax;
+  // Large batches of short rows: one thread a row (router_bwd_rows.cuh; the same bits).
+  if (b.rows >= kBwdRowsMinRows &&
+      BwdRowsFits(pre, b.experts, DtSize(b.out_dt), b.p.topk, b.grad_logits)) {
+    return DispatchDt(b.out_dt, [&](auto d) {
+      using DT = decltype(d);
+      return DispatchScoreFn(b.p.score_fn, [&](auto fn) {
+        auto kernel = bwd_rows_kernel<DT, decltype(fn)::value>;
+        const size_t smem = static_cast<size_t>(kBwdRowsWarps) * 32 * b.experts * sizeof(typename DT::raw);
+        static std::atomic<int> raised[kMaxDevices];
+        const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
+        if (e != cudaSuccess) return e;
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kBwdRowsWarps, smem) !=
+                cudaSuccess || per_sm <= 0) {
+          cudaGetLastError();
+          per_sm = 1;
+        }
+        const int64_t blocks = ((b.rows + 31) / 32 + kBwdRowsWarps - 1) / kBwdRowsWarps;
+        const int64_t most = static_cast<int64_t>(SmCount(dev)) * per_sm;
+        kernel<<<static_cast<unsigned>(blocks < most ? blocks : most), 32 * kBwdRowsWarps, smem, stream>>>(ka);
+        return cudaGetLastError();
+      });
+    });
+  }
   // Lanes per row: a whole warp for pre-softmax (it computes the full row), 2 for rows of at
   // most 16 experts (Mixtral: 16 rows per warp instead of 4), 8 otherwise.
   const int L = pre ? 32 : (b.experts <= 16 ? 2 : 8);
