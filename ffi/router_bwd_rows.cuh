@@ -45,7 +45,9 @@ __global__ void __launch_bounds__(32 * kBwdRowsWarps) bwd_rows_kernel(const BwdK
   // Chunk c of row r sits at chunk c ^ (r & 7) where rows hold whole 8-chunk blocks (a
   // quarter-warp's 16-byte stores to 8 rows then hit 8 distinct bank groups), else at c.
   const bool swizzled = cpr % 8 == 0;
-  const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(cpr) + 1u;  // r = i / cpr
+  // r = i / cpr by a multiply-high (ceil(2^32 / cpr): exact for i < 2^16), or i itself for
+  // one chunk a row (the magic would be 2^32)
+  const uint32_t magic = cpr > 1 ? 0xFFFFFFFFu / static_cast<uint32_t>(cpr) + 1u : 0u;
   const int64_t ntiles = (a.rows + 31) / 32;
   for (int64_t wt = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; wt < ntiles;
        wt += static_cast<int64_t>(gridDim.x) * kBwdRowsWarps) {
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(32 * kBwdRowsWarps) bwd_rows_kernel(const BwdK
     unsigned char* dst = static_cast<unsigned char*>(a.out) + t0 * rb;
     const uint32_t n = static_cast<uint32_t>(nrows * cpr);
     for (uint32_t i = lane; i < n; i += 32) {
-      const uint32_t r = __umulhi(i, magic);
+      const uint32_t r = cpr > 1 ? __umulhi(i, magic) : i;
       const uint32_t c = i - r * static_cast<uint32_t>(cpr);
       const uint32_t rk = swizzled ? ((r & 7) << 4) : 0u;
       *reinterpret_cast<uint4*>(dst + 16 * static_cast<int64_t>(i)) =
