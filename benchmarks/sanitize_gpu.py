@@ -7,13 +7,13 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py grouped
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py thread
 
-(the last forms: the grouped forward's cases only, or those of both one-thread-a-token forwards,
-grouped and bf16 softmax). Covers the grouped forward (16384 + 37 rows), the bf16 softmax forward
-(both list sizes, a NaN-only group, partial tiles),
-the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
-(large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
-bytemap, bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token
-counts (odd, so the last tile is partial) and a few non-finite logits.
+(the last forms: the grouped forward's cases only, or those of both one-thread-a-token
+forwards, grouped and bf16 softmax). Covers the grouped forward (16384 + 37 rows), the bf16
+softmax forward (both list sizes, a NaN-only group, partial tiles), the fast forward (every
+lane layout, grouped and not, odd E, partial lanes), the general forward (large topk,
+pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices, bytemap,
+bitmap) and the backward (compact and dense cotangents, pre-softmax), with small token counts
+(odd, so the last tile is partial) and a few non-finite logits.
 """
 
 from __future__ import annotations

@@ -99,11 +99,15 @@ __device__ __forceinline__ void sort_desc_bf16x2(uint32_t (&v)[N]) {
   }
 }
 
-// The 16-bit order key of a bfloat16 (routing_math.h's order_key on its float: larger is
-// better, +0 above -0), NaN at 0, below -inf's 0x007F. In the low 16 bits.
+// The 16-bit order key of a bfloat16 number h (routing_math.h's order_key on its float: larger
+// is better, +0 above -0): its bits with the sign bit set, or all bits flipped for a negative
+// one. In the low 16 bits (the high ones are garbage: slot_key16 shifts them out).
+__device__ __forceinline__ uint32_t bf16_number_key(uint32_t h) {
+  return h ^ (sign_mask16(h) | 0x8000u);
+}
+// The same for any bfloat16: NaN at 0, below -inf's 0x007F.
 __device__ __forceinline__ uint32_t bf16_order_key(uint32_t h) {
-  const uint32_t key = (h & 0x8000u) ? (~h & 0xFFFFu) : (h | 0x8000u);
-  return (h & 0x7FFFu) > 0x7F80u ? 0u : key;
+  return (h & 0x7FFFu) > 0x7F80u ? 0u : bf16_number_key(h);
 }
 // The bfloat16 a non-NaN key came from.
 __device__ __forceinline__ uint32_t bf16_from_order_key(uint32_t key) {
@@ -241,9 +245,11 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
             }
           }
         }
+        // f is descending: f[k - 1] is the smallest of its first k (a min chain: a select
+        // chain on i == k - 1 compiled to a run-time-indexed local-memory load)
         float l = f[0];
 #pragma unroll
-        for (int i = 1; i < kP; ++i) l = i == k - 1 ? f[i] : l;
+        for (int i = 1; i < kP; ++i) l = i < k ? fminf(l, f[i]) : l;
         lw = (__float_as_uint(l) >> 16) * 0x10001u;
       }
 
@@ -273,8 +279,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 
       // 4. The candidates' slot keys into the list, one an iteration across all masks (a warp
       // runs as many iterations as its lane with the most candidates). Logit 32 q + 4 j + y
-      // is at row byte (64 q + 8 j + 2 y) ^ swz; a candidate is a number, so its order key is
-      // its bits with the sign bit set, or all bits flipped for a negative one.
+      // is at row byte (64 q + 8 j + 2 y) ^ swz; a candidate is a number (bf16_number_key).
 #pragma unroll
       for (int p = 0; p < kK; ++p) list[p] = 0u;
       int q = 0;
@@ -286,12 +291,11 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
         mask ^= 1u << bit;
         const int e = 32 * q + 4 * (bit & 7) + (bit >> 3);
         const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
-        const uint32_t key = h ^ (sign_mask16(h) | 0x8000u);  // in the low 16 bits
-        insert_desc((key << 16) | (0xFFFFu - static_cast<uint32_t>(e)), list);
+        insert_desc(slot_key16(bf16_number_key(h), e), list);
       }
-      uint32_t kth = list[0];
+      uint32_t kth = list[0];  // list[k - 1], the smallest of the first k (as L above)
 #pragma unroll
-      for (int p = 1; p < kK; ++p) kth = p == k - 1 ? list[p] : kth;
+      for (int p = 1; p < kK; ++p) kth = p < k ? min(kth, list[p]) : kth;
       if (kth == 0u) {
         // fewer than k numbers were candidates: L was -inf from a group of NaNs only, and the
         // selection takes NaNs
