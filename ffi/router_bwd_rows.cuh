@@ -1,6 +1,5 @@
 // The backward one thread a row, for large batches: no pre-softmax, topk <= 16, rows of
-// grad_logits of whole 16-byte vectors up to kBwdRowsMaxBytes (Qwen3, DeepSeek-V3, Mixtral in
-// bf16). routing_math.h's formulas in the same order as bwd_kernel (router_bwd.cuh), so the same
+// grad_logits of whole 16-byte vectors up to kBwdRowsMaxBytes (Qwen3 and Mixtral in bf16). routing_math.h's formulas in the same order as bwd_kernel (router_bwd.cuh), so the same
 // bits. A thread reads its row's k slots with no shuffles (A and B summed in slot order in
 // registers), zeroes its row in shared memory and writes its k entries there; the warp then
 // copies its 32 rows out as one contiguous run of 16-byte stores. bwd_kernel spreads a row over
@@ -20,7 +19,9 @@ namespace jax_router {
 namespace cuda {
 
 constexpr int kBwdRowsWarps = 4;
-constexpr int kBwdRowsMaxBytes = 512;
+// 512-byte rows (DeepSeek-V3 in bf16, Qwen3 in float32) leave 12 warps an SM and took as long
+// as bwd_kernel or longer (benchmarks/NOTES.md, row 76)
+constexpr int kBwdRowsMaxBytes = 256;
 constexpr int kBwdRowsMaxK = 16;
 #ifndef JR_BWD_ROWS_MIN_ROWS  // a knob for the benchmarks' A/B runs only
 #define JR_BWD_ROWS_MIN_ROWS 16384

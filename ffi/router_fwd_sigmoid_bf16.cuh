@@ -75,7 +75,12 @@ inline int SigmoidBf16Warps(int E, int smem, int most) {
   if (smem > kSigmoidBf16HighOff) w += (smem - kSigmoidBf16HighOff) / SigmoidBf16WarpBytes(E);
   return w < most ? w : most;
 }
-inline int SigmoidBf16Smem(int E, int warps) { return SigmoidBf16TileOff(E, warps - 1) + SigmoidBf16WarpBytes(E); }
+// The bytes a block of `warps` uses: its last tile's end, and at least the table's negative half
+// (E = 64 fits 16 warps below it).
+inline int SigmoidBf16Smem(int E, int warps) {
+  const int tiles_end = SigmoidBf16TileOff(E, warps - 1) + SigmoidBf16WarpBytes(E);
+  return tiles_end > kSigmoidBf16HighOff ? tiles_end : kSigmoidBf16HighOff;
+}
 
 // ---- the exact path (a row with a NaN logit, or a non-finite bias) ---------------------------
 

@@ -1,7 +1,7 @@
 // The softmax forward for bfloat16 logits (and float32 ones up to E = kSoftmaxF32MaxE), one
 // thread a token: softmax without pre-softmax (the selection is on the raw logits), no
-// group-limited routing, E a multiple of 64 up to kSoftmaxBf16MaxE, topk <= 16, every output
-// format (Qwen3: E = 128, k = 8; Qwen3-Next: E = 512, k = 10). Same bits as the fast forward
+// group-limited routing, E a multiple of 64 up to kSoftmaxBf16MaxE, topk <= 16, compact
+// outputs (Qwen3: E = 128, k = 8; Qwen3-Next: E = 512, k = 10). Same bits as the fast forward
 // and the CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or
 // newer (router_launch.cuh). float32 logits are screened on their values rounded toward zero to
 // bfloat16 (a non-decreasing function, so the screen still keeps a superset of the selection)
@@ -56,16 +56,17 @@ inline int64_t SoftmaxBf16MinRows(int64_t E) {
 }
 
 // Whether the kernel can take a call (the launcher also asks for compute capability 9.0).
-// Dense outputs (probs, bytemap or bitmap) are taken when 16-byte aligned.
+// Compact outputs only: written one row a thread, dense rows took longer than the fast
+// forward's (benchmarks/NOTES.md, row 76).
 // float32 logits up to E = kSoftmaxF32MaxE (a row is twice the bytes: 512 would leave 2 warps
 // an SM).
 constexpr int kSoftmaxF32MaxE = 256;
-inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool logits_aligned,
-                            bool dense_aligned) {
+inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_outputs,
+                            bool logits_aligned) {
   return (dt == Dt::kBF16 || (dt == Dt::kF32 && E <= kSoftmaxF32MaxE)) &&
          p.score_fn == ScoreFn::kSoftmax && !p.pre_softmax &&
          p.group_topk <= 0 && !is_qb(p) && E % 64 == 0 && E >= 64 && E <= kSoftmaxBf16MaxE &&
-         p.topk <= 16 && logits_aligned && dense_aligned;
+         p.topk <= 16 && !dense_outputs && logits_aligned;
 }
 
 // Shared memory of one warp with `lanes` lanes a token (1 or 2) for logits of `bytes` bytes:
@@ -288,9 +289,8 @@ __device__ __noinline__ void route_exact_softmax(const void* row, int E, typenam
 // kP = kK accumulators. kLanes: lanes a token. With two, lane 2 r + h of a warp takes half h of
 // row r of its 16-row tile: its own group maxima (combined with the partner's by one shuffle a
 // word), the same L in both lanes, its own masks and list (the two lists merged by a bitonic
-// merge), half the stores. kDense: probs or a map (one lane a token; a separate instance, so
-// that the compact ones keep their registers).
-template <typename T, int kK, int kLanes, bool kDense>
+// merge), half the stores.
+template <typename T, int kK, int kLanes>
 __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kernel(const FastArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // sm_90 instructions (bf16x2 compares); the launcher asks for 9.0
@@ -495,41 +495,6 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
             const float p = weight<F>(false, k, u[r], denom);
             store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
           }
-        }
-      }
-
-      // Dense outputs (the launcher checked their 16-byte alignment): the token's probs and
-      // bytemap rows zeroed with 16-byte stores, then its k entries, as the fast forward writes
-      // them (a thread's own stores to one address land in program order); the bitmap row
-      // assembled in the lane's mask column, then stored a word at a time.
-      if constexpr (kDense) {
-        if (a.probs != nullptr || (a.map != nullptr && !a.bitmap)) {
-          const int64_t roff = t * E;
-          if (a.probs != nullptr) {
-            uint4* pr = reinterpret_cast<uint4*>(static_cast<char*>(a.probs) + T::kBytes * roff);
-            for (int c = 0; c < row_bytes / 16; ++c) pr[c] = make_uint4(0u, 0u, 0u, 0u);
-          }
-          if (a.map != nullptr && !a.bitmap) {
-            uint4* mr = reinterpret_cast<uint4*>(a.map + roff);
-            for (int c = 0; c < E / 16; ++c) mr[c] = make_uint4(0u, 0u, 0u, 0u);
-          }
-#pragma unroll
-          for (int r = 0; r < kK; ++r) {
-            if (r < k) {
-              const float p = weight<F>(false, k, u[r], denom);
-              if (a.probs != nullptr) store_from_float(a.probs, T::kDt, roff + sel[r], a.scaling * p);
-              if (a.map != nullptr && !a.bitmap) a.map[roff + sel[r]] = 1;
-            }
-          }
-        }
-        if (a.map != nullptr && a.bitmap) {
-          for (int q = 0; q < nmask; ++q) masks[32 * q] = 0u;
-#pragma unroll
-          for (int r = 0; r < kK; ++r) {
-            if (r < k) masks[32 * (sel[r] >> 5)] |= 1u << (sel[r] & 31);
-          }
-          uint32_t* bw = reinterpret_cast<uint32_t*>(a.map + t * (E / 8));  // bit e % 32 of word e / 32
-          for (int q = 0; q < nmask; ++q) bw[q] = masks[32 * q];
         }
       }
     }

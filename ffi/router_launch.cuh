@@ -213,10 +213,9 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
 
 // The bf16 softmax forward (router_fwd_softmax_bf16.cuh): blocks of 2 warps, as many an SM as
 // their tiles' shared memory allows, warp tiles spread over every SM first.
-template <typename T, int kK, int kLanes, bool kDense>
+template <typename T, int kK, int kLanes>
 inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
-  static_assert(!kDense || kLanes == 1, "dense outputs: one lane a token");
-  auto kernel = fwd_softmax_bf16_kernel<T, kK, kLanes, kDense>;
+  auto kernel = fwd_softmax_bf16_kernel<T, kK, kLanes>;
   const size_t smem = kSoftmaxBf16Warps * SoftmaxWarpSmem(fa.E, kLanes, T::kBytes);
   static std::atomic<int> raised[kMaxDevices];
   const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
@@ -233,16 +232,10 @@ inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int de
 }
 template <typename T>
 inline cudaError_t LaunchSoftmaxScreen(const FastArgs& fa, cudaStream_t s, int dev) {
-  if (fa.probs != nullptr || fa.map != nullptr) {
-    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1, true>(fa, s, dev)
-                     : LaunchSoftmaxBf16T<T, 16, 1, true>(fa, s, dev);
-  }
   if (SoftmaxBf16Lanes(fa.E) == 2) {
-    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 2, false>(fa, s, dev)
-                     : LaunchSoftmaxBf16T<T, 16, 2, false>(fa, s, dev);
+    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 2>(fa, s, dev) : LaunchSoftmaxBf16T<T, 16, 2>(fa, s, dev);
   }
-  return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1, false>(fa, s, dev)
-                   : LaunchSoftmaxBf16T<T, 16, 1, false>(fa, s, dev);
+  return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1>(fa, s, dev) : LaunchSoftmaxBf16T<T, 16, 1>(fa, s, dev);
 }
 inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
   return fa.logits_dt == Dt::kF32 ? LaunchSoftmaxScreen<F32Logits>(fa, s, dev)
@@ -388,8 +381,7 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
     // the CPU), so choosing one by batch size cannot change a row's result. Below their
     // thresholds the fast forward's lanes, several a token, finish sooner.
     if (f.rows >= SoftmaxBf16MinRows(f.experts) &&
-        SoftmaxBf16Fits(f.experts, f.p, f.logits_dt, fa.x_vec,
-                        Aligned16(f.probs) && Aligned16(f.map)) &&
+        SoftmaxBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.x_vec) &&
         CcMajor(dev) >= 9) {
       return LaunchSoftmaxBf16(fa, stream, dev);
     }

@@ -157,8 +157,9 @@ def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
                                    (128, 8, "f32"), (256, 10, "f32")],
                          ids=lambda s: f"E{s[0]}-k{s[1]}-{s[2]}")
 def test_softmax_bf16_every_output(cpu_and_cuda, shape):
-    """The dense outputs (probs with a bytemap, a bitmap or dense indices) and the gradients
-    through each, beside the compact ones, on batches that take the kernel."""
+    """Every output format and the gradients through each on batches whose compact outputs take
+    the kernel (dense ones take the fast forward): the choice of kernel by format cannot change
+    a bit."""
     E, topk, dt = shape
     dtype = jnp.bfloat16 if dt == "bf16" else jnp.float32
     seed = 42000 + E + topk
