@@ -8,7 +8,7 @@ dispatch kernel once through the public API.
     compute-sanitizer --tool memcheck  --kernel-name kns=jax_router python3 benchmarks/sanitize_gpu.py thread
 
 (the last forms: the grouped forward's cases only, or those of every one-thread-a-token
-forward: grouped, bf16 softmax, bf16 sigmoid; and the backward one thread a row). Covers those
+forward: grouped, softmax screen, bf16 sigmoid; and the backward one thread a row). Covers those
 (batches that take them, their exact paths, partial tiles),
 the fast forward (every lane layout, grouped and not, odd E, partial lanes), the general forward
 (large topk, pre-softmax, E > 1024, odd group sizes), all output modes (compact, dense indices,
@@ -93,16 +93,21 @@ def run_grouped():
     jax.block_until_ready(outs)
 
 
-def run_softmax_bf16():
-    """The bf16 softmax forward (router_fwd_softmax_bf16.cuh) at batches that take it: both list
-    sizes, E from 64 to 512, a row with a group of NaNs only (its exact path), an all -inf row
-    (every logit a candidate), partial last warp tiles, the vector and the scalar stores."""
+def run_softmax_screen():
+    """The softmax screen forward (router_fwd_softmax_screen.cuh) at batches that take it: both
+    list sizes, E from 64 to 512 (one lane a token and two), bfloat16 and float32 logits, a row
+    with a group of NaNs only (its exact path), an all -inf row (every logit a candidate),
+    partial last warp tiles, the vector and the scalar stores."""
     outs = []
-    for T, E, topk, idx in ((16384 + 5, 128, 8, jnp.int32), (65536 + 31, 512, 10, jnp.int16),
-                            (16384 + 1, 64, 16, jnp.int32), (49152 + 7, 384, 3, jnp.int32)):
+    for T, E, topk, idx, dt in ((16384 + 5, 128, 8, jnp.int32, jnp.bfloat16),
+                                (65536 + 31, 512, 10, jnp.int16, jnp.bfloat16),
+                                (16384 + 1, 64, 16, jnp.int32, jnp.bfloat16),
+                                (49152 + 7, 384, 3, jnp.int32, jnp.bfloat16),
+                                (16384 + 3, 128, 8, jnp.int32, jnp.float32),
+                                (32768 + 9, 256, 12, jnp.int16, jnp.float32)):
         x = 2.0 * jax.random.normal(jax.random.key(E + topk), (T, E), jnp.float32)
         x = x.at[0, 6::16].set(jnp.nan).at[1, :].set(-jnp.inf).at[2, :].set(0.0)
-        x = x.astype(jnp.bfloat16)
+        x = x.astype(dt)
         outs += list(jr.route_topk(x, topk, index_dtype=idx, scaling_factor=1.5))
         r = jnp.cos(jnp.arange(topk, dtype=jnp.float32))
         outs.append(jax.grad(lambda x: jnp.sum(jr.route_topk(x, topk)[0] * r))(x))
@@ -209,8 +214,8 @@ def main():
         return
     run_bwd_rows()
     print("ok backward one thread a row", flush=True)
-    run_softmax_bf16()
-    print("ok bf16 softmax forward", flush=True)
+    run_softmax_screen()
+    print("ok softmax screen forward", flush=True)
     run_sigmoid_bf16()
     print("ok bf16 sigmoid forward", flush=True)
     if sys.argv[1:] == ["thread"]:

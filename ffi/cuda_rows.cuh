@@ -1,5 +1,5 @@
 // Rows of bfloat16 logits staged in shared memory for one-thread-a-token kernels
-// (router_fwd_grouped.cuh, router_fwd_softmax_bf16.cuh): the cp.async copies, the XOR swizzle
+// (router_fwd_grouped.cuh, router_fwd_softmax_screen.cuh): the cp.async copies, the XOR swizzle
 // of 16-byte chunks that keeps a quarter-warp's reads of 8 rows in 8 distinct bank groups, and
 // the packed 16-bit operations the kernels screen rows with (sm_90 for most of them).
 #pragma once

@@ -4,7 +4,7 @@
 // CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or newer
 // with the shared memory (router_launch.cuh).
 //
-// The bf16 softmax forward's screen (router_fwd_softmax_bf16.cuh) on the truncated selection
+// The bf16 softmax forward's screen (router_fwd_softmax_screen.cuh) on the truncated selection
 // scores: pass 0 turns each logit of the tile into zt = z truncated to a bfloat16 (its upper 16
 // bits, toward zero: a non-decreasing function of z), with z = s + bias and s the exact sigmoid
 // from sigmoid_table.cuh, and takes the group maxima of zt as it goes. L = the k-th largest
@@ -29,7 +29,7 @@
 #include "cuda_rows.cuh"
 #include "router_fwd_fast.cuh"
 #include "router_fwd_small.cuh"
-#include "router_fwd_softmax_bf16.cuh"
+#include "router_fwd_softmax_screen.cuh"
 #include "routing_math.h"
 #include "sigmoid_table.cuh"
 

@@ -18,7 +18,7 @@
 #include "router_fwd_grouped.cuh"
 #include "router_fwd_sigmoid_bf16.cuh"
 #include "router_fwd_small.cuh"
-#include "router_fwd_softmax_bf16.cuh"
+#include "router_fwd_softmax_screen.cuh"
 #include "routing_math.h"
 
 namespace jax_router {
@@ -211,33 +211,33 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
   return cudaGetLastError();
 }
 
-// The bf16 softmax forward (router_fwd_softmax_bf16.cuh): blocks of 2 warps, as many an SM as
+// The bf16 softmax forward (router_fwd_softmax_screen.cuh): blocks of 2 warps, as many an SM as
 // their tiles' shared memory allows, warp tiles spread over every SM first.
 template <typename T, int kK, int kLanes>
-inline cudaError_t LaunchSoftmaxBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
-  auto kernel = fwd_softmax_bf16_kernel<T, kK, kLanes>;
-  const size_t smem = kSoftmaxBf16Warps * SoftmaxWarpSmem(fa.E, kLanes, T::kBytes);
+inline cudaError_t LaunchSoftmaxScreenT(const FastArgs& fa, cudaStream_t s, int dev) {
+  auto kernel = fwd_softmax_screen_kernel<T, kK, kLanes>;
+  const size_t smem = kSoftmaxScreenWarps * SoftmaxWarpSmem(fa.E, kLanes, T::kBytes);
   static std::atomic<int> raised[kMaxDevices];
   const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
   if (e != cudaSuccess) return e;
-  // blocks an SM for each E (a multiple of 64 up to kSoftmaxBf16MaxE)
-  static std::atomic<int> occ[kSoftmaxBf16MaxE / 64 + 1];
-  const int per_sm = CachedBlocksPerSm(kernel, 32 * kSoftmaxBf16Warps, smem, occ[fa.E / 64]);
+  // blocks an SM for each E (a multiple of 64 up to kSoftmaxScreenMaxE)
+  static std::atomic<int> occ[kSoftmaxScreenMaxE / 64 + 1];
+  const int per_sm = CachedBlocksPerSm(kernel, 32 * kSoftmaxScreenWarps, smem, occ[fa.E / 64]);
   constexpr int kRows = 32 / kLanes;
-  const int64_t blocks = ((fa.rows + kRows - 1) / kRows + kSoftmaxBf16Warps - 1) / kSoftmaxBf16Warps;
+  const int64_t blocks = ((fa.rows + kRows - 1) / kRows + kSoftmaxScreenWarps - 1) / kSoftmaxScreenWarps;
   const int64_t most = static_cast<int64_t>(SmCount(dev)) * per_sm;
   const unsigned grid = static_cast<unsigned>(blocks < most ? blocks : most);
-  kernel<<<grid, 32 * kSoftmaxBf16Warps, smem, s>>>(fa);
+  kernel<<<grid, 32 * kSoftmaxScreenWarps, smem, s>>>(fa);
   return cudaGetLastError();
 }
 template <typename T>
 inline cudaError_t LaunchSoftmaxScreen(const FastArgs& fa, cudaStream_t s, int dev) {
-  if (SoftmaxBf16Lanes(fa.E) == 2) {
-    return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 2>(fa, s, dev) : LaunchSoftmaxBf16T<T, 16, 2>(fa, s, dev);
+  if (SoftmaxScreenLanes(fa.E) == 2) {
+    return fa.k <= 8 ? LaunchSoftmaxScreenT<T, 8, 2>(fa, s, dev) : LaunchSoftmaxScreenT<T, 16, 2>(fa, s, dev);
   }
-  return fa.k <= 8 ? LaunchSoftmaxBf16T<T, 8, 1>(fa, s, dev) : LaunchSoftmaxBf16T<T, 16, 1>(fa, s, dev);
+  return fa.k <= 8 ? LaunchSoftmaxScreenT<T, 8, 1>(fa, s, dev) : LaunchSoftmaxScreenT<T, 16, 1>(fa, s, dev);
 }
-inline cudaError_t LaunchSoftmaxBf16(const FastArgs& fa, cudaStream_t s, int dev) {
+inline cudaError_t LaunchSoftmaxScreen(const FastArgs& fa, cudaStream_t s, int dev) {
   return fa.logits_dt == Dt::kF32 ? LaunchSoftmaxScreen<F32Logits>(fa, s, dev)
                                   : LaunchSoftmaxScreen<Bf16Logits>(fa, s, dev);
 }
@@ -380,10 +380,10 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
     // The one-thread-a-token forwards give the fast forward's bits (tests check each against
     // the CPU), so choosing one by batch size cannot change a row's result. Below their
     // thresholds the fast forward's lanes, several a token, finish sooner.
-    if (f.rows >= SoftmaxBf16MinRows(f.experts) &&
-        SoftmaxBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.x_vec) &&
+    if (f.rows >= SoftmaxScreenMinRows(f.experts) &&
+        SoftmaxScreenFits(f.experts, f.p, f.logits_dt, dense, fa.x_vec) &&
         CcMajor(dev) >= 9) {
-      return LaunchSoftmaxBf16(fa, stream, dev);
+      return LaunchSoftmaxScreen(fa, stream, dev);
     }
     if (f.rows >= SigmoidBf16MinRows(f.experts) &&
         SigmoidBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,

@@ -20,7 +20,7 @@ from .test_cross_platform import (  # noqa: F401 (cpu_and_cuda: a fixture)
     BIAS_KINDS, F32, assert_same_bits, compact_bits_equal, compact_program, cpu_and_cuda,
     make_bias, make_logits, near_tie_rows, run_on_both)
 from .test_grouped_forward import bf16_from_bits
-from .test_softmax_bf16_forward import screen_rows
+from .test_softmax_screen_forward import screen_rows
 
 
 def min_rows(E: int) -> int:

@@ -1,11 +1,11 @@
-// The softmax forward for bfloat16 logits (and float32 ones up to E = kSoftmaxF32MaxE), one
-// thread a token: softmax without pre-softmax (the selection is on the raw logits), no
-// group-limited routing, E a multiple of 64 up to kSoftmaxBf16MaxE, topk <= 16, compact
+// The softmax screen forward, for bfloat16 logits (and float32 ones up to E = kSoftmaxF32MaxE),
+// one thread a token (or two, from E = 256): softmax without pre-softmax (the selection is on the raw logits), no
+// group-limited routing, E a multiple of 64 up to kSoftmaxScreenMaxE, topk <= 16, compact
 // outputs (Qwen3: E = 128, k = 8; Qwen3-Next: E = 512, k = 10). Same bits as the fast forward
 // and the CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or
 // newer (router_launch.cuh). float32 logits are screened on their values rounded toward zero to
 // bfloat16 (a non-decreasing function, so the screen still keeps a superset of the selection)
-// and ranked by their own 64-bit slot keys. (The file keeps its first name until it is merged.)
+// and ranked by their own 64-bit slot keys.
 //
 // The selection score of an expert is its logit itself, so the screen needs no arithmetic at
 // all, only bf16x2 maxima and compares, two logits an instruction:
@@ -43,16 +43,16 @@
 namespace jax_router {
 namespace cuda {
 
-constexpr int kSoftmaxBf16MaxE = 512;
-constexpr int kSoftmaxBf16Warps = 2;  // a block; the occupancy calculator sets blocks an SM
+constexpr int kSoftmaxScreenMaxE = 512;
+constexpr int kSoftmaxScreenWarps = 2;  // a block; the occupancy calculator sets blocks an SM
 // The smallest batch the launcher gives it, for E <= 128 (E / 128 times that above): a token is
 // one thread's work, so a small batch is one round of warps, each as slow as its slowest row;
 // below this the fast forward finishes sooner (benchmarks/NOTES.md, row 73).
-#ifndef JR_SOFTMAX_BF16_MIN_ROWS  // a knob for the benchmarks' A/B runs only
-#define JR_SOFTMAX_BF16_MIN_ROWS 16384
+#ifndef JR_SOFTMAX_SCREEN_MIN_ROWS  // a knob for the benchmarks' A/B runs only
+#define JR_SOFTMAX_SCREEN_MIN_ROWS 16384
 #endif
-inline int64_t SoftmaxBf16MinRows(int64_t E) {
-  return static_cast<int64_t>(JR_SOFTMAX_BF16_MIN_ROWS) * (E > 128 ? E / 128 : 1);
+inline int64_t SoftmaxScreenMinRows(int64_t E) {
+  return static_cast<int64_t>(JR_SOFTMAX_SCREEN_MIN_ROWS) * (E > 128 ? E / 128 : 1);
 }
 
 // Whether the kernel can take a call (the launcher also asks for compute capability 9.0).
@@ -61,11 +61,11 @@ inline int64_t SoftmaxBf16MinRows(int64_t E) {
 // float32 logits up to E = kSoftmaxF32MaxE (a row is twice the bytes: 512 would leave 2 warps
 // an SM).
 constexpr int kSoftmaxF32MaxE = 256;
-inline bool SoftmaxBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_outputs,
+inline bool SoftmaxScreenFits(int64_t E, const RouteParams& p, Dt dt, bool dense_outputs,
                             bool logits_aligned) {
   return (dt == Dt::kBF16 || (dt == Dt::kF32 && E <= kSoftmaxF32MaxE)) &&
          p.score_fn == ScoreFn::kSoftmax && !p.pre_softmax &&
-         p.group_topk <= 0 && !is_qb(p) && E % 64 == 0 && E >= 64 && E <= kSoftmaxBf16MaxE &&
+         p.group_topk <= 0 && !is_qb(p) && E % 64 == 0 && E >= 64 && E <= kSoftmaxScreenMaxE &&
          p.topk <= 16 && !dense_outputs && logits_aligned;
 }
 
@@ -79,11 +79,11 @@ __host__ __device__ inline size_t SoftmaxWarpSmem(int E, int lanes, int bytes) {
 // Two lanes a token from this E up (the knob for the benchmarks' A/B runs only): a token's
 // chain is halved, and where shared memory bounds the tokens in flight (E = 512: 6 warps an
 // SM) that doubles the throughput.
-#ifndef JR_SOFTMAX_BF16_PAIR_MIN_E
-#define JR_SOFTMAX_BF16_PAIR_MIN_E 256
+#ifndef JR_SOFTMAX_SCREEN_PAIR_MIN_E
+#define JR_SOFTMAX_SCREEN_PAIR_MIN_E 256
 #endif
-inline int SoftmaxBf16Lanes(int64_t E) {
-  return E >= JR_SOFTMAX_BF16_PAIR_MIN_E && E % 128 == 0 ? 2 : 1;
+inline int SoftmaxScreenLanes(int64_t E) {
+  return E >= JR_SOFTMAX_SCREEN_PAIR_MIN_E && E % 128 == 0 ? 2 : 1;
 }
 
 // ---- packed bfloat16 helpers -----------------------------------------------------------------
@@ -291,7 +291,7 @@ __device__ __noinline__ void route_exact_softmax(const void* row, int E, typenam
 // word), the same L in both lanes, its own masks and list (the two lists merged by a bitonic
 // merge), half the stores.
 template <typename T, int kK, int kLanes>
-__global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kernel(const FastArgs a) {
+__global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_kernel(const FastArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // sm_90 instructions (bf16x2 compares); the launcher asks for 9.0
 #else
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxBf16Warps) fwd_softmax_bf16_kerne
 #pragma unroll
   for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
   const int64_t ntiles = (a.rows + kRows - 1) / kRows;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxBf16Warps;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxScreenWarps;
 
   // The tile's copies: copy j of this lane is the tile's 16-byte chunk i = lane + 32 j, i.e.
   // source byte 16 i of the tile, row r = i / chunks by a multiply-high (exact for i < 2^16:

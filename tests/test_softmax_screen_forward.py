@@ -1,7 +1,7 @@
-"""The bf16 softmax CUDA forward (ffi/router_fwd_softmax_bf16.cuh): softmax without pre-softmax
-on bfloat16 logits (float32 ones up to E = 256), E a multiple of 64 up to 512, topk <= 16,
-every output format, taken for batches of at least 16384 rows times max(1, E // 128)
-(JR_SOFTMAX_BF16_MIN_ROWS).
+"""The softmax screen CUDA forward (ffi/router_fwd_softmax_screen.cuh): softmax without
+pre-softmax on bfloat16 logits (float32 ones up to E = 256), E a multiple of 64 up to 512,
+topk <= 16, compact outputs, taken for batches of at least 16384 rows times max(1, E // 128)
+(JR_SOFTMAX_SCREEN_MIN_ROWS).
 
 It screens each row with the maxima of 2P groups of its raw logits (P = 8 for topk <= 8, else
 16; group (a, h) holds the logits 2w + h with w % P == a), takes the topk-th largest maximum as a
@@ -9,7 +9,7 @@ threshold and ranks only the logits at or above it. These tests compare it with 
 bit on random and hard rows and on rows built against the screen: ties at the threshold, +0 and
 -0 there, groups of NaNs only (the exact path), infinities, every logit a candidate; every list
 size and accumulator count, both index dtypes, N-d leading dims and partial warp tiles. From
-E = 256 (E % 128 == 0) two lanes share a token (JR_SOFTMAX_BF16_PAIR_MIN_E): E = 256, 384 and
+E = 256 (E % 128 == 0) two lanes share a token (JR_SOFTMAX_SCREEN_PAIR_MIN_E): E = 256, 384 and
 512 take that form, the others one lane a token.
 """
 
@@ -28,7 +28,7 @@ NAN, INF = F32(np.nan), F32(np.inf)
 
 
 def min_rows(E: int) -> int:
-    """The kernel's smallest batch for E (SoftmaxBf16MinRows in the header)."""
+    """The kernel's smallest batch for E (SoftmaxScreenMinRows in the header)."""
     return 16384 * max(1, E // 128)
 
 
@@ -100,7 +100,7 @@ CASES = [(s, "bf16") for s in range(len(SHAPES))] + \
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dt", CASES, ids=[f"E{SHAPES[s][0]}-k{SHAPES[s][1]}-{d}"
                                                  for s, d in CASES])
-def test_softmax_bf16_bits_equal(cpu_and_cuda, shape, dt):
+def test_softmax_screen_bits_equal(cpu_and_cuda, shape, dt):
     E, topk = SHAPES[shape]
     seed = 41000 + shape + (500 if dt == "f32" else 0)
     rng = np.random.default_rng(seed)
@@ -118,7 +118,7 @@ def test_softmax_bf16_bits_equal(cpu_and_cuda, shape, dt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(3, 5, 1093), (16385,), (2, 8192)])
-def test_softmax_bf16_leading_dims(cpu_and_cuda, lead):
+def test_softmax_screen_leading_dims(cpu_and_cuda, lead):
     """N-d leading dims and batches that end in a partial warp tile (16395 and 16385 rows)."""
     E, topk = 128, 8
     rng = np.random.default_rng(sum(lead))
@@ -133,7 +133,7 @@ def test_softmax_bf16_leading_dims(cpu_and_cuda, lead):
 
 
 @pytest.mark.gpu
-def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
+def test_softmax_screen_every_value_at_the_threshold(cpu_and_cuda):
     """Every bfloat16 value (NaN included) beside a copy of itself in a fixed row: the value is
     the threshold, a candidate or neither, for all 65536 patterns."""
     E, topk = 128, 8
@@ -156,7 +156,7 @@ def test_softmax_bf16_every_value_at_the_threshold(cpu_and_cuda):
 @pytest.mark.parametrize("shape", [(128, 8, "bf16"), (512, 10, "bf16"), (64, 16, "bf16"),
                                    (128, 8, "f32"), (256, 10, "f32")],
                          ids=lambda s: f"E{s[0]}-k{s[1]}-{s[2]}")
-def test_softmax_bf16_every_output(cpu_and_cuda, shape):
+def test_softmax_screen_every_output(cpu_and_cuda, shape):
     """Every output format and the gradients through each on batches whose compact outputs take
     the kernel (dense ones take the fast forward): the choice of kernel by format cannot change
     a bit."""
