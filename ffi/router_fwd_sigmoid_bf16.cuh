@@ -57,30 +57,37 @@ inline bool SigmoidBf16Fits(int64_t E, const RouteParams& p, Dt dt, bool dense_o
 
 // The shared-memory layout for E (bytes from the dynamic base, 128-byte aligned tiles).
 __host__ __device__ constexpr int RoundUp128(int v) { return (v + 127) & ~127; }
-__host__ __device__ inline int SigmoidBf16WarpBytes(int E) { return 68 * E; }
+// A warp's tile: its 32 / lanes rows (2 E bytes each) and the candidate masks (E / 32 a token).
+__host__ __device__ inline int SigmoidBf16WarpBytes(int E, int lanes) { return 68 * E / lanes; }
 constexpr int kSigmoidBf16BiasOff = (kSigTableBytes + 15) & ~15;
 __host__ __device__ inline int SigmoidBf16LowOff(int E) { return RoundUp128(kSigmoidBf16BiasOff + 4 * E); }
-__host__ __device__ inline int SigmoidBf16LowWarps(int E) {
-  return (kSigNegOff - SigmoidBf16LowOff(E)) / SigmoidBf16WarpBytes(E);
+__host__ __device__ inline int SigmoidBf16LowWarps(int E, int lanes) {
+  return (kSigNegOff - SigmoidBf16LowOff(E)) / SigmoidBf16WarpBytes(E, lanes);
 }
 constexpr int kSigmoidBf16HighOff = RoundUp128(kSigNegOff + kSigTableBytes);
-__host__ __device__ inline int SigmoidBf16TileOff(int E, int warp) {
-  const int low = SigmoidBf16LowWarps(E);
-  return warp < low ? SigmoidBf16LowOff(E) + warp * SigmoidBf16WarpBytes(E)
-                    : kSigmoidBf16HighOff + (warp - low) * SigmoidBf16WarpBytes(E);
+__host__ __device__ inline int SigmoidBf16TileOff(int E, int lanes, int warp) {
+  const int low = SigmoidBf16LowWarps(E, lanes), wb = SigmoidBf16WarpBytes(E, lanes);
+  return warp < low ? SigmoidBf16LowOff(E) + warp * wb : kSigmoidBf16HighOff + (warp - low) * wb;
 }
 // Warps a block within `smem` bytes (at most `most`), and the bytes they use.
-inline int SigmoidBf16Warps(int E, int smem, int most) {
-  int w = SigmoidBf16LowWarps(E);
-  if (smem > kSigmoidBf16HighOff) w += (smem - kSigmoidBf16HighOff) / SigmoidBf16WarpBytes(E);
+inline int SigmoidBf16Warps(int E, int lanes, int smem, int most) {
+  int w = SigmoidBf16LowWarps(E, lanes);
+  if (smem > kSigmoidBf16HighOff) w += (smem - kSigmoidBf16HighOff) / SigmoidBf16WarpBytes(E, lanes);
   return w < most ? w : most;
 }
 // The bytes a block of `warps` uses: its last tile's end, and at least the table's negative half
 // (E = 64 fits 16 warps below it).
-inline int SigmoidBf16Smem(int E, int warps) {
-  const int tiles_end = SigmoidBf16TileOff(E, warps - 1) + SigmoidBf16WarpBytes(E);
+inline int SigmoidBf16Smem(int E, int lanes, int warps) {
+  const int tiles_end = SigmoidBf16TileOff(E, lanes, warps - 1) + SigmoidBf16WarpBytes(E, lanes);
   return tiles_end > kSigmoidBf16HighOff ? tiles_end : kSigmoidBf16HighOff;
 }
+// Two lanes a token from this E up (E % 128 == 0): one block an SM holds only 7 warps of
+// 32-row tiles at E = 384, so a lone tile's latency is most of the time; 16-row tiles at half
+// the bytes double the warps. The knob is for the benchmarks' A/B runs only.
+#ifndef JR_SIGMOID_BF16_PAIR_MIN_E
+#define JR_SIGMOID_BF16_PAIR_MIN_E 1000000
+#endif
+inline int SigmoidBf16Lanes(int64_t E) { return E >= JR_SIGMOID_BF16_PAIR_MIN_E && E % 128 == 0 ? 2 : 1; }
 
 // ---- the exact path (a row with a NaN logit, or a non-finite bias) ---------------------------
 
@@ -103,12 +110,17 @@ __device__ __noinline__ void route_exact_sigmoid(const uint16_t* row, const floa
 
 constexpr int kSigmoidBf16MaxWarps = 16;  // 128 registers a thread at most
 
-template <int kK>  // 8 (k <= 8) or 16 (k <= 16): the list, and kP = kK accumulators
+// kK: 8 (k <= 8) or 16 (k <= 16), the list, and kP = kK accumulators. kLanes: lanes a token;
+// with two, lane 2 r + h takes half h of row r of its 16-row tile, as in the softmax screen:
+// its own group maxima (combined with the partner's by one shuffle a word), the same L, its own
+// masks, candidates and list (the lists merged), half the stores.
+template <int kK, int kLanes>
 __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16_kernel(const FastArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // sm_90 instructions (bf16x2 and u16x2); the launcher asks for 9.0
 #else
   constexpr int kP = kK;
+  constexpr int kRows = 32 / kLanes;          // a warp tile's rows
   constexpr uint32_t kNegInf2 = 0xFF80FF80u;  // bf16 -inf in both halves
   constexpr ScoreFn F = ScoreFn::kSigmoid;
   extern __shared__ __align__(128) char sig_rows_sm[];  // its own name: see the softmax kernel
@@ -116,31 +128,36 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
+  const int tr = lane / kLanes, h = lane % kLanes;  // the token's row in the tile, the lane's part
+  const unsigned pair = kLanes == 2 ? 3u << (lane & ~1) : 1u << lane;  // the token's lanes
   const int E = a.E, k = a.k;
-  const int row_bytes = 2 * E, chunks = E / 8, blocks64 = E / 64;
-  char* tile = sm + SigmoidBf16TileOff(E, warp);
+  const int row_bytes = 2 * E, chunks = E / 8;
+  const int part_bytes = row_bytes / kLanes, blocks = part_bytes / 128, part_e = E / kLanes;
+  char* tile = sm + SigmoidBf16TileOff(E, kLanes, warp);
   const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
-  uint32_t* masks = reinterpret_cast<uint32_t*>(tile + 32 * row_bytes) + lane;
-  char* row = tile + lane * row_bytes;
+  uint32_t* masks = reinterpret_cast<uint32_t*>(tile + kRows * row_bytes) + lane;
+  char* part = tile + tr * row_bytes + h * part_bytes;
+  const int e0 = h * part_e;  // the part's first expert
   float* bias_sm = reinterpret_cast<float*>(sm + kSigmoidBf16BiasOff);
-  const int swz = (lane & 7) << 4;  // a row's byte b sits at b ^ swz (cuda_rows.cuh)
+  // a part's byte b sits at b ^ swz (the softmax screen's tile_key)
+  const int swz = (kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4;
   int off[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
-  const int64_t ntiles = (a.rows + 31) / 32;
+  const int64_t ntiles = (a.rows + kRows - 1) / kRows;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nwarps;
 
   // The tile's copies, as in the softmax kernel: copy j of a lane is the tile's 16-byte chunk
   // i = lane + 32 j, row r = i / chunks by a multiply-high.
   const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
   auto stage = [&](int64_t wt) {
-    const int64_t t0 = wt * 32;
-    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    const int64_t t0 = wt * kRows;
+    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
     const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
     const uint32_t n = static_cast<uint32_t>(nrows * chunks);
     for (uint32_t i = lane; i < n; i += 32) {
       const uint32_t r = __umulhi(i, magic);
-      cp_async16((tile_s + 16 * i) ^ ((r & 7) << 4), src + 16 * i);
+      cp_async16((tile_s + 16 * i) ^ (tile_key<kLanes>(i, r, chunks) << 4), src + 16 * i);
     }
   };
 
@@ -159,27 +176,29 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
   sig_table_publish(sm, mode, blockDim.x);
 
   for (int64_t wt = first; wt < ntiles; wt += stride) {
-    const int64_t t0 = wt * 32;
-    const int nrows = static_cast<int>(a.rows - t0 < 32 ? a.rows - t0 : 32);
+    const int64_t t0 = wt * kRows;
+    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
     cp_async_wait_all();
     __syncwarp();  // every lane's copies landed and are visible to the warp
 
-    const int64_t t = t0 + lane;
-    const bool live = lane < nrows;
+    const int64_t t = t0 + tr;
+    const bool live = tr < nrows;  // the same in both lanes of a token
     const char* grow = static_cast<const char*>(a.logits) + t * row_bytes;
+    const char* gpart = grow + h * part_bytes;
     int sel[kK];
     float sv[kK];  // the selected experts' activations, slot order
     if (live) {
-      // 0-1. z of every logit, truncated, back into the tile; the group maxima of the
-      // truncated scores (words w % kP, low and high halves).
+      // 0-1. z of every logit of the part, truncated, back into the tile; the group maxima of
+      // the truncated scores (words w % kP of the part, low and high halves: a part starts at
+      // a multiple of kP words).
       uint32_t acc[kP];
 #pragma unroll
       for (int j = 0; j < kP; ++j) acc[j] = kNegInf2;
       uint32_t nan = 0;
 #pragma unroll 1
-      for (int b = 0; b < blocks64; ++b) {
-        char* blk = row + 128 * b;
-        const float* bb = bias_sm + 64 * b;
+      for (int b = 0; b < blocks; ++b) {
+        char* blk = part + 128 * b;
+        const float* bb = bias_sm + e0 + 64 * b;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           uint4* chunk = reinterpret_cast<uint4*>(blk + off[j]);
@@ -198,19 +217,24 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
           for (int i = 0; i < 4; ++i) acc[(4 * j + i) % kP] = max_bf16x2(acc[(4 * j + i) % kP], zt[i]);
         }
       }
+      if (kLanes == 2) {
+#pragma unroll
+        for (int j = 0; j < kP; ++j) acc[j] = max_bf16x2(acc[j], __shfl_xor_sync(pair, acc[j], 1));
+        nan = max_u16x2(nan, __shfl_xor_sync(pair, nan, 1));  // both lanes take the same path
+      }
       const bool exact_row = bias_bad || (nan & 0xFFFFu) > 0x7F80u || (nan >> 16) > 0x7F80u;
 
       if (!exact_row) {
         // 2. L, the k-th largest group maximum of zt (no NaN: z is a number).
         const uint32_t lw = screen_threshold(acc, k);
 
-        // 3. The candidate masks of zt >= L (bit 8 y + j of mask q: logit 32 q + 4 j + y), and
-        // the logits of every 16-byte chunk holding a candidate copied back into the tile
-        // (chunk c of a mask's four holds its bits 2 c, 2 c + 1 of each byte).
+        // 3. The part's candidate masks of zt >= L (bit 8 y + j of mask q: the part's logit
+        // 32 q + 4 j + y), and the logits of every 16-byte chunk holding a candidate copied back
+        // into the tile (chunk c of a mask's four holds its bits 2 c, 2 c + 1 of each byte).
         uint32_t nonempty = 0;
 #pragma unroll 1
-        for (int b = 0; b < blocks64; ++b) {
-          const char* blk = row + 128 * b;
+        for (int b = 0; b < blocks; ++b) {
+          const char* blk = part + 128 * b;
 #pragma unroll
           for (int g = 0; g < 2; ++g) {
             uint32_t w[16];
@@ -227,28 +251,37 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
             for (int c = 0; c < 4; ++c) {
               if (mask & (0x03030303u << (2 * c))) {
                 cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(blk + off[4 * g + c])),
-                           grow + 128 * b + 16 * (4 * g + c));
+                           gpart + 128 * b + 16 * (4 * g + c));
               }
             }
           }
         }
-        cp_async_wait_all();  // this thread's own copies: only it reads its row
+        cp_async_wait_all();  // this thread's own copies: only it reads its part
 
         // 4. The candidates' exact z and slot keys into the list.
         uint64_t list[kK];
 #pragma unroll
         for (int p = 0; p < kK; ++p) list[p] = 0ull;
-        for_each_candidate(masks, nonempty, [&](int e) {
-          const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * e) ^ swz));
-          const float z = selection_score(sig_lo(sm, clamp_pair(h, nullptr)), bias_sm[e]);
-          insert_desc(slot_key(order_key(z), static_cast<uint32_t>(e)), list);
+        for_each_candidate(masks, nonempty, [&](int pe) {
+          const uint32_t hb = *reinterpret_cast<const uint16_t*>(part + ((2 * pe) ^ swz));
+          const float z = selection_score(sig_lo(sm, clamp_pair(hb, nullptr)), bias_sm[e0 + pe]);
+          insert_desc(slot_key(order_key(z), static_cast<uint32_t>(e0 + pe)), list);
         });
+        if (kLanes == 2) merge_pair_lists<uint64_t, kK>(list, pair, h);  // both lanes: one list
 #pragma unroll
         for (int r = 0; r < kK; ++r) {
-          // slots from k on may be empty (key 0): expert 0xFFFFFFFF % E, read but not stored
+          // slots from k on may be empty (key 0): expert 0xFFFFFFFF % E, read but not stored.
+          // A slot's logit is in its owner's part (restored by the owner's copies): each lane
+          // reads its own slots' and takes the others' from its partner.
           sel[r] = static_cast<int>(slot_expert(list[r]) % static_cast<uint32_t>(E));
-          const uint32_t h = *reinterpret_cast<const uint16_t*>(row + ((2 * sel[r]) ^ swz));
-          sv[r] = sig_lo(sm, clamp_pair(h, nullptr));
+          const bool own = kLanes == 1 || (sel[r] >= e0 && sel[r] < e0 + part_e);
+          const int pe = own ? sel[r] - e0 : 0;
+          const uint32_t hb = *reinterpret_cast<const uint16_t*>(part + ((2 * pe) ^ swz));
+          sv[r] = sig_lo(sm, clamp_pair(hb, nullptr));
+          if (kLanes == 2) {
+            const float other = __shfl_xor_sync(pair, sv[r], 1);
+            sv[r] = own ? sv[r] : other;
+          }
         }
       } else {
         uint64_t list_x[kK];
@@ -268,28 +301,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
       // 5. Weights in slot order (routing_math.h), then the stores.
       float u[kK];
       const float denom = slot_numerators<F>(sv, k, u);
-      const int64_t ko = t * k;
-      if (kK == 8 && a.slots_vec && k == 8) {  // slots_vec: 16-byte aligned int32 outputs
-        uint32_t wv[8], iv[8], rv[8];
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          const float p = weight<F>(false, k, u[r], denom);
-          wv[r] = __float_as_uint(compact_weight(a.scaling * p));
-          iv[r] = static_cast<uint32_t>(sel[r]);
-          rv[r] = __float_as_uint(compact_residual<F>(p, u[r]));
-        }
-        if (a.weights) store_words<8>(a.weights + ko, wv);
-        if (a.indices) store_words<8>(static_cast<int32_t*>(a.indices) + ko, iv);
-        if (a.act) store_words<8>(a.act + ko, rv);
-      } else {
-#pragma unroll
-        for (int r = 0; r < kK; ++r) {
-          if (r < k) {
-            const float p = weight<F>(false, k, u[r], denom);
-            store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
-          }
-        }
-      }
+      store_compact<F, kK, kLanes>(a, t, h, k, u, sel, denom);
     }
   }
 #endif

@@ -283,6 +283,83 @@ __device__ __noinline__ void route_exact_softmax(const void* row, int E, typenam
   for (int e = 0; e < E; ++e) insert_desc(T::exact_slot(row, e), list);
 }
 
+// ---- the pieces both screen kernels (softmax, sigmoid) share -----------------------------------
+
+// The swizzle key of a 16-byte tile chunk i (row r = i / chunks, part by i's chunk in the row):
+// (r & 7) for one lane a token, (r & 3) | (part << 2) for two (the 8 lanes of a quarter-warp
+// read 8 distinct bank groups either way).
+template <int kLanes>
+__device__ __forceinline__ uint32_t tile_key(uint32_t i, uint32_t r, uint32_t chunks) {
+  if (kLanes == 1) return r & 7;
+  return (r & 3) | ((i - r * chunks) >= chunks / 2 ? 4u : 0u);
+}
+
+// Two lanes' descending lists of a token (this lane's, half h) merged into the top kK of both,
+// the same in both lanes: with A the first part's and B the second's, max(A[i], B[kK - 1 - i])
+// holds the top kK of both and is bitonic; a bitonic merge sorts it.
+template <typename Key, int kK>
+__device__ __forceinline__ void merge_pair_lists(Key (&list)[kK], unsigned pair, int h) {
+  Key other[kK];
+#pragma unroll
+  for (int p = 0; p < kK; ++p) other[p] = __shfl_xor_sync(pair, list[p], 1);
+  Key c[kK];
+#pragma unroll
+  for (int p = 0; p < kK; ++p) c[p] = h == 0 ? max(list[p], other[kK - 1 - p]) : max(other[p], list[kK - 1 - p]);
+#pragma unroll
+  for (int d = kK / 2; d > 0; d >>= 1) {
+#pragma unroll
+    for (int p = 0; p < kK; ++p) {
+      if ((p & d) == 0) {
+        const Key hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
+        c[p] = hi;
+        c[p + d] = lo;
+      }
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < kK; ++p) list[p] = c[p];
+}
+
+// A token's compact outputs from its slot numerators u and experts sel (slot order): all k
+// slots, or half each for two lanes (lane half h). Vector stores when k == 8 and the outputs
+// allow (slots_vec: 16-byte aligned int32 outputs), else routing_math.h's store_slot a slot.
+template <ScoreFn F, int kK, int kLanes>
+__device__ __forceinline__ void store_compact(const FastArgs& a, int64_t t, int h, int k,
+                                              const float (&u)[kK], const int (&sel)[kK], float denom) {
+  const int64_t ko = t * k;
+  constexpr int kV = 8 / kLanes;  // the vector path's slots a lane
+  if (kK == 8 && a.slots_vec && k == 8) {
+    uint32_t wv[kV], iv[kV], rv[kV];
+#pragma unroll
+    for (int r = 0; r < kV; ++r) {
+      float us = u[r];  // slot r, or r + kV in the second lane (selects: static indices)
+      int es = sel[r];
+      if constexpr (kLanes == 2) {
+        us = h == 0 ? u[r] : u[r + kV];
+        es = h == 0 ? sel[r] : sel[r + kV];
+      }
+      const float p = weight<F>(false, k, us, denom);
+      wv[r] = __float_as_uint(compact_weight(a.scaling * p));
+      iv[r] = static_cast<uint32_t>(es);
+      rv[r] = __float_as_uint(compact_residual<F>(p, us));
+    }
+    const int64_t ks = ko + h * kV;
+    if (a.weights) store_words<kV>(a.weights + ks, wv);
+    if (a.indices) store_words<kV>(static_cast<int32_t*>(a.indices) + ks, iv);
+    if (a.act) store_words<kV>(a.act + ks, rv);
+  } else {
+    const int half = (k + 1) / 2;
+    const int lo = kLanes == 1 ? 0 : h * half, hi = kLanes == 1 ? k : (h == 0 ? half : k);
+#pragma unroll
+    for (int r = 0; r < kK; ++r) {
+      if (r >= lo && r < hi) {
+        const float p = weight<F>(false, k, u[r], denom);
+        store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
+      }
+    }
+  }
+}
+
 // ---- the kernel -------------------------------------------------------------------------------
 
 // T: the logits' type (Bf16Logits, F32Logits). kK: 8 (k <= 8) or 16 (k <= 16), the list, and
@@ -334,10 +411,8 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
     const uint32_t n = static_cast<uint32_t>(nrows * chunks);
     for (uint32_t i = lane; i < n; i += 32) {
       const uint32_t r = __umulhi(i, magic);
-      uint32_t key = r & 7;
-      if (kLanes == 2) key = (r & 3) | ((i - r * chunks) >= static_cast<uint32_t>(chunks / 2) ? 4u : 0u);
       // tile_s is 128-byte aligned (SoftmaxWarpSmem)
-      cp_async16((tile_s + 16 * i) ^ (key << 4), src + 16 * i);
+      cp_async16((tile_s + 16 * i) ^ (tile_key<kLanes>(i, r, chunks) << 4), src + 16 * i);
     }
   };
 
@@ -411,32 +486,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
       for_each_candidate(masks, nonempty, [&](int pe) {
         insert_desc(T::slot(part + ((T::kBytes * pe) ^ swz), e0 + pe), list);
       });
-      if (kLanes == 2) {
-        // The two lists merged: with A the first part's and B the second's (both descending),
-        // max(A[i], B[kK - 1 - i]) holds the top kK of both, bitonic; a bitonic merge sorts
-        // it. Both lanes compute the same list.
-        Key other[kK];
-#pragma unroll
-        for (int p = 0; p < kK; ++p) other[p] = __shfl_xor_sync(pair, list[p], 1);
-        Key c[kK];
-#pragma unroll
-        for (int p = 0; p < kK; ++p) {
-          c[p] = h == 0 ? max(list[p], other[kK - 1 - p]) : max(other[p], list[kK - 1 - p]);
-        }
-#pragma unroll
-        for (int d = kK / 2; d > 0; d >>= 1) {
-#pragma unroll
-          for (int p = 0; p < kK; ++p) {
-            if ((p & d) == 0) {
-              const Key hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
-              c[p] = hi;
-              c[p + d] = lo;
-            }
-          }
-        }
-#pragma unroll
-        for (int p = 0; p < kK; ++p) list[p] = c[p];
-      }
+      if (kLanes == 2) merge_pair_lists<Key, kK>(list, pair, h);  // both lanes: one list
       Key kth = list[0];  // list[k - 1], the smallest of the first k (see L above)
 #pragma unroll
       for (int p = 1; p < kK; ++p) kth = p < k ? min(kth, list[p]) : kth;
@@ -464,39 +514,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
       }
       float u[kK];
       const float denom = slot_numerators<F>(x, k, u);
-      const int64_t ko = t * k;
-      // the lane's slots: all of them, or half each for two lanes
-      constexpr int kV = 8 / kLanes;  // the vector path's slots a lane
-      if (kK == 8 && a.slots_vec && k == 8) {  // slots_vec: 16-byte aligned int32 outputs
-        uint32_t wv[kV], iv[kV], rv[kV];
-#pragma unroll
-        for (int r = 0; r < kV; ++r) {
-          float us = u[r];  // slot r, or r + kV in the second lane (selects: static indices)
-          int es = sel[r];
-          if constexpr (kLanes == 2) {
-            us = h == 0 ? u[r] : u[r + kV];
-            es = h == 0 ? sel[r] : sel[r + kV];
-          }
-          const float p = weight<F>(false, k, us, denom);
-          wv[r] = __float_as_uint(compact_weight(a.scaling * p));
-          iv[r] = static_cast<uint32_t>(es);
-          rv[r] = __float_as_uint(compact_residual<F>(p, us));
-        }
-        const int64_t ks = ko + h * kV;
-        if (a.weights) store_words<kV>(a.weights + ks, wv);
-        if (a.indices) store_words<kV>(static_cast<int32_t*>(a.indices) + ks, iv);
-        if (a.act) store_words<kV>(a.act + ks, rv);
-      } else {
-        const int half = (k + 1) / 2;
-        const int lo = kLanes == 1 ? 0 : h * half, hi = kLanes == 1 ? k : (h == 0 ? half : k);
-#pragma unroll
-        for (int r = 0; r < kK; ++r) {
-          if (r >= lo && r < hi) {
-            const float p = weight<F>(false, k, u[r], denom);
-            store_slot<F>(a, ko, r, sel[r], a.scaling * p, p, u[r]);
-          }
-        }
-      }
+      store_compact<F, kK, kLanes>(a, t, h, k, u, sel, denom);
     }
   }
 #endif

@@ -244,23 +244,26 @@ inline cudaError_t LaunchSoftmaxScreen(const FastArgs& fa, cudaStream_t s, int d
 
 // The bf16 sigmoid forward (router_fwd_sigmoid_bf16.cuh): one block an SM, as many warps as
 // the shared memory beside the table holds (at most kSigmoidBf16MaxWarps).
-template <int kK>
+template <int kK, int kLanes>
 inline cudaError_t LaunchSigmoidBf16T(const FastArgs& fa, cudaStream_t s, int dev) {
-  auto kernel = fwd_sigmoid_bf16_kernel<kK>;
+  auto kernel = fwd_sigmoid_bf16_kernel<kK, kLanes>;
   // 1 KiB kept for the kernel's static shared memory and the dynamic base's alignment
-  const int warps = SigmoidBf16Warps(fa.E, SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps);
-  const size_t smem = SigmoidBf16Smem(fa.E, warps);
+  const int warps = SigmoidBf16Warps(fa.E, kLanes, SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps);
+  const size_t smem = SigmoidBf16Smem(fa.E, kLanes, warps);
   static std::atomic<int> raised[kMaxDevices];
   const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
   if (e != cudaSuccess) return e;
-  const int64_t tiles = (fa.rows + 31) / 32;
+  const int64_t tiles = (fa.rows + 32 / kLanes - 1) / (32 / kLanes);
   const int64_t blocks = (tiles + warps - 1) / warps;
   const int64_t grid = blocks < SmCount(dev) ? blocks : SmCount(dev);
   kernel<<<static_cast<unsigned>(grid), 32 * warps, smem, s>>>(fa);
   return cudaGetLastError();
 }
 inline cudaError_t LaunchSigmoidBf16(const FastArgs& fa, cudaStream_t s, int dev) {
-  return fa.k <= 8 ? LaunchSigmoidBf16T<8>(fa, s, dev) : LaunchSigmoidBf16T<16>(fa, s, dev);
+  if (SigmoidBf16Lanes(fa.E) == 2) {
+    return fa.k <= 8 ? LaunchSigmoidBf16T<8, 2>(fa, s, dev) : LaunchSigmoidBf16T<16, 2>(fa, s, dev);
+  }
+  return fa.k <= 8 ? LaunchSigmoidBf16T<8, 1>(fa, s, dev) : LaunchSigmoidBf16T<16, 1>(fa, s, dev);
 }
 
 inline cudaError_t LaunchFastAny(const FwdPlan& plan, ScoreFn fn, bool qb, const FastArgs& fa,
@@ -389,7 +392,7 @@ inline cudaError_t LaunchRouting(const FwdArgs& f, cudaStream_t stream, FwdPath*
         SigmoidBf16Fits(f.experts, f.p, f.logits_dt, dense, fa.single_bias_row || !bias_used,
                         fa.x_vec) &&
         CcMajor(dev) >= 9 &&
-        SigmoidBf16Warps(fa.E, SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps) >= 2) {
+        SigmoidBf16Warps(fa.E, SigmoidBf16Lanes(fa.E), SmemOptin(dev) - 1024, kSigmoidBf16MaxWarps) >= 2) {
       return LaunchSigmoidBf16(fa, stream, dev);
     }
     if (f.rows >= kGroupedMinRows &&
