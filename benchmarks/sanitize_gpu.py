@@ -116,10 +116,11 @@ def run_softmax_screen():
 
 def run_sigmoid_bf16():
     """The bf16 sigmoid forward (router_fwd_sigmoid_bf16.cuh) at batches that take it: both list
-    sizes, with and without a bias, a NaN row and a non-finite bias (the exact paths), partial
-    last warp tiles, the vector and the scalar stores."""
+    sizes, one lane a token and two, with and without a bias, a NaN row and a non-finite bias
+    (the exact paths), partial last warp tiles, the vector and the scalar stores."""
     outs = []
-    for T, E, topk in ((49152 + 5, 384, 8), (16384 + 3, 64, 16), (65536 + 1, 512, 5)):
+    for T, E, topk in ((32768 + 5, 384, 8), (16384 + 3, 64, 16), (65536 + 1, 512, 5),
+                       (16384 + 9, 128, 8), (32768 + 3, 256, 12)):
         x = 2.0 * jax.random.normal(jax.random.key(E + topk), (T, E), jnp.float32)
         x = x.at[0, 3].set(jnp.nan).at[1, :].set(-jnp.inf).astype(jnp.bfloat16)
         bias = 0.1 * jax.random.normal(jax.random.key(E), (E,), jnp.float32)

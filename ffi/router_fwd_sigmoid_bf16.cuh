@@ -37,13 +37,24 @@ namespace jax_router {
 namespace cuda {
 
 constexpr int kSigmoidBf16MaxE = 512;
-// The smallest batch the launcher gives it, for E <= 128 (E / 128 times that above); a knob for
-// the benchmarks' A/B runs only.
+// Two lanes a token from this E up (E % 128 == 0): one block an SM holds only 7 warps of
+// 32-row tiles at E = 384, so a lone tile's latency is most of the time; 16-row tiles at half
+// the bytes double the warps (benchmarks/NOTES.md, row 77). The knob is for the benchmarks'
+// A/B runs only.
+#ifndef JR_SIGMOID_BF16_PAIR_MIN_E
+#define JR_SIGMOID_BF16_PAIR_MIN_E 256
+#endif
+inline int SigmoidBf16Lanes(int64_t E) { return E >= JR_SIGMOID_BF16_PAIR_MIN_E && E % 128 == 0 ? 2 : 1; }
+// The smallest batch the launcher gives it: for one lane a token, M rows up to E = 128 and
+// E / 128 times that above; for two, 2 M up to E = 256 and E / 256 times that above (Kimi-K2,
+// E = 384: 32768; at 16384 the fast forward is faster). M = JR_SIGMOID_BF16_MIN_ROWS, a knob
+// for the benchmarks' A/B runs only.
 #ifndef JR_SIGMOID_BF16_MIN_ROWS
 #define JR_SIGMOID_BF16_MIN_ROWS 16384
 #endif
 inline int64_t SigmoidBf16MinRows(int64_t E) {
-  return static_cast<int64_t>(JR_SIGMOID_BF16_MIN_ROWS) * (E > 128 ? E / 128 : 1);
+  const int64_t m = JR_SIGMOID_BF16_MIN_ROWS;
+  return SigmoidBf16Lanes(E) == 2 ? 2 * m * (E / 256) : m * (E > 128 ? E / 128 : 1);
 }
 
 // Whether the kernel can take a call (the launcher also asks for compute capability 9.0 and
@@ -81,13 +92,6 @@ inline int SigmoidBf16Smem(int E, int lanes, int warps) {
   const int tiles_end = SigmoidBf16TileOff(E, lanes, warps - 1) + SigmoidBf16WarpBytes(E, lanes);
   return tiles_end > kSigmoidBf16HighOff ? tiles_end : kSigmoidBf16HighOff;
 }
-// Two lanes a token from this E up (E % 128 == 0): one block an SM holds only 7 warps of
-// 32-row tiles at E = 384, so a lone tile's latency is most of the time; 16-row tiles at half
-// the bytes double the warps. The knob is for the benchmarks' A/B runs only.
-#ifndef JR_SIGMOID_BF16_PAIR_MIN_E
-#define JR_SIGMOID_BF16_PAIR_MIN_E 1000000
-#endif
-inline int SigmoidBf16Lanes(int64_t E) { return E >= JR_SIGMOID_BF16_PAIR_MIN_E && E % 128 == 0 ? 2 : 1; }
 
 // ---- the exact path (a row with a NaN logit, or a non-finite bias) ---------------------------
 

@@ -1,7 +1,8 @@
 """The bf16 sigmoid CUDA forward (ffi/router_fwd_sigmoid_bf16.cuh): sigmoid with or without one
 bias row, no group-limited routing, bfloat16 logits, E a multiple of 64 up to 512, topk <= 16,
-compact outputs, taken for batches of at least 16384 rows times max(1, E // 128)
-(JR_SIGMOID_BF16_MIN_ROWS).
+compact outputs, taken for batches of at least min_rows(E) (JR_SIGMOID_BF16_MIN_ROWS). From
+E = 256 (E % 128 == 0) two lanes share a token (JR_SIGMOID_BF16_PAIR_MIN_E): E = 256, 384 and
+512 take that form, the others one lane a token.
 
 It screens each row on its selection scores truncated to bfloat16 (the bf16 softmax forward's
 group maxima and threshold), then ranks the candidates by their exact scores. These tests
@@ -25,6 +26,8 @@ from .test_softmax_screen_forward import screen_rows
 
 def min_rows(E: int) -> int:
     """The kernel's smallest batch for E (SigmoidBf16MinRows in the header)."""
+    if E >= 256 and E % 128 == 0:  # two lanes a token
+        return 32768 * (E // 256)
     return 16384 * max(1, E // 128)
 
 
