@@ -135,39 +135,21 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
   const int tr = lane / kLanes, h = lane % kLanes;  // the token's row in the tile, the lane's part
   const unsigned pair = kLanes == 2 ? 3u << (lane & ~1) : 1u << lane;  // the token's lanes
   const int E = a.E, k = a.k;
-  const int row_bytes = 2 * E, chunks = E / 8;
+  const int row_bytes = 2 * E;
   const int part_bytes = row_bytes / kLanes, blocks = part_bytes / 128, part_e = E / kLanes;
   char* tile = sm + SigmoidBf16TileOff(E, kLanes, warp);
-  const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  const ScreenTile<kLanes> st(tile, row_bytes, tr, h);  // the softmax screen's tile and copies
+  const int swz = st.swz;
   uint32_t* masks = reinterpret_cast<uint32_t*>(tile + kRows * row_bytes) + lane;
   char* part = tile + tr * row_bytes + h * part_bytes;
   const int e0 = h * part_e;  // the part's first expert
   float* bias_sm = reinterpret_cast<float*>(sm + kSigmoidBf16BiasOff);
-  // a part's byte b sits at b ^ swz (the softmax screen's tile_key)
-  const int swz = (kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4;
-  int off[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
   const int64_t ntiles = (a.rows + kRows - 1) / kRows;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nwarps;
 
-  // The tile's copies, as in the softmax kernel: copy j of a lane is the tile's 16-byte chunk
-  // i = lane + 32 j, row r = i / chunks by a multiply-high.
-  const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
-  auto stage = [&](int64_t wt) {
-    const int64_t t0 = wt * kRows;
-    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
-    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
-    const uint32_t n = static_cast<uint32_t>(nrows * chunks);
-    for (uint32_t i = lane; i < n; i += 32) {
-      const uint32_t r = __umulhi(i, magic);
-      cp_async16((tile_s + 16 * i) ^ (tile_key<kLanes>(i, r, chunks) << 4), src + 16 * i);
-    }
-  };
-
   // Warp tiles interleaved across blocks; the first tile's copies go out before the table.
   const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
-  if (first < ntiles) stage(first);
+  if (first < ntiles) st.stage(a.logits, a.rows, first, lane);
   const int mode = sig_table_fill(sm, blockDim.x);
   bool bias_bad = false;  // the bias (0 without one: s + 0 = s)
   for (int i = threadIdx.x; i < E; i += blockDim.x) {
@@ -181,7 +163,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
 
   for (int64_t wt = first; wt < ntiles; wt += stride) {
     const int64_t t0 = wt * kRows;
-    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
+    const int nrows = ScreenTile<kLanes>::rows_of(a.rows, wt);
     cp_async_wait_all();
     __syncwarp();  // every lane's copies landed and are visible to the warp
 
@@ -205,7 +187,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
         const float* bb = bias_sm + e0 + 64 * b;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          uint4* chunk = reinterpret_cast<uint4*>(blk + off[j]);
+          uint4* chunk = reinterpret_cast<uint4*>(blk + st.off[j]);
           const uint4 v = *chunk;
           const float4 b0 = *reinterpret_cast<const float4*>(bb + 8 * j);
           const float4 b1 = *reinterpret_cast<const float4*>(bb + 8 * j + 4);
@@ -244,7 +226,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
             uint32_t w[16];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-              const uint4 v = *reinterpret_cast<const uint4*>(blk + off[4 * g + c]);
+              const uint4 v = *reinterpret_cast<const uint4*>(blk + st.off[4 * g + c]);
               w[4 * c] = v.x, w[4 * c + 1] = v.y, w[4 * c + 2] = v.z, w[4 * c + 3] = v.w;
             }
             const uint32_t mask = screen_mask(w, lw);
@@ -254,7 +236,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               if (mask & (0x03030303u << (2 * c))) {
-                cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(blk + off[4 * g + c])),
+                cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(blk + st.off[4 * g + c])),
                            gpart + 128 * b + 16 * (4 * g + c));
               }
             }
@@ -299,7 +281,7 @@ __global__ void __launch_bounds__(32 * kSigmoidBf16MaxWarps, 1) fwd_sigmoid_bf16
       }
     }
     __syncwarp();  // every lane done with the tile: the next tile's copies go out under the weights
-    if (wt + stride < ntiles) stage(wt + stride);
+    if (wt + stride < ntiles) st.stage(a.logits, a.rows, wt + stride, lane);
 
     if (live) {
       // 5. Weights in slot order (routing_math.h), then the stores.

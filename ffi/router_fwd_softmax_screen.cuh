@@ -120,6 +120,22 @@ __device__ __forceinline__ void sort_desc_bf16x2(uint32_t (&v)[N]) {
   }
 }
 
+// A bitonic sequence of n values sorted descending (no NaN among floats).
+template <typename V, int N>
+__device__ __forceinline__ void bitonic_merge_desc(V (&v)[N]) {
+#pragma unroll
+  for (int d = N / 2; d > 0; d >>= 1) {
+#pragma unroll
+    for (int p = 0; p < N; ++p) {
+      if ((p & d) == 0) {
+        const V hi = max(v[p], v[p + d]), lo = min(v[p], v[p + d]);
+        v[p] = hi;
+        v[p + d] = lo;
+      }
+    }
+  }
+}
+
 // The 16-bit order key of a bfloat16 (routing_math.h's order_key on its float: larger is
 // better, +0 above -0), NaN at 0, below -inf's 0x007F. In the low 16 bits.
 __device__ __forceinline__ uint32_t bf16_order_key(uint32_t h) {
@@ -170,17 +186,7 @@ __device__ __forceinline__ uint32_t screen_threshold(uint32_t (&acc)[kP], int k)
     f[i] = bf16_lo(top[i]);
     f[kP - 1 - i] = bf16_hi(top[i]);
   }
-#pragma unroll
-  for (int d = kP / 2; d > 0; d >>= 1) {
-#pragma unroll
-    for (int i = 0; i < kP; ++i) {
-      if ((i & d) == 0) {
-        const float hi = fmaxf(f[i], f[i + d]), lo = fminf(f[i], f[i + d]);
-        f[i] = hi;
-        f[i + d] = lo;
-      }
-    }
-  }
+  bitonic_merge_desc(f);
   // f is descending: f[k - 1] is the smallest of its first k (a min chain, where a select
   // chain on i == k - 1 became a local-memory load)
   float l = f[0];
@@ -294,6 +300,44 @@ __device__ __forceinline__ uint32_t tile_key(uint32_t i, uint32_t r, uint32_t ch
   return (r & 3) | ((i - r * chunks) >= chunks / 2 ? 4u : 0u);
 }
 
+// A warp's tile in the screen kernels: its kRows = 32 / kLanes rows (row_bytes each, a
+// multiple of 128) at shared address tile_s, 16-byte chunks swizzled by tile_key. Lane (tr, h)
+// holds part h of row tr; the part's byte b sits at b ^ swz, and off[j] is chunk j of each of
+// its 128-byte units.
+template <int kLanes>
+struct ScreenTile {
+  static constexpr int kRows = 32 / kLanes;
+  uint32_t tile_s, chunks, magic;
+  int row_bytes, swz;
+  int off[8];
+  __device__ __forceinline__ ScreenTile(const char* tile, int row_bytes_, int tr, int h)
+      : tile_s(static_cast<uint32_t>(__cvta_generic_to_shared(tile))),
+        chunks(static_cast<uint32_t>(row_bytes_ / 16)),
+        // r = i / chunks by a multiply-high: exact for i < 2^16 (the magic's excess over
+        // 2^32 / chunks is below 1 / chunks)
+        magic(0xFFFFFFFFu / chunks + 1u),
+        row_bytes(row_bytes_),
+        swz((kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
+  }
+  // The rows of warp tile wt, of `rows` in all.
+  static __device__ __forceinline__ int rows_of(int64_t rows, int64_t wt) {
+    const int64_t t0 = wt * kRows;
+    return static_cast<int>(rows - t0 < kRows ? rows - t0 : kRows);
+  }
+  // Warp tile wt's copies from `logits` (tile_s 128-byte aligned): copy j of this lane is the
+  // tile's 16-byte chunk i = lane + 32 j, source byte 16 i, row r = i / chunks.
+  __device__ __forceinline__ void stage(const void* logits, int64_t rows, int64_t wt, int lane) const {
+    const char* src = static_cast<const char*>(logits) + wt * kRows * row_bytes;
+    const uint32_t n = static_cast<uint32_t>(rows_of(rows, wt)) * chunks;
+    for (uint32_t i = lane; i < n; i += 32) {
+      const uint32_t r = __umulhi(i, magic);
+      cp_async16((tile_s + 16 * i) ^ (tile_key<kLanes>(i, r, chunks) << 4), src + 16 * i);
+    }
+  }
+};
+
 // Two lanes' descending lists of a token (this lane's, half h) merged into the top kK of both,
 // the same in both lanes: with A the first part's and B the second's, max(A[i], B[kK - 1 - i])
 // holds the top kK of both and is bitonic; a bitonic merge sorts it.
@@ -302,20 +346,10 @@ __device__ __forceinline__ void merge_pair_lists(Key (&list)[kK], unsigned pair,
   Key other[kK];
 #pragma unroll
   for (int p = 0; p < kK; ++p) other[p] = __shfl_xor_sync(pair, list[p], 1);
-  Key c[kK];
+  Key c[kK];  // not in place: slot p reads slot kK - 1 - p
 #pragma unroll
   for (int p = 0; p < kK; ++p) c[p] = h == 0 ? max(list[p], other[kK - 1 - p]) : max(other[p], list[kK - 1 - p]);
-#pragma unroll
-  for (int d = kK / 2; d > 0; d >>= 1) {
-#pragma unroll
-    for (int p = 0; p < kK; ++p) {
-      if ((p & d) == 0) {
-        const Key hi = max(c[p], c[p + d]), lo = min(c[p], c[p + d]);
-        c[p] = hi;
-        c[p + d] = lo;
-      }
-    }
-  }
+  bitonic_merge_desc(c);
 #pragma unroll
   for (int p = 0; p < kK; ++p) list[p] = c[p];
 }
@@ -384,44 +418,22 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
   const int tr = lane / kLanes, h = lane % kLanes;  // the token's row in the tile, the lane's part
   const unsigned pair = kLanes == 2 ? 3u << (lane & ~1) : 1u << lane;  // the token's lanes
   const int E = a.E, k = a.k;
-  const int row_bytes = T::kBytes * E, chunks = row_bytes / 16;
+  const int row_bytes = T::kBytes * E;
   const int part_bytes = row_bytes / kLanes, units = part_bytes / 128, nmask = E / 32 / kLanes;
   char* tile = rows_sm + static_cast<size_t>(warp) * SoftmaxWarpSmem(E, kLanes, T::kBytes);
-  const uint32_t tile_s = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  const ScreenTile<kLanes> st(tile, row_bytes, tr, h);
+  const int swz = st.swz;
   uint32_t* masks = reinterpret_cast<uint32_t*>(tile + kRows * row_bytes) + lane;
   const char* part = tile + tr * row_bytes + h * part_bytes;
-  // A part's byte b sits at b ^ swz: bits 4-6 of a chunk's offset XOR the key of its row and
-  // part, (r & 7) for one lane a token, (r & 3) | (part << 2) for two: the 8 lanes of a
-  // quarter-warp read 8 distinct bank groups. off[j]: chunk j of each 128-byte unit.
-  const int swz = (kLanes == 1 ? (tr & 7) : ((tr & 3) | (h << 2))) << 4;
-  int off[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) off[j] = (16 * j) ^ swz;
   const int64_t ntiles = (a.rows + kRows - 1) / kRows;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kSoftmaxScreenWarps;
 
-  // The tile's copies: copy j of this lane is the tile's 16-byte chunk i = lane + 32 j, i.e.
-  // source byte 16 i of the tile, row r = i / chunks by a multiply-high (exact for i < 2^16:
-  // the magic's excess over 2^32 / chunks is below 1 / chunks) and chunk c = i - r chunks.
-  const uint32_t magic = 0xFFFFFFFFu / static_cast<uint32_t>(chunks) + 1u;
-  auto stage = [&](int64_t wt) {
-    const int64_t t0 = wt * kRows;
-    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
-    const char* src = static_cast<const char*>(a.logits) + t0 * row_bytes;
-    const uint32_t n = static_cast<uint32_t>(nrows * chunks);
-    for (uint32_t i = lane; i < n; i += 32) {
-      const uint32_t r = __umulhi(i, magic);
-      // tile_s is 128-byte aligned (SoftmaxWarpSmem)
-      cp_async16((tile_s + 16 * i) ^ (tile_key<kLanes>(i, r, chunks) << 4), src + 16 * i);
-    }
-  };
-
   // Warp tiles interleaved across blocks, so that a partial last round spreads over every SM.
   const int64_t first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
-  if (first < ntiles) stage(first);
+  if (first < ntiles) st.stage(a.logits, a.rows, first, lane);
   for (int64_t wt = first; wt < ntiles; wt += stride) {
     const int64_t t0 = wt * kRows;
-    const int nrows = static_cast<int>(a.rows - t0 < kRows ? a.rows - t0 : kRows);
+    const int nrows = ScreenTile<kLanes>::rows_of(a.rows, wt);
     cp_async_wait_all();
     __syncwarp();  // every lane's copies landed and are visible to the warp
 
@@ -442,7 +454,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           uint32_t w[kW];
-          T::words(*reinterpret_cast<const uint4*>(unit + off[j]), w);
+          T::words(*reinterpret_cast<const uint4*>(unit + st.off[j]), w);
 #pragma unroll
           for (int i = 0; i < kW; ++i) acc[(kW * j + i) % kP] = max_bf16x2(acc[(kW * j + i) % kP], w[i]);
         }
@@ -500,7 +512,7 @@ __global__ void __launch_bounds__(32 * kSoftmaxScreenWarps) fwd_softmax_screen_k
       }
     }
     __syncwarp();  // every lane done with the tile: the next tile's copies go out under the weights
-    if (wt + stride < ntiles) stage(wt + stride);
+    if (wt + stride < ntiles) st.stage(a.logits, a.rows, wt + stride, lane);
 
     if (live) {
       // 5. Weights in slot order (routing_math.h), then the stores.
