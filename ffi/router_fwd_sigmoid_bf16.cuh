@@ -80,8 +80,10 @@ __host__ __device__ inline int SigmoidBf16TileOff(int E, int lanes, int warp) {
   const int low = SigmoidBf16LowWarps(E, lanes), wb = SigmoidBf16WarpBytes(E, lanes);
   return warp < low ? SigmoidBf16LowOff(E) + warp * wb : kSigmoidBf16HighOff + (warp - low) * wb;
 }
-// Warps a block within `smem` bytes (at most `most`), and the bytes they use.
+// Warps a block within `smem` bytes (at most `most`); 0 where the table's negative half does
+// not fit (devices of compute capability 9.0 or newer with ~100 KiB a block, such as 12.0).
 inline int SigmoidBf16Warps(int E, int lanes, int smem, int most) {
+  if (smem < kSigmoidBf16HighOff) return 0;
   int w = SigmoidBf16LowWarps(E, lanes);
   if (smem > kSigmoidBf16HighOff) w += (smem - kSigmoidBf16HighOff) / SigmoidBf16WarpBytes(E, lanes);
   return w < most ? w : most;

@@ -13,6 +13,10 @@ sizes, both index dtypes, every bfloat16 value through its sigmoid table.
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+import subprocess
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,3 +82,19 @@ def test_sigmoid_bf16_every_value_through_the_table(cpu_and_cuda):
                                     x, bias, cot)
     assert (cpu_out["indices"][(u & 0x7FFF) <= 0x7F80, 0] == col).all()
     assert_same_bits(cpu_out, cuda_out, x, [f"bits 0x{int(v):04x} at column {col}" for v in u])
+
+
+def test_sigmoid_bf16_shared_memory_layout(tmp_path):
+    """The kernel's shared-memory layout, checked on the host (tests/sigmoid_bf16_layout.cu):
+    every warp's tile aligned, inside its block and clear of the sigmoid table's halves, the
+    bias and the other tiles, for every E, both lane forms and three device sizes. (E = 64 once
+    sized its block by the tiles alone, so the table's negative half lay past it.)"""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (CI has it: the CUDA build needs it)")
+    here = pathlib.Path(__file__).resolve().parent
+    exe = tmp_path / "layout"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", f"-I{here.parent / 'ffi'}",
+                    str(here / "sigmoid_bf16_layout.cu"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("bad 0"), out.stdout
