@@ -211,7 +211,7 @@ inline cudaError_t LaunchGrouped(const FastArgs& fa, cudaStream_t s, int dev) {
   return cudaGetLastError();
 }
 
-// The bf16 softmax forward (router_fwd_softmax_screen.cuh): blocks of 2 warps, as many an SM as
+// The softmax screen forward (router_fwd_softmax_screen.cuh): blocks of 2 warps, as many an SM as
 // their tiles' shared memory allows, warp tiles spread over every SM first.
 template <typename T, int kK, int kLanes>
 inline cudaError_t LaunchSoftmaxScreenT(const FastArgs& fa, cudaStream_t s, int dev) {
