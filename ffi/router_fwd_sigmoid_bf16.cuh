@@ -1,4 +1,5 @@
-// The sigmoid forward for bfloat16 logits, one thread a token, without group-limited routing:
+// The sigmoid forward for bfloat16 logits, one thread a token (two from E = 256), without
+// group-limited routing:
 // sigmoid with or without a bias (one row), E a multiple of 64 up to kSigmoidBf16MaxE,
 // topk <= 16, compact outputs (Kimi-K2: E = 384, k = 8). Same bits as the fast forward and the
 // CPU (routing_math.h); the launcher takes it on devices of compute capability 9.0 or newer
@@ -17,8 +18,8 @@
 // logit, or a launch with a non-finite bias, takes route_exact_sigmoid below.
 //
 // Shared memory: the table's halves at 0 and kSigNegOff, the bias after the positive half, the
-// warps' tiles (32 rows and their masks, 68 E bytes) in the space between and after: one block
-// an SM, as many warps as fit.
+// warps' tiles (32 / lanes rows and their masks, 68 E / lanes bytes) in the space between and
+// after: one block an SM, as many warps as fit (tests/sigmoid_bf16_layout.cu checks it).
 #pragma once
 
 #include <cuda_runtime.h>
