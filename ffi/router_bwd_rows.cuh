@@ -1,5 +1,6 @@
 // The backward one thread a row, for large batches: no pre-softmax, topk <= 16, rows of
-// grad_logits of whole 16-byte vectors up to kBwdRowsMaxBytes (Qwen3 and Mixtral in bf16). routing_math.h's formulas in the same order as bwd_kernel (router_bwd.cuh), so the same
+// grad_logits of whole 16-byte vectors up to kBwdRowsMaxBytes (Qwen3 and Mixtral in bf16).
+// routing_math.h's formulas in the same order as bwd_kernel (router_bwd.cuh), so the same
 // bits. A thread reads its row's k slots with no shuffles (A and B summed in slot order in
 // registers), zeroes its row in shared memory and writes its k entries there; the warp then
 // copies its 32 rows out as one contiguous run of 16-byte stores. bwd_kernel spreads a row over

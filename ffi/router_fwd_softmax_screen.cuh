@@ -250,8 +250,7 @@ struct Bf16Logits {
   // a candidate (a number): its bits with the sign bit set, or all bits flipped if negative
   static __device__ __forceinline__ Key slot(const char* at, int e) {
     const uint32_t h = *reinterpret_cast<const uint16_t*>(at);
-    const uint32_t key = h ^ (sign_mask16(h) | 0x8000u);  // in the low 16 bits
-    return (key << 16) | (0xFFFFu - static_cast<uint32_t>(e));
+    return slot_key16(h ^ (sign_mask16(h) | 0x8000u), e);  // the key's low 16 bits
   }
   static __device__ __forceinline__ Key exact_slot(const void* row, int e) {
     return slot_key16(bf16_order_key(static_cast<const uint16_t*>(row)[e]), e);

@@ -478,16 +478,14 @@ inline cudaError_t LaunchBackward(const BwdArgs& b, cudaStream_t stream) {
       using DT = decltype(d);
       return DispatchScoreFn(b.p.score_fn, [&](auto fn) {
         auto kernel = bwd_rows_kernel<DT, decltype(fn)::value>;
-        const size_t smem = static_cast<size_t>(kBwdRowsWarps) * 32 * b.experts * sizeof(typename DT::raw);
+        const size_t row_bytes = b.experts * sizeof(typename DT::raw);  // a multiple of 16
+        const size_t smem = static_cast<size_t>(kBwdRowsWarps) * 32 * row_bytes;
         static std::atomic<int> raised[kMaxDevices];
         const cudaError_t e = AllowDynamicSmem(kernel, smem, dev, raised);
         if (e != cudaSuccess) return e;
-        int per_sm = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kBwdRowsWarps, smem) !=
-                cudaSuccess || per_sm <= 0) {
-          cudaGetLastError();
-          per_sm = 1;
-        }
+        // blocks an SM for each row size (16-byte vectors up to kBwdRowsMaxBytes)
+        static std::atomic<int> occ[kBwdRowsMaxBytes / 16 + 1];
+        const int per_sm = CachedBlocksPerSm(kernel, 32 * kBwdRowsWarps, smem, occ[row_bytes / 16]);
         const int64_t blocks = ((b.rows + 31) / 32 + kBwdRowsWarps - 1) / kBwdRowsWarps;
         const int64_t most = static_cast<int64_t>(SmCount(dev)) * per_sm;
         kernel<<<static_cast<unsigned>(blocks < most ? blocks : most), 32 * kBwdRowsWarps, smem, stream>>>(ka);
